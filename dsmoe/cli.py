@@ -1,0 +1,98 @@
+"""The `dsmoe` command. Each subsystem adds its subcommands through an ``add_commands(subparsers)`` function; a
+subcommand parses its arguments, builds a config and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from dsmoe.config import PRESETS, ConfigError, preset
+from dsmoe.inference.routing import SparseSetting, STRATEGIES
+
+
+def add_sparse_args(parser: argparse.ArgumentParser) -> None:
+    """--strategy/--k/--threshold for MLP routers, --att-* for attention routers (default: attention dense)."""
+    g = parser.add_argument_group("sparse inference")
+    g.add_argument("--strategy", choices=STRATEGIES, default="dense", help="MLP expert selection")
+    g.add_argument("--k", type=int, help="experts per token for topk")
+    g.add_argument("--threshold", type=float, help="eps for threshold strategies (compares S_i * N)")
+    g.add_argument("--att-strategy", choices=STRATEGIES, default="dense", help="attention expert selection")
+    g.add_argument("--att-k", type=int)
+    g.add_argument("--att-threshold", type=float)
+
+
+def sparse_settings(args: argparse.Namespace) -> tuple[SparseSetting, SparseSetting]:
+    """(attention, MLP) settings from add_sparse_args' flags."""
+    att = SparseSetting(args.att_strategy, k=args.att_k, threshold=args.att_threshold)
+    mlp = SparseSetting(args.strategy, k=args.k, threshold=args.threshold)
+    return att, mlp
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cfg = preset(args.preset)
+    att, mlp = sparse_settings(args)
+    att.check(cfg.n_att_experts, "attention")
+    mlp.check(cfg.n_mlp_experts, "the MLP")
+    att_active = _nominal_active(att, cfg.n_att_experts)
+    mlp_active = _nominal_active(mlp, cfg.n_mlp_experts)
+    info = {"preset": args.preset, "config": cfg.to_dict(), "total_params": cfg.total_params,
+            "non_embedding_params": cfg.non_embedding_params, "embedding_params": cfg.embedding_params,
+            "att_strategy": att.describe(), "mlp_strategy": mlp.describe()}
+    if att_active is not None and mlp_active is not None:
+        info["active_params"] = round(cfg.active_params(att_active, mlp_active))
+        info["active_hidden"] = cfg.active_hidden(att_active, mlp_active)
+    else:
+        info["active_params_note"] = "threshold strategies are data-dependent: measure with `dsmoe eval`"
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{args.preset}: regime {cfg.regime}")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key:20s} {value}")
+    print(f"  total params         {cfg.total_params:,}")
+    print(f"  non-embedding params {cfg.non_embedding_params:,}")
+    if "active_params" in info:
+        print(f"  active params        {info['active_params']:,} ({info['active_hidden']:.1%} of expert hidden units)"
+              f"  [att {att.describe()}, mlp {mlp.describe()}]")
+    else:
+        print(f"  active params        {info['active_params_note']}")
+    return 0
+
+
+def _nominal_active(setting: SparseSetting, n_experts: int) -> float | None:
+    """Active experts per token implied by a setting alone (None when it depends on the data)."""
+    if n_experts == 1 or setting.strategy == "dense":
+        return float(n_experts)
+    if setting.strategy == "topk":
+        return float(setting.k)
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsmoe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="print a preset's config and parameter counts")
+    p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_sparse_args(p)
+    p.set_defaults(func=cmd_info)
+    for module in _command_modules():
+        module.add_commands(sub)
+    return parser
+
+
+def _command_modules() -> list:
+    import importlib
+
+    names = ["dsmoe.demo"]
+    return [importlib.import_module(n) for n in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"dsmoe: error: {err}", file=sys.stderr)
+        return 2

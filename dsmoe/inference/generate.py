@@ -1,0 +1,48 @@
+"""Autoregressive generation: one prefill, then one token per step through the shared KV cache."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy when temperature == 0, else temperature sampling restricted to the top-p nucleus."""
+    if temperature == 0:
+        return logits_BV.argmax(dim=-1)
+    probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, prompt_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
+             top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None
+             ) -> torch.Tensor:
+    """Continue each prompt (equal lengths) by up to ``max_new_tokens``; returns prompt + generated ids. Runs under
+    whatever sparse setting the model has (see ``dsmoe.sparsify``). Sequences that emit ``eos_token_id`` are padded
+    with it until all have finished."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    b, t = prompt_BT.shape
+    total = t + max_new_tokens
+    cache = model.new_cache(b, total)
+    out = torch.empty(b, total, dtype=prompt_BT.dtype, device=prompt_BT.device)
+    out[:, :t] = prompt_BT
+    done = torch.zeros(b, dtype=torch.bool, device=prompt_BT.device)
+    logits = model(prompt_BT, cache=cache, last_only=True).logits[:, -1]
+    for pos in range(t, total):
+        token = sample_next(logits, temperature, top_p, generator)
+        if eos_token_id is not None:
+            token = token.masked_fill(done, eos_token_id)
+            done |= token == eos_token_id
+        out[:, pos] = token
+        if pos + 1 == total or (eos_token_id is not None and bool(done.all())):
+            return out[:, :pos + 1]
+        logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1]
+    return out

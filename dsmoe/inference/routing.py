@@ -1,0 +1,101 @@
+"""Sparse-inference expert selection: topk / threshold / threshold_topk -> one Routing representation.
+
+A Routing holds, per token, the top-K_max experts by score (``indices``, descending), their scores (``weights``) and
+a ``mask`` that drops the pairs a strategy does not select. Fixed-K and variable-K strategies therefore share one
+dispatch path: kernels only ever see the valid (token, expert, weight) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dsmoe.config import ConfigError
+
+STRATEGIES = ("dense", "topk", "threshold", "threshold_topk")
+
+
+@dataclass(frozen=True)
+class SparseSetting:
+    """How one MoE layer picks experts at inference.
+
+    dense: every expert, weighted by its score (what dense training computes).
+    topk: the ``k`` highest-scoring experts.
+    threshold: experts whose normalized probability S_i * N exceeds ``threshold`` (at least the top one).
+    threshold_topk: the threshold gives a count per token; its mean over the batch, rounded, becomes K.
+    normalize: rescale the selected scores to sum to one (off by default, as in the paper).
+    """
+
+    strategy: str = "dense"
+    k: int | None = None
+    threshold: float | None = None
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown sparse strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}")
+        if self.strategy == "topk":
+            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+                raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={self.k!r}); pass --k")
+        if self.strategy in ("threshold", "threshold_topk") and (self.threshold is None or not self.threshold > 0):
+            raise ConfigError(f"strategy '{self.strategy}' needs threshold > 0 (got {self.threshold!r}); "
+                              "the threshold compares S_i * N_experts, so 1.0 means 'above uniform'")
+
+    def check(self, n_experts: int, where: str) -> None:
+        if self.strategy == "topk" and self.k > n_experts:  # type: ignore[operator]
+            raise ConfigError(f"k={self.k} is larger than the {n_experts} experts of {where}: use k <= {n_experts}")
+
+    def describe(self) -> str:
+        if self.strategy == "topk":
+            return f"topk(k={self.k})"
+        if self.strategy in ("threshold", "threshold_topk"):
+            return f"{self.strategy}(eps={self.threshold})"
+        return "dense"
+
+
+DENSE = SparseSetting()
+
+
+@dataclass
+class Routing:
+    indices: torch.Tensor  # [T, K] long, experts by descending score
+    weights: torch.Tensor  # [T, K] scores used to mix expert outputs
+    mask: torch.Tensor  # [T, K] bool, False for pairs dropped before dispatch
+    n_experts: int
+
+    @property
+    def counts_per_token(self) -> torch.Tensor:
+        return self.mask.sum(dim=-1)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The valid (token, expert, weight) pairs sorted by expert, and tokens per expert [N]."""
+        tokens = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(self.indices)
+        token_P, expert_P, weight_P = tokens[self.mask], self.indices[self.mask], self.weights[self.mask]
+        order = torch.argsort(expert_P, stable=True)
+        counts = torch.bincount(expert_P, minlength=self.n_experts)
+        return token_P[order], expert_P[order], weight_P[order], counts
+
+
+def route(probs_TN: torch.Tensor, setting: SparseSetting) -> Routing:
+    """Select experts for each token from router probabilities [T, N]."""
+    n_experts = probs_TN.shape[-1]
+    if setting.strategy == "dense":
+        k = n_experts
+    elif setting.strategy == "topk":
+        k = setting.k  # type: ignore[assignment]
+    else:
+        keep_TN = probs_TN * n_experts > setting.threshold
+        counts_T = keep_TN.sum(dim=-1).clamp_min(1)  # at least one expert per token
+        if setting.strategy == "threshold":
+            k = int(counts_T.max()) if counts_T.numel() else 1
+        else:
+            k = max(1, min(n_experts, round(float(counts_T.float().mean())))) if counts_T.numel() else 1
+    weights, indices = torch.topk(probs_TN, k, dim=-1, sorted=True)
+    if setting.strategy == "threshold":
+        mask = torch.arange(k, device=probs_TN.device)[None, :] < counts_T[:, None]
+    else:
+        mask = torch.ones_like(indices, dtype=torch.bool)
+    if setting.normalize:
+        weights = weights * mask / (weights * mask).sum(dim=-1, keepdim=True)
+    return Routing(indices=indices, weights=weights, mask=mask, n_experts=n_experts)

@@ -1,0 +1,77 @@
+"""The executable specification of sparse expert computation: gather each expert's tokens, compute, scatter-add.
+
+Plain PyTorch with a Python loop over experts. Every fast path in ``dsmoe.kernels`` has this signature and is tested
+against these functions. Differentiable, so sparse training (SMoE) runs through it as well.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.inference.routing import Routing
+from dsmoe.model.rope import apply_rope
+
+
+def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """GeLU on [.., F] or SwiGLU on [.., 2F] (gate half first, then the up projection)."""
+    if activation == "gelu":
+        return F.gelu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def expert_mlp_reference(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
+                         activation: str) -> torch.Tensor:
+    """out[t] = sum over selected (t, e) of weight * act(x[t] W_in[e]^T) W_out[e].
+
+    w_in_NFD: [N, F or 2F, D] (rows of expert e's input projection); w_out_NFD: [N, F, D].
+    """
+    token_P, expert_P, weight_P, counts = routing.pairs()
+    out_TD = torch.zeros_like(x_TD)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        tokens, weights = token_P[start:start + n], weight_P[start:start + n]
+        start += n
+        h = activate(F.linear(x_TD[tokens], w_in_NFD[e]), activation)
+        out_TD.index_add_(0, tokens, (h @ w_out_NFD[e]) * weights[:, None].to(h.dtype))
+    return out_TD
+
+
+def moa_reference(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
+                  v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
+                  cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """Mixture-of-attention-heads output for the selected (token, expert) pairs (paper eq. 7-8).
+
+    Expert e owns query rows wq[e] ([E = N_head * head_dim, D]) and output rows wo[e] ([E, D]). Token t (batch row
+    batch_T[t], position pos_T[t]) attends with its expert's heads to the shared keys/values k, v [B, n_kv, S, d] at
+    positions <= its own. Query head h of the model reads key/value head h // (n_query_heads / n_kv).
+    """
+    n_experts, width, _ = wq_NED.shape
+    head_dim = k_BHSd.shape[-1]
+    n_head = width // head_dim
+    group = n_experts * n_head // k_BHSd.shape[1]
+    token_P, expert_P, weight_P, counts = routing.pairs()
+    out_TD = torch.zeros_like(x_TD)
+    key_pos_S = torch.arange(k_BHSd.shape[2], device=x_TD.device)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        tokens, weights = token_P[start:start + n], weight_P[start:start + n]
+        start += n
+        kv_heads = torch.arange(e * n_head, (e + 1) * n_head, device=x_TD.device) // group
+        q_MHd = F.linear(x_TD[tokens], wq_NED[e]).view(n, n_head, head_dim)
+        q_MHd = apply_rope(q_MHd, cos_Sd[pos_T[tokens]][:, None], sin_Sd[pos_T[tokens]][:, None])
+        k_MHSd = k_BHSd[batch_T[tokens]][:, kv_heads]
+        v_MHSd = v_BHSd[batch_T[tokens]][:, kv_heads]
+        scores = torch.einsum("mhd,mhsd->mhs", q_MHd.float(), k_MHSd.float()) / math.sqrt(head_dim)
+        visible = key_pos_S[None, None, :] <= pos_T[tokens][:, None, None]
+        attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        o_ME = torch.einsum("mhs,mhsd->mhd", attn, v_MHSd.float()).reshape(n, width).to(x_TD.dtype)
+        out_TD.index_add_(0, tokens, (o_ME @ wo_NED[e]) * weights[:, None].to(x_TD.dtype))
+    return out_TD

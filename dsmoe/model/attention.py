@@ -1,0 +1,103 @@
+"""Mixture of attention heads (MoA, paper eq. 7-8) with grouped-query attention, rotary positions and a KV cache.
+
+Attention expert e owns N_head query heads (rows e*E..(e+1)*E of W_q, E = N_head * head_dim) and the matching rows of
+the output projection W_o. Keys and values (n_kv heads) are shared by all experts, so the KV cache is shared. Dense
+computation runs all N_att * N_head query heads in one fused attention call, then scales each expert's heads by its
+router probability before W_o.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe import kernels
+from dsmoe.config import ModelConfig
+from dsmoe.inference.routing import DENSE, Routing, SparseSetting
+from dsmoe.model.experts import mix_experts, router_aux
+from dsmoe.model.rope import apply_rope
+from dsmoe.model.router import Router
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [n_layers, B, n_kv, max_len, head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, start: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        end = start + k_BHTd.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full: writing position {end - 1} into a cache of {self.max_len}")
+        self.k[layer, :, :, start:end] = k_BHTd
+        self.v[layer, :, :, start:end] = v_BHTd
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class MoA(nn.Module):
+    kind = "att"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.regime = layer_idx, cfg.regime
+        self.n_experts, self.head_dim, self.n_kv = cfg.n_att_experts, cfg.head_dim, cfg.n_kv_heads
+        self.n_heads = cfg.n_query_heads
+        e, d = cfg.att_expert_dim, cfg.d_model
+        self.wq = nn.Parameter(torch.empty(self.n_experts, e, d))  # expert e's query rows
+        self.wo = nn.Parameter(torch.empty(self.n_experts, e, d))  # expert e's output rows: out = o @ wo
+        self.wk = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.router = Router(d, self.n_experts) if cfg.has_att_router else None
+        self.train_setting = SparseSetting("topk", k=cfg.smoe_top_k) if cfg.regime == "smoe" else DENSE
+        self.sparse: SparseSetting | None = None
+        self.meter = None
+
+    def forward(self, x_BTD, cos_Sd, sin_Sd, cache: KVCache | None, start_pos: int, mask_T, want_aux: bool):
+        b, t, d = x_BTD.shape
+        cos, sin = cos_Sd[start_pos:start_pos + t], sin_Sd[start_pos:start_pos + t]
+        k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos[:, None], sin[:, None])
+        k_BHSd, v_BHSd = k.transpose(1, 2), self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None:
+            k_BHSd, v_BHSd = cache.update(self.layer_idx, start_pos, k_BHSd, v_BHSd)
+
+        def dense(x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
+            q = F.linear(x_TD, self.wq.flatten(0, 1)).view(b, t, self.n_heads, self.head_dim)
+            q = apply_rope(q, cos[:, None], sin[:, None]).transpose(1, 2)
+            o = _attend(q, k_BHSd, v_BHSd, start_pos).transpose(1, 2)  # [B, T, H, d]
+            if probs_TN is not None:
+                o = o.reshape(b * t, self.n_experts, -1) * probs_TN[..., None].to(o.dtype)
+            return o.reshape(b * t, -1) @ self.wo.flatten(0, 1)
+
+        def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+            batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)
+            pos_T = torch.arange(start_pos, start_pos + t, device=x_TD.device).repeat(b)
+            return kernels.moa(x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd)
+
+        x_TD = x_BTD.reshape(b * t, d)
+        if self.router is None:
+            if self.meter is not None:
+                self.meter.record_dense(self.kind, self.layer_idx, 1, mask_T, b * t)
+            return dense(x_TD, None).view(b, t, d), None
+        probs_TN = self.router(x_TD)
+        out, routing = mix_experts(self, probs_TN, x_TD, dense, sparse, mask_T)
+        return out.view(b, t, d), router_aux(self, probs_TN, routing, mask_T) if want_aux else None
+
+
+def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int) -> torch.Tensor:
+    t, s = q_BHTd.shape[2], k_BHSd.shape[2]
+    gqa = q_BHTd.shape[1] != k_BHSd.shape[1]
+    if t == s:  # no cached prefix: plain causal attention
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=gqa)
+    if t == 1:  # one new token sees the whole cache
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, enable_gqa=gqa)
+    visible = torch.arange(s, device=q_BHTd.device)[None, :] <= start_pos + torch.arange(t, device=q_BHTd.device)[:, None]
+    return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=visible, enable_gqa=gqa)

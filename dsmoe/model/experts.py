@@ -1,0 +1,92 @@
+"""MLP experts with stacked weights, and the MoE MLP layer (router + experts).
+
+Expert e is ``act(x W_in[e]^T) W_out[e]``. The weights of all N experts are stacked so that computing every expert
+at once is one matrix product of width N * F: exactly the cost of a dense FFN of that width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe import kernels
+from dsmoe.config import ModelConfig
+from dsmoe.inference.routing import DENSE, Routing, SparseSetting, route
+from dsmoe.kernels.reference import activate
+from dsmoe.model.losses import entropy, mutual_information_loss, switch_loss
+from dsmoe.model.router import Router
+
+
+class MLPExperts(nn.Module):
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str):
+        super().__init__()
+        self.n_experts, self.d_expert, self.activation = n_experts, d_expert, activation
+        width_in = 2 * d_expert if activation == "swiglu" else d_expert
+        # Rows of each expert's projections are contiguous: w_in[e] is [F_in, D], w_out[e] is [F, D].
+        self.w_in = nn.Parameter(torch.empty(n_experts, width_in, d_model))
+        self.w_out = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+
+    def dense(self, x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
+        """All experts at once, each scaled by its router probability (dense training / dense inference)."""
+        n, f = self.n_experts, self.d_expert
+        h_TNF = F.linear(x_TD, self.w_in.flatten(0, 1)).view(-1, n, self.w_in.shape[1])
+        h_TNF = activate(h_TNF, self.activation)
+        if probs_TN is not None:
+            h_TNF = h_TNF * probs_TN[..., None].to(h_TNF.dtype)
+        return h_TNF.reshape(-1, n * f) @ self.w_out.flatten(0, 1)
+
+    def sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return kernels.expert_mlp(x_TD, self.w_in, self.w_out, routing, self.activation)
+
+
+class MoEMLP(nn.Module):
+    """Router + experts. Dense regime: one expert, no router. SMoE: top-k in training and inference. DS-MoE: all
+    experts in training; at inference whatever ``self.sparse`` says (set by ``dsmoe.sparsify``)."""
+
+    kind = "mlp"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.regime = layer_idx, cfg.regime
+        self.router = Router(cfg.d_model, cfg.n_mlp_experts) if cfg.has_mlp_router else None
+        self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
+        self.train_setting = SparseSetting("topk", k=cfg.smoe_top_k) if cfg.regime == "smoe" else DENSE
+        self.sparse: SparseSetting | None = None  # inference override
+        self.meter = None
+
+    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, want_aux: bool):
+        if self.router is None:
+            if self.meter is not None:
+                self.meter.record_dense(self.kind, self.layer_idx, 1, mask_T, x_TD.shape[0])
+            return self.experts.dense(x_TD, None), None
+        probs_TN = self.router(x_TD)
+        out, routing = mix_experts(self, probs_TN, x_TD, self.experts.dense, self.experts.sparse, mask_T)
+        return out, router_aux(self, probs_TN, routing, mask_T) if want_aux else None
+
+
+def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn, mask_T):
+    """Run ``layer``'s experts under its active setting; shared by the MLP and attention layers."""
+    setting = layer.sparse or layer.train_setting
+    if setting.strategy == "dense":
+        if layer.meter is not None:
+            layer.meter.record_dense(layer.kind, layer.layer_idx, probs_TN.shape[-1], mask_T, probs_TN.shape[0])
+        return dense_fn(x, probs_TN), None
+    routing = route(probs_TN, setting)
+    if layer.meter is not None:
+        layer.meter.record(layer.kind, layer.layer_idx, routing.counts_per_token, mask_T)
+    return sparse_fn(x, routing), routing
+
+
+def router_aux(layer: nn.Module, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None):
+    """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE) and detached statistics for logging."""
+    if layer.regime == "smoe":
+        indices = routing.indices if routing is not None else probs_TN.topk(layer.train_setting.k, -1).indices
+        loss = switch_loss(probs_TN, indices, mask_T)
+    else:
+        loss = mutual_information_loss(probs_TN, mask_T)
+    with torch.no_grad():
+        p = probs_TN if mask_T is None else probs_TN[mask_T]
+        top1 = torch.bincount(p.argmax(-1), minlength=p.shape[-1]).float() / max(p.shape[0], 1)
+        stats = {"importance": p.mean(0), "top1_share": top1, "entropy": entropy(p).mean()}
+    return {"kind": layer.kind, "layer": layer.layer_idx, "loss": loss, **stats}

@@ -1,0 +1,17 @@
+"""Softmax router: token -> fp32 probabilities over experts. No expert code lives here."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, n_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # W_r, one row per expert
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        # Probabilities in fp32 even under bf16 autocast: the MI loss takes their logs and thresholds compare them.
+        return torch.softmax(F.linear(x_TD, self.weight).float(), dim=-1)

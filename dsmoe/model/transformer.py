@@ -1,0 +1,116 @@
+"""The transformer: one architecture for Dense, SMoE and DS-MoE. Forward returns logits and every loss term; no
+training code lives here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsmoe.config import ModelConfig
+from dsmoe.model.attention import KVCache, MoA
+from dsmoe.model.experts import MoEMLP
+from dsmoe.model.rope import rope_tables
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.att_norm, self.att = make_norm(cfg), MoA(cfg, layer_idx)
+        self.mlp_norm, self.mlp = make_norm(cfg), MoEMLP(cfg, layer_idx)
+
+    def forward(self, x_BTD, cos, sin, cache, start_pos, mask_T, want_aux):
+        a, att_aux = self.att(self.att_norm(x_BTD), cos, sin, cache, start_pos, mask_T, want_aux)
+        x_BTD = x_BTD + a
+        b, t, d = x_BTD.shape
+        m, mlp_aux = self.mlp(self.mlp_norm(x_BTD).reshape(b * t, d), mask_T, want_aux)
+        return x_BTD + m.view(b, t, d), [aux for aux in (att_aux, mlp_aux) if aux is not None]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, T, V] (or [B, 1, V] with last_only)
+    loss: torch.Tensor | None = None  # lm_loss + weighted auxiliary losses
+    lm_loss: torch.Tensor | None = None
+    mi_att: torch.Tensor | None = None  # sum over layers of the attention routers' MI loss
+    mi_mlp: torch.Tensor | None = None  # sum over layers of the MLP routers' MI loss
+    switch: torch.Tensor | None = None  # sum over layers of the SMoE switch loss
+    router_stats: list[dict] = field(default_factory=list)  # per router: kind, layer, loss, importance, entropy
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 style: N(0, init_std), residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:  # norms
+                (p.fill_(1.0) if name.endswith("weight") else p.zero_())
+            elif name.endswith(("att.wo", "experts.w_out")):
+                p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        dtype = dtype or self.embed.weight.dtype
+        return KVCache(self.cfg, batch_size, max_len, dtype, self.embed.weight.device)
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
+                token_mask_BT: torch.Tensor | None = None, cache: KVCache | None = None, start_pos: int = 0,
+                last_only: bool = False) -> ModelOutput:
+        """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
+        True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
+        target is not -100, or all). cache/start_pos: incremental decoding. last_only: logits of the last position."""
+        b, t = idx_BT.shape
+        if start_pos + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if token_mask_BT is None and targets_BT is not None:
+            token_mask_BT = targets_BT != -100
+        mask_T = None if token_mask_BT is None else token_mask_BT.reshape(b * t)
+        want_aux = targets_BT is not None
+
+        x = self.embed(idx_BT)
+        aux: list[dict] = []
+        for block in self.blocks:
+            x, block_aux = block(x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, want_aux)
+            aux.extend(block_aux)
+        x = self.final_norm(x[:, -1:] if last_only else x)
+        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        out = ModelOutput(logits=logits, router_stats=aux)
+        if targets_BT is None:
+            return out
+        out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        out.loss = out.lm_loss
+        losses = {kind: [a["loss"] for a in aux if a["kind"] == kind] for kind in ("att", "mlp")}
+        if self.cfg.regime == "smoe":  # switch loss of every router, summed over layers
+            out.switch = torch.stack(losses["att"] + losses["mlp"]).sum()
+            out.loss = out.loss + self.cfg.switch_loss_weight * out.switch
+        else:  # DS-MoE: MI loss per router, summed over layers, weighted separately for attention and MLP
+            if losses["att"]:
+                out.mi_att = torch.stack(losses["att"]).sum()
+                out.loss = out.loss + self.cfg.alpha_att * out.mi_att
+            if losses["mlp"]:
+                out.mi_mlp = torch.stack(losses["mlp"]).sum()
+                out.loss = out.loss + self.cfg.alpha_mlp * out.mi_mlp
+        return out

@@ -8,7 +8,7 @@ import json
 import sys
 
 from dsmoe.config import PRESETS, ConfigError, preset
-from dsmoe.inference.routing import SparseSetting, STRATEGIES
+from dsmoe.inference.routing import STRATEGIES, SparseSetting
 
 
 def add_sparse_args(parser: argparse.ArgumentParser) -> None:

@@ -35,9 +35,9 @@ class SparseSetting:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown sparse strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}")
-        if self.strategy == "topk":
-            if self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-                raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={self.k!r}); pass --k")
+        bad_k = self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
+        if self.strategy == "topk" and bad_k:
+            raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={self.k!r}); pass --k")
         if self.strategy in ("threshold", "threshold_topk") and (self.threshold is None or not self.threshold > 0):
             raise ConfigError(f"strategy '{self.strategy}' needs threshold > 0 (got {self.threshold!r}); "
                               "the threshold compares S_i * N_experts, so 1.0 means 'above uniform'")

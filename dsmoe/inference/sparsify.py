@@ -34,11 +34,10 @@ def sparsify(model: nn.Module, att: LayerSettings = None, mlp: LayerSettings = N
             raise ConfigError(f"{kind} settings: got {len(settings)} for a model with {len(layers)} layers; "
                               "give one setting for all layers or one per layer")
         for layer, setting in zip(layers, settings, strict=True):
-            if setting is not None:
-                setting.check(layer.router.weight.shape[0] if layer.router is not None else 1,
-                              f"{kind} layer {layer.layer_idx}")
-                if layer.router is None:
-                    setting = None  # a single expert is always active
+            if layer.router is None:
+                setting = None  # a single expert is always active
+            elif setting is not None:
+                setting.check(layer.router.weight.shape[0], f"{kind} layer {layer.layer_idx}")
             layer.sparse = setting
             layer.meter = meter
     return model

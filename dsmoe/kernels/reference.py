@@ -38,7 +38,8 @@ def expert_mlp_reference(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
         tokens, weights = token_P[start:start + n], weight_P[start:start + n]
         start += n
         h = activate(F.linear(x_TD[tokens], w_in_NFD[e]), activation)
-        out_TD.index_add_(0, tokens, (h @ w_out_NFD[e]) * weights[:, None].to(h.dtype))
+        y = (h @ w_out_NFD[e]) * weights[:, None].to(h.dtype)
+        out_TD.index_add_(0, tokens, y.to(out_TD.dtype))  # accumulate in x's dtype
     return out_TD
 
 
@@ -73,5 +74,6 @@ def moa_reference(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor
         visible = key_pos_S[None, None, :] <= pos_T[tokens][:, None, None]
         attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         o_ME = torch.einsum("mhs,mhsd->mhd", attn, v_MHSd.float()).reshape(n, width).to(x_TD.dtype)
-        out_TD.index_add_(0, tokens, (o_ME @ wo_NED[e]) * weights[:, None].to(x_TD.dtype))
+        y = (o_ME @ wo_NED[e]) * weights[:, None].to(o_ME.dtype)
+        out_TD.index_add_(0, tokens, y.to(out_TD.dtype))
     return out_TD

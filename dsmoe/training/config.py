@@ -1,0 +1,142 @@
+"""TrainConfig: a typed run configuration read from YAML, with dotted ``key=value`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsmoe.config import ConfigError, ModelConfig, preset, unknown_key_error
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``model`` holds a preset name and/or ModelConfig fields (``{preset: tiny-ds-moe,
+    alpha_mlp: 1e-3}``); every other field is the trainer's. Schedules count tokens, as the paper does."""
+
+    model: dict[str, Any]
+    data: str  # a folder written by `dsmoe prepare`
+    out_dir: str = "runs/default"
+    seq_len: int = 256
+    micro_batch_size: int = 8  # sequences per forward on each process
+    global_batch_tokens: int = 16384  # tokens per optimizer step over all processes (gradient accumulation)
+    total_tokens: int = 2_000_000
+    warmup_tokens: int = 100_000
+    lr: float = 3e-4
+    min_lr: float = 3e-5  # the cosine schedule's floor
+    weight_decay: float = 0.01  # on weight matrices only; none on norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    dtype: str = "bf16"  # autocast dtype: bf16 or fp32 (no autocast)
+    activation_checkpointing: bool = False
+    compile: bool = False
+    device: str = "auto"  # auto, cpu, cuda
+    seed: int = 0
+    log_every: int = 10  # steps
+    eval_every: int = 100  # steps; 0 turns validation off
+    eval_batches: int = 10
+    ckpt_every: int = 100  # steps; a final checkpoint is always written
+    keep_last: int = 3
+    nonfinite: str = "skip"  # what a non-finite loss or gradient does: skip the step, or stop the run
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "micro_batch_size", "global_batch_tokens", "total_tokens", "log_every",
+                     "eval_batches", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ConfigError(f"dtype must be 'bf16' or 'fp32', got '{self.dtype}'")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
+        if self.nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"nonfinite must be 'skip' or 'stop', got '{self.nonfinite}'")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if self.seq_len > self.model_config().max_seq_len:
+            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's max_seq_len="
+                              f"{self.model_config().max_seq_len}: lower seq_len or set model.max_seq_len")
+
+    def model_config(self) -> ModelConfig:
+        values = dict(self.model)
+        name = values.pop("preset", None)
+        return preset(name, **values) if name else ModelConfig.from_dict(values)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        per_micro = self.micro_batch_size * self.seq_len * world_size
+        if self.global_batch_tokens % per_micro:
+            raise ConfigError(
+                f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
+                f"processes = {per_micro}: set global_batch_tokens to a multiple of {per_micro}")
+        return self.global_batch_tokens // per_micro
+
+    @property
+    def total_steps(self) -> int:
+        return math.ceil(self.total_tokens / self.global_batch_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``lr=1e-3`` sets a trainer field, ``model.alpha_mlp=1e-3`` a model field."""
+    values = {**values, "model": dict(values.get("model", {}))}
+    train_keys = [f.name for f in dataclasses.fields(TrainConfig)]
+    model_keys = [f.name for f in dataclasses.fields(ModelConfig)] + ["preset"]
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value (for example lr=1e-3 or model.alpha_mlp=1e-3)")
+        if key.startswith("model."):
+            sub = key.removeprefix("model.")
+            if sub not in model_keys:
+                raise unknown_key_error(sub, model_keys, "the model section")
+            values["model"][sub] = _parse_value(raw)
+        elif key in train_keys:
+            values[key] = _parse_value(raw)
+        else:
+            raise unknown_key_error(key, train_keys + [f"model.{k}" for k in model_keys], "the training config")
+    return values
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+    values = apply_overrides(values, list(overrides))
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in known:
+            raise unknown_key_error(key, known, str(path or "the training config"))
+    for key in ("model", "data"):
+        if key not in values or not values[key]:
+            raise ConfigError(f"the training config needs '{key}' (in the YAML or as {key}=... override)")
+    model_keys = [f.name for f in dataclasses.fields(ModelConfig)] + ["preset"]
+    for key in values["model"]:
+        if key not in model_keys:
+            raise unknown_key_error(key, model_keys, "the model section")
+    defaults = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for key, value in values.items():  # YAML may give 3e-4 as a string; coerce numbers to the field's type
+        kind = defaults[key].type
+        if kind in ("int", "float") and isinstance(value, str):
+            try:
+                values[key] = float(value) if kind == "float" else int(float(value))
+            except ValueError as err:
+                raise ConfigError(f"{key} must be a number, got '{value}'") from err
+    return TrainConfig(**values)

@@ -1,0 +1,189 @@
+"""The training loop: one CPU, one GPU, or many processes under torchrun with FSDP2."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from dsmoe.config import ConfigError
+from dsmoe.data.loader import TokenLoader
+from dsmoe.model.transformer import Transformer
+from dsmoe.training import checkpoint as ckpt
+from dsmoe.training.config import TrainConfig
+from dsmoe.training.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    full_state_dicts,
+    init_distributed,
+    load_full_state_dicts,
+    shard_model,
+)
+from dsmoe.training.metrics import MetricsLogger, router_metrics
+from dsmoe.training.optim import build_optimizer, lr_at, set_lr
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class _Checkpointed(torch.nn.Module):
+    """Recompute a block's activations in backward instead of keeping them."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args):
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model_config()).to(info.device)
+    if cfg.activation_checkpointing:
+        model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
+    if info.world_size > 1:
+        shard_model(model, info, torch.bfloat16 if cfg.dtype == "bf16" and info.device.type == "cuda" else None)
+    if cfg.compile:
+        for block in model.blocks:
+            block.compile()
+    return model
+
+
+def _first_nonfinite_grad(model: torch.nn.Module) -> str:
+    for name, p in model.named_parameters():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            return name
+    return "none (the loss itself)"
+
+
+@torch.no_grad()
+def evaluate_loss(model, loader: TokenLoader, cfg: TrainConfig, info: DistInfo) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in loader.iter_eval(cfg.eval_batches):
+        with _autocast(cfg, info.device):
+            total += float(model(x.to(info.device), y.to(info.device)).lm_loss)
+        n += 1
+    model.train()
+    return float(all_reduce_mean(torch.tensor(total / max(n, 1)), info))
+
+
+def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``; returns the last logged metrics.
+
+    ``max_steps`` stops early after that many optimizer steps in this call (the schedule still spans
+    ``total_tokens``), with a checkpoint: how tests and time-boxed jobs split one run into pieces.
+    """
+    info = init_distributed(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    model_cfg = cfg.model_config()
+    accum = cfg.accumulation_steps(info.world_size)
+    loader = TokenLoader(cfg.data, "train", cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, rank=info.rank,
+                         world_size=info.world_size, vocab_size=model_cfg.vocab_size)
+    val_loader = (TokenLoader(cfg.data, "val", cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed,
+                              vocab_size=model_cfg.vocab_size) if cfg.eval_every > 0 else None)
+    model = build_model(cfg, info)
+    optimizer = build_optimizer(model, cfg)
+    step, tokens = 0, 0
+    latest = ckpt.list_checkpoints(out_dir)[-1:] if resume else []
+    if latest:
+        state = torch.load(latest[0] / "trainer.pt", weights_only=False)
+        ckpt.verify_checkpoint(latest[0])
+        optim_state = torch.load(latest[0] / "optimizer.pt", weights_only=False)
+        load_full_state_dicts(model, optimizer, ckpt.load_model_state(latest[0], check_hashes=False), optim_state,
+                              info)
+        step, tokens = state["step"], state["tokens"]
+        loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+    elif not resume and ckpt.list_checkpoints(out_dir):
+        raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+                          "or choose another out_dir")
+    tokenizer_file = Path(cfg.data) / "tokenizer.json"
+    logger = MetricsLogger(out_dir, enabled=info.is_main)
+    if info.is_main and not latest:
+        logger.log(step, {"event": "start", "config": cfg.to_dict(), "model": model_cfg.to_dict(),
+                          "non_embedding_params": model_cfg.non_embedding_params, "accumulation": accum})
+
+    def save(at_step: int) -> None:
+        model_state, optim_state = full_state_dicts(model, optimizer, info)
+        if info.is_main and not ckpt.step_dir(out_dir, at_step).exists():
+            trainer_state = {"step": at_step, "tokens": tokens, "loader": loader.state_dict(),
+                             "rng": ckpt.rng_state()}
+            ckpt.write_checkpoint(ckpt.step_dir(out_dir, at_step), model_state, model_cfg,
+                                  optimizer_state=optim_state, trainer_state=trainer_state, train_cfg=cfg.to_dict(),
+                                  tokenizer_file=tokenizer_file)
+            ckpt.prune_checkpoints(out_dir, cfg.keep_last)
+
+    model.train()
+    batches = iter(loader)
+    last: dict[str, Any] = {}
+    stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, step + max_steps)
+    bar = tqdm(total=cfg.total_steps, initial=step, disable=not info.is_main, desc="train", unit="step")
+    window_start, window_tokens = time.perf_counter(), 0
+    while step < stop_at:
+        lr = lr_at(tokens, cfg)
+        set_lr(optimizer, lr)
+        sums = torch.zeros(5)  # loss, lm_loss, mi_att, mi_mlp, switch
+        for micro in range(accum):
+            x, y = next(batches)
+            if info.world_size > 1 and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
+            with _autocast(cfg, info.device):
+                out = model(x.to(info.device), y.to(info.device))
+            (out.loss / accum).backward()
+            parts = (out.loss, out.lm_loss, out.mi_att, out.mi_mlp, out.switch)
+            sums += torch.tensor([float(p) if p is not None else 0.0 for p in parts]) / accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
+            where = _first_nonfinite_grad(model)
+            message = (f"non-finite loss or gradient at step {step + 1} (loss {float(sums[0])}, grad norm "
+                       f"{grad_norm}); first parameter with a non-finite gradient: {where}")
+            optimizer.zero_grad(set_to_none=True)
+            if cfg.nonfinite == "stop":
+                raise NonFiniteError(message + f"; the last good checkpoint in {out_dir / ckpt.CKPT_DIR} is kept")
+            bar.write(f"warning: {message}; step skipped")
+            logger.log(step + 1, {"event": "skipped_step", "reason": message})
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens += cfg.global_batch_tokens
+        window_tokens += cfg.global_batch_tokens
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == stop_at:
+            sums = all_reduce_mean(sums, info)
+            elapsed = time.perf_counter() - window_start
+            last = {"loss": float(sums[0]), "lm_loss": float(sums[1]), "lr": lr, "grad_norm": grad_norm,
+                    "tokens": tokens, "tokens_per_s": window_tokens / elapsed}
+            for i, name in ((2, "mi_att"), (3, "mi_mlp"), (4, "switch")):
+                if (name == "switch") == (model_cfg.regime == "smoe"):
+                    last[name] = float(sums[i])
+            last.update(router_metrics(out.router_stats))
+            logger.log(step, last)
+            bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            window_start, window_tokens = time.perf_counter(), 0
+        if val_loader is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps):
+            last["val_loss"] = evaluate_loss(model, val_loader, cfg, info)
+            logger.log(step, {"val_loss": last["val_loss"]})
+            bar.write(f"step {step}: val_loss {last['val_loss']:.4f}")
+        if step % cfg.ckpt_every == 0 or step == stop_at:
+            save(step)
+    bar.close()
+    logger.close()
+    last.update(step=step, tokens=tokens, checkpoint=str(ckpt.step_dir(out_dir, step)))
+    return last

@@ -1,0 +1,58 @@
+"""Training metrics to a JSONL file always, and to TensorBoard when it is installed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+        except ImportError:  # TensorBoard is optional: the JSONL file has everything
+            self.writer = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+                elif isinstance(value, list) and value and isinstance(value[0], (int, float)):
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"{key}/{i}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
+    """Mean router entropy, and per layer the largest share of tokens whose top expert is one expert (the load of
+    the busiest expert: 1/N is balanced, 1.0 is collapse)."""
+    if not router_stats:
+        return {}
+    out: dict[str, Any] = {}
+    for kind in ("att", "mlp"):
+        stats = [s for s in router_stats if s["kind"] == kind]
+        if stats:
+            out[f"router_entropy_{kind}"] = float(torch.stack([s["entropy"] for s in stats]).mean())
+            out[f"max_load_{kind}"] = [round(float(s["top1_share"].max()), 4) for s in stats]
+    return out

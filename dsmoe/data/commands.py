@@ -10,7 +10,7 @@ from dsmoe.data.errors import DataError
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from dsmoe.data.corpus import read_documents
+    from dsmoe.data.corpus import expand_inputs, read_documents
     from dsmoe.data.shards import prepare
     from dsmoe.data.sources import fetch_corpus
     from dsmoe.data.tokenizer import EOS_TOKEN, load_tokenizer, train_bpe
@@ -20,6 +20,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         inputs.extend(fetch_corpus(name, args.data_dir))
     if not inputs and not args.dataset:
         raise DataError("nothing to prepare: give --input PATH..., --source NAME or --dataset NAME_OR_DIR")
+    if inputs:
+        expand_inputs(inputs)  # a missing input fails before any tokenizer is fetched or trained
     if args.train_tokenizer is not None:
         docs = read_documents(inputs, field=args.jsonl_field, encoding=args.encoding, dataset=args.dataset)
         tokenizer = train_bpe(docs, args.train_tokenizer, special=[EOS_TOKEN])

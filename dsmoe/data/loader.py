@@ -69,7 +69,7 @@ class TokenLoader:
 
     def _open_shards(self) -> list[np.ndarray]:
         dtype = np.dtype(self.index["dtype"])
-        shards = []
+        shards: list[np.ndarray] = []
         for entry in self.index["shards"].get(self.split, []):
             path = self.data_dir / entry["file"]
             expected = int(entry["tokens"]) * dtype.itemsize

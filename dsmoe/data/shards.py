@@ -12,7 +12,6 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,6 +28,7 @@ INDEX_FORMAT = 1
 SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 _BATCH_DOCS = 256
+_BATCH_CHARS = 200_000
 
 
 def token_dtype(vocab: int) -> np.dtype:
@@ -98,9 +98,17 @@ def _encode_in_worker(texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def _batches(docs: Iterable[str], size: int) -> Iterator[list[str]]:
-    it = iter(docs)
-    while batch := list(islice(it, size)):
+def _batches(docs: Iterable[str], max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS) -> Iterator[list[str]]:
+    """Groups of documents small enough to spread long documents (whole books, speeches) over the workers."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if len(batch) >= max_docs or chars >= max_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 

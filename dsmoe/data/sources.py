@@ -106,7 +106,7 @@ def _convert_austen(root: Path, out: Path) -> dict[str, Any]:
 
     def docs() -> Iterator[Doc]:
         for book, lines in books.items():
-            for chapter in formats.chapters_from_lines([str(line) for line in lines]):  # type: ignore[union-attr]
+            for chapter in formats.chapters_from_lines([str(line) for line in lines]):  # type: ignore[attr-defined]
                 yield {"text": chapter, "book": book}
 
     return write_docs(docs(), out)

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     import importlib
 
-    names = ["dsmoe.demo"]
+    names = ["dsmoe.demo", "dsmoe.data.commands"]
     return [importlib.import_module(n) for n in names]
 
 

@@ -26,6 +26,20 @@ def unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown key '{key}' in {where}.{hint}")
 
 
+def coerce_numbers(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string: turn strings into the int/float a field declares."""
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        if kinds.get(key) in ("int", "float") and isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise ConfigError(f"{key} in {where} must be a number, got '{value}'") from None
+            out[key] = int(number) if kinds[key] == "int" and number.is_integer() else number
+    return out
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters in the paper's notation (Table 1).
@@ -180,7 +194,7 @@ class ModelConfig:
                    if f.default is dataclasses.MISSING and f.name not in values]
         if missing:
             raise ConfigError(f"model config is missing required field(s): {', '.join(missing)}")
-        return cls(**values)
+        return cls(**coerce_numbers(cls, values, "the model config"))
 
     def replace(self, **changes: Any) -> ModelConfig:
         known = [f.name for f in dataclasses.fields(self)]

@@ -14,3 +14,42 @@ def small_config(regime: str = "dsmoe", **overrides) -> ModelConfig:
         base.update(n_att_experts=1, n_heads_per_expert=8)
     base.update(overrides)
     return ModelConfig(**base)
+
+
+def synthetic_corpus(n_docs: int = 120, seed: int = 0) -> list[str]:
+    """Seeded sentences over a small vocabulary with some structure (frequent bigrams), for fast training tests."""
+    import random
+
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "the old man", "my sister", "the committee", "a small bird", "the river"]
+    verbs = ["sees", "follows", "builds", "remembers", "crosses", "sings to", "waits for"]
+    objects = ["the bridge", "a red house", "the morning", "the market", "an open door", "the long road"]
+    docs = []
+    for _ in range(n_docs):
+        sentences = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+                     for _ in range(rng.randint(4, 12))]
+        docs.append(" ".join(s.capitalize() for s in sentences))
+    return docs
+
+
+def prepared_data(root, vocab_size: int = 384, seed: int = 0):
+    """A prepared shard folder (train + val) made by the real pipeline from synthetic_corpus()."""
+    import json
+    from pathlib import Path
+
+    from dsmoe.data.shards import prepare
+    from dsmoe.data.tokenizer import train_bpe
+
+    root = Path(root)
+    docs = synthetic_corpus(seed=seed)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "docs.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    tok = train_bpe(docs, vocab_size)
+    prepare([root / "docs.jsonl"], tok, root / "data", val_fraction=0.1, workers=1, progress=False)
+    return root / "data"
+
+
+def tiny_model_dict(regime: str = "dsmoe", vocab_size: int = 384) -> dict:
+    return {**small_config(regime, vocab_size=vocab_size, max_seq_len=64).to_dict()}

@@ -59,7 +59,7 @@ def versions() -> dict[str, str]:
         dsmoe_version = version("dsmoe")
     except PackageNotFoundError:
         dsmoe_version = "unknown"
-    return {"dsmoe": dsmoe_version, "torch": torch.__version__, "python": platform.python_version()}
+    return {"dsmoe": dsmoe_version, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def write_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, *,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from dsmoe.training.config import load_train_config
 
@@ -17,7 +18,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(cfg, resume=args.resume, max_steps=args.max_steps)
     finally:
         cleanup()
-    print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
     return 0
 
 

@@ -44,8 +44,12 @@ class _Checkpointed(torch.nn.Module):
         return checkpoint(self.block, *args, use_reentrant=False)
 
 
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+
+
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.dtype == "bf16":
+    if use_bf16(cfg, device):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -56,7 +60,7 @@ def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
     if cfg.activation_checkpointing:
         model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
     if info.world_size > 1:
-        shard_model(model, info, torch.bfloat16 if cfg.dtype == "bf16" and info.device.type == "cuda" else None)
+        shard_model(model, info, torch.bfloat16 if use_bf16(cfg, info.device) and info.device.type == "cuda" else None)
     if cfg.compile:
         for block in model.blocks:
             block.compile()
@@ -146,7 +150,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 out = model(x.to(info.device), y.to(info.device))
             (out.loss / accum).backward()
             parts = (out.loss, out.lm_loss, out.mi_att, out.mi_mlp, out.switch)
-            sums += torch.tensor([float(p) if p is not None else 0.0 for p in parts]) / accum
+            sums += torch.tensor([float(p.detach()) if p is not None else 0.0 for p in parts]) / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
@@ -156,7 +160,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             optimizer.zero_grad(set_to_none=True)
             if cfg.nonfinite == "stop":
                 raise NonFiniteError(message + f"; the last good checkpoint in {out_dir / ckpt.CKPT_DIR} is kept")
-            bar.write(f"warning: {message}; step skipped")
+            if info.is_main:
+                bar.write(f"warning: {message}; step skipped")
             logger.log(step + 1, {"event": "skipped_step", "reason": message})
         else:
             optimizer.step()
@@ -170,9 +175,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             elapsed = time.perf_counter() - window_start
             last = {"loss": float(sums[0]), "lm_loss": float(sums[1]), "lr": lr, "grad_norm": grad_norm,
                     "tokens": tokens, "tokens_per_s": window_tokens / elapsed}
-            for i, name in ((2, "mi_att"), (3, "mi_mlp"), (4, "switch")):
-                if (name == "switch") == (model_cfg.regime == "smoe"):
-                    last[name] = float(sums[i])
+            logged = {"dsmoe": ((2, "mi_att"), (3, "mi_mlp")), "smoe": ((4, "switch"),)}
+            last.update({name: float(sums[i]) for i, name in logged.get(model_cfg.regime, ())})
             last.update(router_metrics(out.router_stats))
             logger.log(step, last)
             bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
@@ -180,7 +184,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         if val_loader is not None and (step % cfg.eval_every == 0 or step == cfg.total_steps):
             last["val_loss"] = evaluate_loss(model, val_loader, cfg, info)
             logger.log(step, {"val_loss": last["val_loss"]})
-            bar.write(f"step {step}: val_loss {last['val_loss']:.4f}")
+            if info.is_main:
+                bar.write(f"step {step}: val_loss {last['val_loss']:.4f}")
         if step % cfg.ckpt_every == 0 or step == stop_at:
             save(step)
     bar.close()

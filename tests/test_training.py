@@ -30,7 +30,8 @@ def make_config(data_dir, out_dir, regime="dsmoe", **kw) -> TrainConfig:
 
 
 def losses(out_dir):
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 

@@ -17,7 +17,7 @@ class MetricsLogger:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 (closed in close())
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -53,3 +53,14 @@ def prepared_data(root, vocab_size: int = 384, seed: int = 0):
 
 def tiny_model_dict(regime: str = "dsmoe", vocab_size: int = 384) -> dict:
     return {**small_config(regime, vocab_size=vocab_size, max_seq_len=64).to_dict()}
+
+
+def tiny_train_config(data_dir, out_dir, regime: str = "dsmoe", **overrides):
+    """A TrainConfig that trains tiny_model_dict() on prepared_data() in about a second per step."""
+    from dsmoe.training.config import TrainConfig
+
+    values = dict(model=tiny_model_dict(regime), data=str(data_dir), out_dir=str(out_dir), seq_len=32,
+                  micro_batch_size=4, global_batch_tokens=256, total_tokens=256 * 8, warmup_tokens=512, lr=3e-3,
+                  min_lr=3e-4, log_every=1, eval_every=4, eval_batches=2, ckpt_every=2, keep_last=2, dtype="fp32")
+    values.update(overrides)
+    return TrainConfig(**values)

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from helpers import prepared_data, tiny_model_dict
+from helpers import prepared_data, tiny_model_dict, tiny_train_config
 
 from dsmoe.config import ConfigError
 from dsmoe.training import checkpoint as ckpt
-from dsmoe.training.config import TrainConfig, load_train_config
+from dsmoe.training.config import load_train_config
 from dsmoe.training.loop import train
 from dsmoe.training.optim import lr_at
 
@@ -19,14 +19,6 @@ from dsmoe.training.optim import lr_at
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return prepared_data(tmp_path_factory.mktemp("corpus"))
-
-
-def make_config(data_dir, out_dir, regime="dsmoe", **kw) -> TrainConfig:
-    values = dict(model=tiny_model_dict(regime), data=str(data_dir), out_dir=str(out_dir), seq_len=32,
-                  micro_batch_size=4, global_batch_tokens=256, total_tokens=256 * 8, warmup_tokens=512, lr=3e-3,
-                  min_lr=3e-4, log_every=1, eval_every=4, eval_batches=2, ckpt_every=2, keep_last=2, dtype="fp32")
-    values.update(kw)
-    return TrainConfig(**values)
 
 
 def losses(out_dir):
@@ -41,9 +33,9 @@ def final_weights(out_dir):
 
 @pytest.mark.parametrize("regime", ["dsmoe", "smoe"])
 def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, regime):
-    full = make_config(data_dir, tmp_path / "full", regime)
+    full = tiny_train_config(data_dir, tmp_path / "full", regime)
     train(full)
-    pieces = make_config(data_dir, tmp_path / "pieces", regime)
+    pieces = tiny_train_config(data_dir, tmp_path / "pieces", regime)
     train(pieces, max_steps=3)  # stops off the checkpoint grid: the stop itself writes one
     train(pieces, resume=True, max_steps=2)
     train(pieces, resume=True)
@@ -53,7 +45,7 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, regime):
 
 
 def test_checkpoints_are_complete_pruned_and_loadable(data_dir, tmp_path):
-    cfg = make_config(data_dir, tmp_path / "run", keep_last=2)
+    cfg = tiny_train_config(data_dir, tmp_path / "run", keep_last=2)
     result = train(cfg)
     kept = ckpt.list_checkpoints(cfg.out_dir)
     assert [p.name for p in kept] == ["step-00000006", "step-00000008"]
@@ -66,21 +58,21 @@ def test_checkpoints_are_complete_pruned_and_loadable(data_dir, tmp_path):
 
 
 def test_training_reduces_loss(data_dir, tmp_path):
-    cfg = make_config(data_dir, tmp_path / "run", total_tokens=256 * 20, ckpt_every=100)
+    cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 20, ckpt_every=100)
     train(cfg)
     steps = losses(cfg.out_dir)
     assert steps[20] < steps[1] - 1.0
 
 
 def test_out_dir_with_checkpoints_needs_resume(data_dir, tmp_path):
-    cfg = make_config(data_dir, tmp_path / "run", total_tokens=256 * 2)
+    cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 2)
     train(cfg)
     with pytest.raises(ConfigError, match="pass --resume"):
         train(cfg)
 
 
 def test_corrupted_checkpoint_is_reported(data_dir, tmp_path):
-    cfg = make_config(data_dir, tmp_path / "run", total_tokens=256 * 2)
+    cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 2)
     train(cfg)
     path = ckpt.list_checkpoints(cfg.out_dir)[-1]
     weights = path / "model.safetensors"
@@ -90,7 +82,7 @@ def test_corrupted_checkpoint_is_reported(data_dir, tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min(data_dir, tmp_path):
-    cfg = make_config(data_dir, tmp_path, total_tokens=10_000, warmup_tokens=1_000, global_batch_tokens=256)
+    cfg = tiny_train_config(data_dir, tmp_path, total_tokens=10_000, warmup_tokens=1_000, global_batch_tokens=256)
     assert lr_at(0, cfg) < lr_at(500, cfg) < cfg.lr
     assert lr_at(1_000, cfg) == pytest.approx(cfg.lr)
     assert lr_at(10_000, cfg) == pytest.approx(cfg.min_lr)

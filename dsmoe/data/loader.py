@@ -50,6 +50,7 @@ class TokenLoader:
         self.rank, self.world_size = rank, world_size
         self.index = read_index(self.data_dir)
         self.vocab_size = int(self.index["vocab_size"])
+        self.model_vocab_size = vocab_size
         if vocab_size is not None and self.vocab_size > vocab_size:
             raise DataError(f"shards in {self.data_dir} were tokenized with a vocabulary of {self.vocab_size} ids, "
                             f"more than the model's vocab_size {vocab_size}; raise the model's vocab_size to at "
@@ -100,6 +101,13 @@ class TokenLoader:
 
     def _batch(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = np.stack([self._window(int(w) * self.seq_len) for w in window_ids]).astype(np.int64)
+        limit = self.model_vocab_size or self.vocab_size
+        if tokens.size and int(tokens.max()) >= limit:  # a shard edited or written by another tool
+            window = int(window_ids[int(np.argmax(tokens.max(axis=1)))])
+            raise DataError(f"token id {int(tokens.max())} in the {self.split} shards of {self.data_dir} (window "
+                            f"{window}, tokens {window * self.seq_len}..{(window + 1) * self.seq_len}) is outside "
+                            f"the vocabulary of {limit}; the shards are corrupted or were tokenized with another "
+                            "tokenizer: prepare the data again")
         tokens_t = torch.from_numpy(tokens)
         return tokens_t[:, :-1], tokens_t[:, 1:]
 

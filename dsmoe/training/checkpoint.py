@@ -85,7 +85,7 @@ def write_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_cfg
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if path.exists():
-            shutil.rmtree(path)
+            _discard(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,11 +127,19 @@ def list_checkpoints(out_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def _discard(path: Path) -> None:
+    """Delete a checkpoint folder so that a kill midway never leaves a complete-looking, partial checkpoint:
+    hide it under a temporary name first (atomic), then delete."""
+    hidden = path.with_name(f".{path.name}.{os.getpid()}.deleting.tmp")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
 def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(out_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     root = Path(out_dir) / CKPT_DIR
-    for stale in root.glob(".step-*.tmp"):  # left by a run killed while writing
+    for stale in root.glob(".step-*.tmp"):  # left by a run killed while writing or deleting
         shutil.rmtree(stale, ignore_errors=True)
 
 

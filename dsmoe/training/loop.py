@@ -25,7 +25,7 @@ from dsmoe.training.distributed import (
     load_full_state_dicts,
     shard_model,
 )
-from dsmoe.training.metrics import MetricsLogger, router_metrics
+from dsmoe.training.metrics import MetricsLogger, collapsed_routers, router_metrics
 from dsmoe.training.optim import build_optimizer, lr_at, set_lr
 
 
@@ -67,11 +67,20 @@ def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
     return model
 
 
-def _first_nonfinite_grad(model: torch.nn.Module) -> str:
+def _nonfinite_culprit(model: torch.nn.Module) -> str:
+    """The first parameter (hence layer) whose value or gradient is not finite."""
     for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            return f"parameter {name} itself"
         if p.grad is not None and not torch.isfinite(p.grad).all():
-            return name
-    return "none (the loss itself)"
+            return f"gradient of {name}"
+    return "no parameter or gradient (the forward pass overflowed)"
+
+
+def _check_same_tokenizer(saved: Path, current: Path) -> None:
+    if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
+        raise ConfigError(f"the tokenizer of the data ({current}) differs from the one the checkpoint was trained with "
+                          f"({saved}): resume on data prepared with {saved}")
 
 
 @torch.no_grad()
@@ -104,7 +113,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     optimizer = build_optimizer(model, cfg)
     step, tokens = 0, 0
     latest = ckpt.list_checkpoints(out_dir)[-1:] if resume else []
+    tokenizer_file = Path(cfg.data) / "tokenizer.json"
     if latest:
+        _check_same_tokenizer(latest[0] / "tokenizer.json", tokenizer_file)
         state = torch.load(latest[0] / "trainer.pt", weights_only=False)
         ckpt.verify_checkpoint(latest[0])
         optim_state = torch.load(latest[0] / "optimizer.pt", weights_only=False)
@@ -116,7 +127,6 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     elif not resume and ckpt.list_checkpoints(out_dir):
         raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
                           "or choose another out_dir")
-    tokenizer_file = Path(cfg.data) / "tokenizer.json"
     logger = MetricsLogger(out_dir, enabled=info.is_main)
     if info.is_main and not latest:
         logger.log(step, {"event": "start", "config": cfg.to_dict(), "model": model_cfg.to_dict(),
@@ -138,11 +148,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     stop_at = cfg.total_steps if max_steps is None else min(cfg.total_steps, step + max_steps)
     bar = tqdm(total=cfg.total_steps, initial=step, disable=not info.is_main, desc="train", unit="step")
     window_start, window_tokens = time.perf_counter(), 0
+    warned: set[tuple[str, int]] = set()
+    n_experts = {"att": model_cfg.n_att_experts, "mlp": model_cfg.n_mlp_experts}
     while step < stop_at:
         lr = lr_at(tokens, cfg)
         set_lr(optimizer, lr)
         sums = torch.zeros(5)  # loss, lm_loss, mi_att, mi_mlp, switch
+        bad_batches = []
         for micro in range(accum):
+            position = loader.state_dict()
             x, y = next(batches)
             if info.world_size > 1 and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
@@ -150,13 +164,18 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 out = model(x.to(info.device), y.to(info.device))
             (out.loss / accum).backward()
             parts = (out.loss, out.lm_loss, out.mi_att, out.mi_mlp, out.switch)
-            sums += torch.tensor([float(p.detach()) if p is not None else 0.0 for p in parts]) / accum
+            values = torch.tensor([float(p.detach()) if p is not None else 0.0 for p in parts])
+            if not torch.isfinite(values).all():
+                bad_batches.append(f"micro-batch {micro} (loader epoch {position['epoch']}, batch "
+                                   f"{position['position']})")
+            sums += values / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
-            where = _first_nonfinite_grad(model)
+            where = _nonfinite_culprit(model)
+            bad = ", ".join(bad_batches) or "every micro-batch's loss was finite"
             message = (f"non-finite loss or gradient at step {step + 1} (loss {float(sums[0])}, grad norm "
-                       f"{grad_norm}); first parameter with a non-finite gradient: {where}")
+                       f"{grad_norm}); batches: {bad}; first non-finite: {where}")
             optimizer.zero_grad(set_to_none=True)
             if cfg.nonfinite == "stop":
                 raise NonFiniteError(message + f"; the last good checkpoint in {out_dir / ckpt.CKPT_DIR} is kept")
@@ -178,6 +197,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             logged = {"dsmoe": ((2, "mi_att"), (3, "mi_mlp")), "smoe": ((4, "switch"),)}
             last.update({name: float(sums[i]) for i, name in logged.get(model_cfg.regime, ())})
             last.update(router_metrics(out.router_stats))
+            for kind, layer, share in collapsed_routers(out.router_stats):
+                if (kind, layer) not in warned and info.is_main:
+                    warned.add((kind, layer))
+                    bar.write(f"warning: router collapse in {kind} layer {layer}: one expert takes {share:.0%} of "
+                              f"the router probability (balanced: {1 / n_experts[kind]:.0%}); "
+                              "raise alpha (MI loss) or switch_loss_weight, or lower the learning rate")
+                    logger.log(step, {"event": "router_collapse", "kind": kind, "layer": layer, "share": share})
             logger.log(step, last)
             bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0

@@ -56,3 +56,14 @@ def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
             out[f"router_entropy_{kind}"] = float(torch.stack([s["entropy"] for s in stats]).mean())
             out[f"max_load_{kind}"] = [round(float(s["top1_share"].max()), 4) for s in stats]
     return out
+
+
+def collapsed_routers(router_stats: list[dict], threshold: float = 0.9) -> list[tuple[str, int, float]]:
+    """(kind, layer, share) of routers whose busiest expert holds more than ``threshold`` of the mean router
+    probability: the router sends almost every token to one expert."""
+    found = []
+    for s in router_stats:
+        share = float(s["importance"].max())
+        if share > threshold:
+            found.append((s["kind"], s["layer"], share))
+    return found

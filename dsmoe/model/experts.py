@@ -14,7 +14,7 @@ from dsmoe import kernels
 from dsmoe.config import ModelConfig
 from dsmoe.inference.routing import DENSE, Routing, SparseSetting, route
 from dsmoe.kernels.reference import activate
-from dsmoe.model.losses import entropy, mutual_information_loss, switch_loss
+from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.router import Router
 
 
@@ -79,14 +79,12 @@ def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn
 
 
 def router_aux(layer: nn.Module, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None):
-    """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE) and detached statistics for logging."""
+    """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE), with its detached probabilities over the
+    counted tokens so that a trainer can compute statistics when it logs (not on every step)."""
     if layer.regime == "smoe":
         indices = routing.indices if routing is not None else probs_TN.topk(layer.train_setting.k, -1).indices
         loss = switch_loss(probs_TN, indices, mask_T)
     else:
         loss = mutual_information_loss(probs_TN, mask_T)
-    with torch.no_grad():
-        p = probs_TN if mask_T is None else probs_TN[mask_T]
-        top1 = torch.bincount(p.argmax(-1), minlength=p.shape[-1]).float() / max(p.shape[0], 1)
-        stats = {"importance": p.mean(0), "top1_share": top1, "entropy": entropy(p).mean()}
-    return {"kind": layer.kind, "layer": layer.layer_idx, "loss": loss, **stats}
+    probs = probs_TN.detach() if mask_T is None else probs_TN.detach()[mask_T]
+    return {"kind": layer.kind, "layer": layer.layer_idx, "loss": loss, "probs": probs}

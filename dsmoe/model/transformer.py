@@ -44,7 +44,7 @@ class ModelOutput:
     mi_att: torch.Tensor | None = None  # sum over layers of the attention routers' MI loss
     mi_mlp: torch.Tensor | None = None  # sum over layers of the MLP routers' MI loss
     switch: torch.Tensor | None = None  # sum over layers of the SMoE switch loss
-    router_stats: list[dict] = field(default_factory=list)  # per router: kind, layer, loss, importance, entropy
+    router_stats: list[dict] = field(default_factory=list)  # per router: kind, layer, loss, probs [T, N]
 
 
 class Transformer(nn.Module):

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from dsmoe.model.losses import entropy
+
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, enabled: bool = True):
@@ -51,10 +53,11 @@ def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     for kind in ("att", "mlp"):
-        stats = [s for s in router_stats if s["kind"] == kind]
-        if stats:
-            out[f"router_entropy_{kind}"] = float(torch.stack([s["entropy"] for s in stats]).mean())
-            out[f"max_load_{kind}"] = [round(float(s["top1_share"].max()), 4) for s in stats]
+        probs = [s["probs"] for s in router_stats if s["kind"] == kind]
+        if probs:
+            out[f"router_entropy_{kind}"] = float(torch.stack([entropy(p).mean() for p in probs]).mean())
+            top1 = [torch.bincount(p.argmax(-1), minlength=p.shape[-1]).max() / max(p.shape[0], 1) for p in probs]
+            out[f"max_load_{kind}"] = [round(float(t), 4) for t in top1]
     return out
 
 
@@ -63,7 +66,7 @@ def collapsed_routers(router_stats: list[dict], threshold: float = 0.9) -> list[
     probability: the router sends almost every token to one expert."""
     found = []
     for s in router_stats:
-        share = float(s["importance"].max())
+        share = float(s["probs"].mean(0).max())
         if share > threshold:
             found.append((s["kind"], s["layer"], share))
     return found

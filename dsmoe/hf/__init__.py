@@ -1,12 +1,33 @@
-"""Hugging Face integration: ``DSMoEConfig`` / ``DSMoEForCausalLM`` (registered with the Auto classes on import),
-``export`` to a self-contained folder that loads with ``trust_remote_code=True``."""
+"""Hugging Face integration: ``DSMoEConfig`` / ``DSMoEForCausalLM`` wrapping the project's ``Transformer``, and
+``dsmoe export`` to a self-contained folder that loads with ``trust_remote_code=True``.
 
-from transformers import AutoConfig, AutoModelForCausalLM
+Importing a name from here (``from dsmoe.hf import DSMoEForCausalLM``) registers the classes with ``AutoConfig`` and
+``AutoModelForCausalLM``. transformers is imported only then, so the ``dsmoe`` CLI stays fast without it.
+"""
 
-from dsmoe.hf.configuration import DSMoEConfig
-from dsmoe.hf.modeling import DSMoEForCausalLM
+__all__ = ["DSMoEConfig", "DSMoEForCausalLM", "register_auto_classes"]
 
-AutoConfig.register(DSMoEConfig.model_type, DSMoEConfig, exist_ok=True)
-AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM, exist_ok=True)
 
-__all__ = ["DSMoEConfig", "DSMoEForCausalLM"]
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` resolve model_type 'dsmoe' to this package's classes."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dsmoe.hf.configuration import DSMoEConfig
+    from dsmoe.hf.modeling import DSMoEForCausalLM
+
+    AutoConfig.register(DSMoEConfig.model_type, DSMoEConfig, exist_ok=True)
+    AutoModelForCausalLM.register(DSMoEConfig, DSMoEForCausalLM, exist_ok=True)
+
+
+def __getattr__(name: str):
+    if name == "DSMoEConfig":
+        register_auto_classes()
+        from dsmoe.hf.configuration import DSMoEConfig
+
+        return DSMoEConfig
+    if name == "DSMoEForCausalLM":
+        register_auto_classes()
+        from dsmoe.hf.modeling import DSMoEForCausalLM
+
+        return DSMoEForCausalLM
+    raise AttributeError(f"module 'dsmoe.hf' has no attribute '{name}'")

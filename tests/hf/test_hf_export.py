@@ -3,9 +3,8 @@ generate() / pipeline() agree token for token with dsmoe's own generate."""
 
 import json
 
-import pytest
 import torch
-from hf_fixtures import isolated_python, make_checkpoint
+from hf_fixtures import isolated_python
 
 from dsmoe.cli import main
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
@@ -13,16 +12,6 @@ from dsmoe.inference.generate import generate
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.training.checkpoint import load_pretrained
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    checkpoint = make_checkpoint(root)
-    out = root / "hf-model"
-    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--strategy", "topk", "--k", "3"]) == 0
-    return checkpoint, out
-
 
 CHILD = """
 import json

@@ -155,4 +155,4 @@ def _right_padding_mask(attention_mask: torch.Tensor | None, start: int) -> torc
             "DSMoEForCausalLM supports padding only on the right and only in a single forward pass from an empty "
             "cache (the model has no key-padding mask). Left padding, and so batched generate() over prompts of "
             "different lengths, is not supported: generate one prompt at a time or batch prompts of equal length.")
-    return mask[:, -mask.shape[-1]:]
+    return mask

@@ -66,3 +66,10 @@ def test_openai_completion_on_loopback(exported, tmp_path):
     expected = generate(native, ids, 8, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))[0, ids.shape[1]:]
     assert answer.choices[0].text == tokenizer.decode(expected.tolist())
     assert answer.usage.completion_tokens == len(expected)
+
+
+def test_serve_names_a_folder_that_is_not_an_export(tmp_path, capsys):
+    from dsmoe.cli import main
+
+    assert main(["serve", "--model", str(tmp_path)]) == 2
+    assert "has no config.json; serve a folder written by `dsmoe export`" in capsys.readouterr().err

@@ -1,0 +1,136 @@
+"""``dsmoe export``: a training checkpoint -> a Hugging Face folder that loads anywhere with
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``, with no dsmoe installed.
+
+The folder holds model.safetensors, config.json (with ``auto_map``), generation_config.json, the tokenizer as a
+``PreTrainedTokenizerFast`` and ``modeling_dsmoe.py``, generated from the package's modules (see ``bundle.py``). The
+weights are saved through the generated code itself, so an export that succeeds has already run it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dsmoe.config import ConfigError
+from dsmoe.hf.bundle import MODELING_FILE, bundle_source
+from dsmoe.inference.routing import SparseSetting
+
+
+def export(checkpoint: str | Path, out: str | Path, *, att: SparseSetting | None = None,
+           mlp: SparseSetting | None = None, tokenizer_file: str | Path | None = None,
+           overwrite: bool = False) -> Path:
+    """Write the Hugging Face folder ``out`` from the dsmoe checkpoint folder ``checkpoint``.
+
+    ``att`` / ``mlp``: sparse-inference settings stored in config.json (None: the trained behaviour).
+    ``tokenizer_file``: a tokenizer.json to use when the checkpoint carries none.
+    """
+    from tokenizers import Tokenizer
+
+    from dsmoe.training.checkpoint import load_pretrained
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    native, tokenizer = load_pretrained(checkpoint)
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    if tokenizer is None:
+        raise ConfigError(f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        code = tmp / ".code"
+        code.mkdir()
+        (code / MODELING_FILE).write_text(bundle_source())
+        _save_through_bundle(code / MODELING_FILE, native, tokenizer, att, mlp, tmp)
+        shutil.rmtree(code)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: Path) -> None:
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from dsmoe.data.tokenizer import eos_id
+
+    eos = eos_id(tokenizer)
+    bundle = _load_module(code_file)
+    try:
+        config = bundle.DSMoEConfig.from_model_config(
+            native.cfg, bos_token_id=eos, eos_token_id=eos, dtype=native.embed.weight.dtype,
+            **_sparse_fields("att", att), **_sparse_fields("mlp", mlp))
+        with torch.device("meta"):
+            model = bundle.DSMoEForCausalLM(config)
+        model.model.load_state_dict(native.state_dict(), strict=True, assign=True)
+        model.model.rope_cos, model.model.rope_sin = native.rope_cos, native.rope_sin
+        config.register_for_auto_class()
+        model.register_for_auto_class("AutoModelForCausalLM")
+        model.save_pretrained(folder)  # copies modeling_dsmoe.py and writes auto_map
+    finally:
+        sys.modules.pop(bundle.__name__, None)
+    eos_token = tokenizer.id_to_token(eos)
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eos_token, eos_token=eos_token,
+                                           model_max_length=native.cfg.max_seq_len)
+    hf_tokenizer.save_pretrained(folder)
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False).save_pretrained(folder)
+
+
+def _load_module(path: Path):
+    """Import the generated file as module ``modeling_dsmoe`` (the name transformers records in auto_map)."""
+    name = path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and inspect.getfile look the module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def _sparse_fields(kind: str, setting: SparseSetting | None) -> dict:
+    if setting is None:
+        return {}
+    fields = {f"{kind}_strategy": setting.strategy, f"{kind}_k": setting.k, f"{kind}_threshold": setting.threshold}
+    if setting.normalize:
+        fields["normalize_weights"] = True
+    return fields
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from dsmoe.cli import sparse_settings
+
+    att, mlp = sparse_settings(args)
+    # The flags default to 'dense'; with no flag given, keep the trained behaviour (top-k for SMoE).
+    att = None if args.att_strategy == "dense" else att
+    mlp = None if args.strategy == "dense" else mlp
+    out = export(args.checkpoint, args.out, att=att, mlp=mlp, tokenizer_file=args.tokenizer,
+                 overwrite=args.overwrite)
+    print(f"exported {args.checkpoint} -> {out}")
+    print(f"load with: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
+    return 0
+
+
+def add_commands(sub) -> None:
+    from dsmoe.cli import add_sparse_args
+
+    p = sub.add_parser("export", help="write a Hugging Face folder (trust_remote_code) from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `dsmoe train`")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument("--tokenizer", help="tokenizer.json to use when the checkpoint has none")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_sparse_args(p)
+    p.set_defaults(func=cmd_export)

@@ -1,0 +1,158 @@
+"""``DSMoEForCausalLM``: the project's own ``Transformer`` behind Hugging Face's ``PreTrainedModel`` and
+``GenerationMixin`` interfaces. No second implementation: the wrapper holds ``self.model = Transformer(cfg)`` and
+adapts inputs (labels, attention mask, ``DynamicCache``) and outputs.
+
+Padding: the model attends causally with no key-padding mask, so an ``attention_mask`` may only mark *right*
+padding (ones, then zeros) in a forward pass that starts from an empty cache; real tokens never see later positions,
+so their logits are exact. Left padding, and therefore batched ``generate`` over prompts of different lengths, is
+rejected with an error.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as hf_init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from dsmoe.config import ConfigError
+from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
+from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.rope import rope_tables
+from dsmoe.model.transformer import Transformer
+
+
+class HFCacheAdapter:
+    """dsmoe's per-layer cache interface ``update(layer, start, k, v) -> (k_all, v_all)`` over a transformers
+    ``Cache``, whose ``update(k, v, layer_idx)`` appends and returns the layer's keys and values [B, n_kv, S, d]."""
+
+    def __init__(self, cache: Cache):
+        self.cache = cache
+
+    def update(self, layer: int, start: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        held = self.cache.get_seq_length(layer)
+        if held != start:
+            raise ValueError(f"cache of layer {layer} holds {held} positions but the input starts at {start}; "
+                             "pass the past_key_values returned by the previous call")
+        return self.cache.update(k_BHTd, v_BHTd, layer)
+
+
+class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = DSMoEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: DSMoEConfig):
+        super().__init__(config)
+        self.model = Transformer(config.model_config())
+        self.post_init()
+        self._apply_sparse(meter=None)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # Parameters are initialized by Transformer.reset_parameters (or loaded); only the RoPE tables, which are
+        # not saved, need computing when transformers builds the model on the meta device.
+        if isinstance(module, Transformer):
+            cos, sin = rope_tables(module.cfg.head_dim, module.cfg.max_seq_len, module.cfg.rope_theta)
+            hf_init.copy_(module.rope_cos, cos)
+            hf_init.copy_(module.rope_sin, sin)
+
+    def get_input_embeddings(self):
+        return self.model.embed
+
+    def set_input_embeddings(self, value):
+        self.model.embed = value
+
+    def get_output_embeddings(self):
+        return self.model.lm_head
+
+    # --- sparse inference -------------------------------------------------------------------------------------------
+
+    def set_sparse(self, meter=None, **settings) -> DSMoEForCausalLM:
+        """Change sparse-inference settings (``att_strategy``, ``mlp_k``, ... as in DSMoEConfig), in place and in
+        ``self.config``. ``meter``: an ``ActiveMeter`` to count active experts, or None."""
+        unknown = sorted(set(settings) - set(SPARSE_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown sparse setting(s) {', '.join(unknown)}; choose from {', '.join(SPARSE_KEYS)}")
+        old = {key: getattr(self.config, key) for key in settings}
+        for key, value in settings.items():
+            setattr(self.config, key, value)
+        try:
+            self._apply_sparse(meter)
+        except ConfigError:
+            for key, value in old.items():
+                setattr(self.config, key, value)
+            raise
+        return self
+
+    @contextmanager
+    def sparse(self, meter=None, **settings):
+        """``with model.sparse(mlp_strategy="topk", mlp_k=2): ...`` -- settings for the block only."""
+        old = {key: getattr(self.config, key) for key in SPARSE_KEYS}
+        old_meter = self.model.blocks[0].mlp.meter
+        self.set_sparse(meter=meter, **settings)
+        try:
+            yield self
+        finally:
+            self.set_sparse(meter=old_meter, **old)
+
+    def _apply_sparse(self, meter) -> None:
+        att, mlp = self.config.sparse_settings()
+        sparsify(self.model, att=att, mlp=mlp, meter=meter)
+
+    # --- forward ----------------------------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, return_dict: bool | None = None,
+                **kwargs) -> MoeCausalLMOutputWithPast:
+        """Logits [B, T, V]. ``labels`` as in transformers (shifted inside); ``loss`` is the LM cross-entropy and
+        ``aux_loss`` the weighted router losses (train on their sum). ``position_ids`` are ignored: positions follow
+        the cache length, which is exact because padding can only be on the right."""
+        if inputs_embeds is not None or input_ids is None:
+            raise ValueError("DSMoEForCausalLM takes input_ids; inputs_embeds is not supported")
+        if past_key_values is not None and not isinstance(past_key_values, Cache):
+            raise TypeError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), got "
+                            f"{type(past_key_values).__name__}; the legacy tuple format is not supported")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        token_mask = _right_padding_mask(attention_mask, start)
+        targets = None
+        if labels is not None:
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+        last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and labels is None
+        cache = HFCacheAdapter(past_key_values) if past_key_values is not None else None
+        out = self.model(input_ids, targets, token_mask_BT=token_mask, cache=cache, start_pos=start,
+                         last_only=last_only)
+        logits = out.logits
+        if not last_only and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = logits[:, keep]
+        aux = None if out.loss is None else out.loss - out.lm_loss
+        return MoeCausalLMOutputWithPast(loss=out.lm_loss, aux_loss=aux, logits=logits,
+                                         past_key_values=past_key_values if use_cache else None)
+
+
+def _right_padding_mask(attention_mask: torch.Tensor | None, start: int) -> torch.Tensor | None:
+    """The token mask for the model, or None when nothing is padded; errors on any padding it cannot honour."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if bool(mask.all()):
+        return None
+    n_real = mask.sum(dim=-1, keepdim=True)
+    is_right_padding = torch.equal(mask, torch.arange(mask.shape[-1], device=mask.device)[None, :] < n_real)
+    if start > 0 or not is_right_padding:
+        raise ValueError(
+            "DSMoEForCausalLM supports padding only on the right and only in a single forward pass from an empty "
+            "cache (the model has no key-padding mask). Left padding, and so batched generate() over prompts of "
+            "different lengths, is not supported: generate one prompt at a time or batch prompts of equal length.")
+    return mask

@@ -1,0 +1,75 @@
+"""`dsmoe export`: the folder loads with trust_remote_code in a process that has never imported dsmoe, and its
+generate() / pipeline() agree token for token with dsmoe's own generate."""
+
+import json
+
+import torch
+from hf_fixtures import isolated_python
+
+from dsmoe.cli import main
+from dsmoe.hf.bundle import MODELING_FILE, bundle_source
+from dsmoe.inference.generate import generate
+from dsmoe.inference.routing import SparseSetting
+from dsmoe.inference.sparsify import sparsify
+from dsmoe.training.checkpoint import load_pretrained
+
+CHILD = """
+import json
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+folder, prompt = {folder!r}, {prompt!r}
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+with torch.no_grad():
+    logits = model(ids).logits
+out = model.generate(ids, max_new_tokens=12, do_sample=False)
+pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
+text = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+print("RESULT", json.dumps({{"module": type(model).__module__, "ids": ids.tolist(), "logits": logits.tolist(),
+                  "generated": out.tolist(), "pipeline_text": text, "mlp_k": model.config.mlp_k}}))
+"""
+
+
+def test_exported_folder_loads_without_dsmoe_and_matches_native(exported, tmp_path):
+    checkpoint, folder = exported
+    prompt = "The old man crosses the bridge. A dog"
+    child = isolated_python(CHILD.format(folder=str(folder), prompt=prompt), tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.split("RESULT", 1)[1])
+    assert result["module"].startswith("transformers_modules.") and result["mlp_k"] == 3
+
+    native, tokenizer = load_pretrained(checkpoint)
+    sparsify(native, mlp=SparseSetting("topk", k=3))
+    ids = torch.tensor([tokenizer.encode(prompt).ids])
+    assert result["ids"] == ids.tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.tensor(result["logits"]), native(ids).logits, rtol=1e-5, atol=1e-5)
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    expected = generate(native, ids, 12, eos_token_id=eos)[0].tolist()
+    assert result["generated"][0] == expected
+    assert result["pipeline_text"] == tokenizer.decode(expected[ids.shape[1]:])
+
+
+def test_exported_code_is_generated_from_the_package(exported):
+    _, folder = exported
+    assert (folder / MODELING_FILE).read_text() == bundle_source()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == {"AutoConfig": "modeling_dsmoe.DSMoEConfig",
+                                  "AutoModelForCausalLM": "modeling_dsmoe.DSMoEForCausalLM"}
+    assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_export_refuses_to_overwrite_and_needs_a_tokenizer(exported, tmp_path, capsys):
+    checkpoint, folder = exported
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(folder)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    (checkpoint.parent / "bare").mkdir()
+    bare = checkpoint.parent / "bare" / "checkpoint"
+    native, _ = load_pretrained(checkpoint)
+    from dsmoe.training.checkpoint import write_checkpoint
+
+    write_checkpoint(bare, native.state_dict(), native.cfg)
+    assert main(["export", "--checkpoint", str(bare), "--out", str(tmp_path / "x")]) == 2
+    assert "has no tokenizer.json; pass --tokenizer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,120 @@
+"""DSMoEForCausalLM: parity with the native Transformer, DynamicCache decoding, padding rules, sparse settings."""
+
+import pytest
+import torch
+from helpers import small_config
+from transformers import AutoModelForCausalLM, DynamicCache
+
+from dsmoe.config import ConfigError
+from dsmoe.hf import DSMoEConfig, DSMoEForCausalLM
+from dsmoe.inference.generate import generate
+from dsmoe.inference.routing import SparseSetting
+from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.transformer import Transformer
+
+SPARSE = {
+    "trained": ({}, None, None),
+    "topk": ({"mlp_strategy": "topk", "mlp_k": 3, "att_strategy": "topk", "att_k": 2},
+             SparseSetting("topk", k=2), SparseSetting("topk", k=3)),
+    "threshold": ({"mlp_strategy": "threshold", "mlp_threshold": 1.0},
+                  None, SparseSetting("threshold", threshold=1.0)),
+}
+
+
+def pair(regime="dsmoe", **sparse):
+    """A native model and an HF wrapper holding the same weights."""
+    cfg = small_config(regime)
+    native = Transformer(cfg).eval()
+    wrapped = DSMoEForCausalLM(DSMoEConfig.from_model_config(cfg, **sparse)).eval()
+    wrapped.model.load_state_dict(native.state_dict())
+    return native, wrapped
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+@pytest.mark.parametrize("regime", ["dsmoe", "smoe", "dense"])
+def test_wrapper_logits_equal_native_logits(regime, name):
+    fields, att, mlp = SPARSE[name]
+    if regime != "dsmoe" and "att_strategy" in fields:
+        fields = {k: v for k, v in fields.items() if not k.startswith("att")}  # one attention expert
+        att = None
+    native, wrapped = pair(regime, **fields)
+    sparsify(native, att=att, mlp=mlp)
+    idx = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(wrapped(idx).logits, native(idx).logits)
+
+
+def test_dynamic_cache_decoding_and_greedy_generate_match_native():
+    native, wrapped = pair(mlp_strategy="topk", mlp_k=2)
+    sparsify(native, mlp=SparseSetting("topk", k=2))
+    idx = torch.randint(0, 97, (2, 9))
+    cache = DynamicCache(config=wrapped.config)
+    with torch.no_grad():
+        steps = [wrapped(idx[:, :5], past_key_values=cache).logits[:, -1]]
+        steps += [wrapped(idx[:, p:p + 1], past_key_values=cache).logits[:, -1] for p in range(5, 9)]
+        for p, logits in zip(range(4, 9), steps, strict=True):
+            torch.testing.assert_close(logits, native(idx[:, :p + 1]).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 9
+    prompt = idx[:, :4]
+    hf = wrapped.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(hf, generate(native, prompt, 10))
+
+
+def test_labels_give_the_native_losses():
+    native, wrapped = pair()
+    idx = torch.randint(0, 97, (2, 10))
+    out = wrapped(idx, labels=idx)
+    ref = native(idx, torch.cat([idx[:, 1:], torch.full_like(idx[:, :1], -100)], 1))
+    torch.testing.assert_close(out.loss, ref.lm_loss)
+    torch.testing.assert_close(out.aux_loss, ref.loss - ref.lm_loss)
+    assert out.aux_loss.abs() > 0
+
+
+def test_right_padding_is_exact_and_left_padding_is_rejected():
+    _, wrapped = pair()
+    idx = torch.randint(0, 97, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        padded = wrapped(idx, attention_mask=mask, use_cache=False).logits
+        alone = wrapped(idx[1:, :5]).logits
+    torch.testing.assert_close(padded[1, :5], alone[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="Left padding.*not supported"):
+        wrapped(idx, attention_mask=mask.flip(-1))
+    with pytest.raises(ValueError, match="batched generate"):
+        wrapped.generate(idx, attention_mask=mask.flip(-1), max_new_tokens=2, pad_token_id=0)
+
+
+def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):
+    _, wrapped = pair()
+    wrapped.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, mlp_strategy="topk", mlp_k=4)
+    assert isinstance(loaded, DSMoEForCausalLM)
+    assert [b.mlp.sparse for b in loaded.model.blocks] == [SparseSetting("topk", k=4)] * 2
+    assert all(b.att.sparse is None for b in loaded.model.blocks)
+    per_layer = AutoModelForCausalLM.from_pretrained(tmp_path, mlp_strategy=["topk", "threshold"], mlp_k=[1, None],
+                                                     mlp_threshold=[None, 1.5])
+    assert [b.mlp.sparse for b in per_layer.model.blocks] == [SparseSetting("topk", k=1),
+                                                             SparseSetting("threshold", threshold=1.5)]
+    meter = ActiveMeter(loaded.model.cfg)
+    with loaded.sparse(meter=meter, mlp_k=1), torch.no_grad():
+        loaded(torch.randint(0, 97, (1, 6)))
+    assert meter.mean_active("mlp") == [1.0, 1.0]
+    assert loaded.config.mlp_k == 4 and loaded.model.blocks[0].mlp.sparse.k == 4
+    with pytest.raises(ConfigError, match="k=9 is larger than the 8 experts"):
+        loaded.set_sparse(mlp_k=9)
+    assert loaded.config.mlp_k == 4  # a rejected change leaves the model as it was
+    with pytest.raises(ConfigError, match="unknown sparse setting"):
+        loaded.set_sparse(mlp_kk=2)
+
+
+def test_config_validates_and_round_trips(tmp_path):
+    cfg = DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=2)
+    cfg.save_pretrained(tmp_path)
+    again = DSMoEConfig.from_pretrained(tmp_path)
+    assert again.model_config() == small_config() and again.sparse_settings() == (None, SparseSetting("topk", k=2))
+    assert again.num_hidden_layers == 2 and again.hidden_size == 32 and again.num_attention_heads == 8
+    with pytest.raises(ConfigError, match="mlp_k has 3 entries for a model with 2 layers"):
+        DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=[1, 2, 3])
+    with pytest.raises(ConfigError, match="d_model must be a positive integer"):
+        DSMoEConfig(d_model=0)

@@ -120,7 +120,7 @@ def test_catalogue_is_complete_and_named_errors():
     names = {s.name for s in list_sources()}
     assert names == {"gpt2-tokenizer", "wikipedia", "bbc-news", "sotu", "moby-dick", "brown", "austen", "spurgeon",
                      "web-bible", "mhcc"}
-    assert all(len(s.sha256) == 64 and s.kind in ("train", "eval", "tokenizer") for s in SOURCES.values())
+    assert all(len(s.sha256) == 64 and s.kind in ("train", "eval", "benchmark", "tokenizer") for s in SOURCES.values())
     assert "wikipedia" not in COMPOSITES["prose"]  # held-out text never enters the training mix
     with pytest.raises(DataError, match="unknown data source 'prosee'"):
         sources.fetch("prosee")

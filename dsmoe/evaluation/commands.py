@@ -79,8 +79,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     """lm-eval's own command line (it reads sys.argv) with the `dsmoe` model type registered first."""
-    import dsmoe.evaluation.lm_eval_model  # noqa: F401  (registers --model dsmoe)
     from lm_eval.__main__ import cli_evaluate
+
+    import dsmoe.evaluation.lm_eval_model  # noqa: F401  (registers --model dsmoe)
 
     saved = sys.argv
     sys.argv = ["lm_eval", *getattr(args, "extra", [])]

@@ -22,10 +22,10 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from dsmoe import ActiveMeter, SparseSetting, generate, sparsify
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import rolling_loglikelihoods
 from dsmoe.evaluation.scoring import score_requests
-from dsmoe import ActiveMeter, SparseSetting, generate, sparsify
 
 log = logging.getLogger(__name__)
 

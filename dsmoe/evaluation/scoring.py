@@ -1,0 +1,73 @@
+"""Batched scoring of token sequences: the one forward-pass loop behind perplexity, lm-eval's loglikelihood and
+loglikelihood_rolling.
+
+A request is ``(ids, n_scored)``: the model reads ``ids[:-1]`` and the log-probabilities of the last ``n_scored``
+tokens of ``ids`` are summed. Requests are sorted by length (longest first, so the first batch shows the peak memory),
+right-padded into batches and run with a token mask, so padding neither changes the real tokens' logits (attention is
+causal) nor counts in an ActiveMeter. Results come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+Request = tuple[Sequence[int], int]
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float  # sum of log p(token | everything before it) over the scored tokens
+    is_greedy: bool  # every scored token is the argmax of its distribution
+
+
+def check_requests(requests: Sequence[Request], max_len: int) -> None:
+    for i, (ids, n_scored) in enumerate(requests):
+        if len(ids) < 2 or not 1 <= n_scored <= len(ids) - 1:
+            raise ValueError(f"request {i}: need at least one input token and 1 <= n_scored < len(ids), "
+                             f"got {len(ids)} ids and n_scored={n_scored}")
+        if len(ids) - 1 > max_len:
+            raise ValueError(f"request {i}: {len(ids) - 1} input tokens exceed the model's max_seq_len={max_len}; "
+                             "truncate the context from the left first")
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices of the requests grouped into batches of at most ``batch_size``, longest requests first."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def score_requests(model: nn.Module, requests: Sequence[Request], batch_size: int = 16,
+                   device: torch.device | str | None = None, pad_id: int = 0, progress: bool = False
+                   ) -> list[Score]:
+    """Score every request (see the module docstring); ``batch_size`` sequences per forward pass."""
+    from tqdm import tqdm
+
+    device = device or next(model.parameters()).device
+    check_requests(requests, model.cfg.max_seq_len)
+    results: list[Score | None] = [None] * len(requests)
+    batches = batches_by_length([len(ids) for ids, _ in requests], batch_size)
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+        width = len(requests[batch[0]][0]) - 1
+        inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        real = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, i in enumerate(batch):
+            ids = requests[i][0]
+            inputs[row, :len(ids) - 1] = torch.as_tensor(ids[:-1])
+            real[row, :len(ids) - 1] = True
+        logits = model(inputs.to(device), token_mask_BT=real.to(device)).logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        for row, i in enumerate(batch):
+            ids, n_scored = requests[i]
+            end = len(ids) - 1  # positions [end - n_scored, end) predict the last n_scored tokens
+            target = torch.as_tensor(ids[-n_scored:], device=logprobs.device)
+            lp = logprobs[row, end - n_scored:end]
+            results[i] = Score(logprob=float(lp.gather(-1, target[:, None]).double().sum()),
+                               is_greedy=bool((lp.argmax(-1) == target).all()))
+    return results  # type: ignore[return-value]

@@ -201,3 +201,11 @@ def test_bf16_autocast_forward_and_backward_run():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert out.logits.dtype == torch.bfloat16
+
+
+def test_threshold_topk_batch_mean_ignores_padding():
+    probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 3 + [[0.3, 0.3, 0.3, 0.1]] * 3)
+    setting = SparseSetting("threshold_topk", threshold=1.1)
+    assert route(probs, setting).indices.shape[1] == 2  # mean of 1,1,1,3,3,3
+    real = torch.tensor([True, True, True, False, False, False])
+    assert route(probs, setting, real).indices.shape[1] == 1  # only the real tokens' counts

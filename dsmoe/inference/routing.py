@@ -77,8 +77,9 @@ class Routing:
         return token_P[order], expert_P[order], weight_P[order], counts
 
 
-def route(probs_TN: torch.Tensor, setting: SparseSetting) -> Routing:
-    """Select experts for each token from router probabilities [T, N]."""
+def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor | None = None) -> Routing:
+    """Select experts for each token from router probabilities [T, N]. ``mask_T`` (True for real tokens) keeps
+    padding out of the batch statistics of threshold / threshold_topk."""
     n_experts = probs_TN.shape[-1]
     if setting.strategy == "dense":
         k = n_experts
@@ -87,10 +88,11 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting) -> Routing:
     else:
         keep_TN = probs_TN * n_experts > setting.threshold
         counts_T = keep_TN.sum(dim=-1).clamp_min(1)  # at least one expert per token
+        real_T = counts_T if mask_T is None else counts_T[mask_T]
         if setting.strategy == "threshold":
             k = int(counts_T.max()) if counts_T.numel() else 1
         else:
-            k = max(1, min(n_experts, round(float(counts_T.float().mean())))) if counts_T.numel() else 1
+            k = max(1, min(n_experts, round(float(real_T.float().mean())))) if real_T.numel() else 1
     weights, indices = torch.topk(probs_TN, k, dim=-1, sorted=True)
     if setting.strategy == "threshold":
         mask = torch.arange(k, device=probs_TN.device)[None, :] < counts_T[:, None]

@@ -72,7 +72,7 @@ def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn
         if layer.meter is not None:
             layer.meter.record_dense(layer.kind, layer.layer_idx, probs_TN.shape[-1], mask_T, probs_TN.shape[0])
         return dense_fn(x, probs_TN), None
-    routing = route(probs_TN, setting)
+    routing = route(probs_TN, setting, mask_T)
     if layer.meter is not None:
         layer.meter.record(layer.kind, layer.layer_idx, routing.counts_per_token, mask_T)
     return sparse_fn(x, routing), routing

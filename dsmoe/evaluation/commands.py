@@ -103,6 +103,14 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repro(args: argparse.Namespace) -> int:
+    from dsmoe.evaluation.repro import run_repro, table3
+
+    results = run_repro(args)
+    print(table3(results))
+    return 0
+
+
 def _split_list(kind):
     return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
@@ -145,3 +153,22 @@ def add_commands(sub) -> None:
     p.add_argument("--list", action="store_true", help="also list the tasks and splits (on stderr)")
     p.set_defaults(func=cmd_eval_tasks)
 
+
+    p = sub.add_parser("repro", help="train and evaluate the paper's Table 3 / Figs. 3-4 / Table 4 at CPU scale",
+                       description="Trains every config of --configs (resumable), evaluates each on held-out "
+                                   "Wikipedia and the six zero-shot tasks, sweeps DS-MoE sparsity, and writes "
+                                   "table.md, ablation.md, perplexity_vs_active.png and results.json into --out.")
+    p.add_argument("--configs", default="configs/repro", help="folder of run configs (one model each)")
+    p.add_argument("--out", default="runs/repro", help="checkpoints and results")
+    p.add_argument("--corpus", default="prose", help="fetched training corpus when the configs' data is missing")
+    p.add_argument("--vocab", type=int, default=8192, help="BPE size trained on the corpus when preparing it")
+    p.add_argument("--eval-docs", type=int, default=40, help="held-out documents scored (Wikipedia: of 106)")
+    p.add_argument("--eval-text", help="held-out text file or folder instead of the Wikipedia articles")
+    p.add_argument("--thresholds", type=_split_list(float), default=[0.25, 0.5, 1.0, 1.5, 2.0],
+                   help="DS-MoE threshold sweep (attention and MLP)")
+    p.add_argument("--ks", type=_split_list(int), default=[2, 4, 8], help="DS-MoE top-k sweep (MLP)")
+    p.add_argument("--task-limit", type=int, default=500,
+                   help="items per zero-shot task (0: skip the tasks; -1 is not accepted, use a large number)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("overrides", nargs="*", help="training overrides for every config, e.g. total_tokens=1e6")
+    p.set_defaults(func=cmd_repro)

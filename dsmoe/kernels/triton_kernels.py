@@ -13,6 +13,8 @@ interpreter (``TRITON_INTERPRET=1``) at small shapes, and on a GPU when one is a
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsmoe.inference.routing import Routing
@@ -33,7 +35,7 @@ if TRITON_AVAILABLE:
     def _scatter2scatter_kernel(a_ptr, w_ptr, out_ptr, a_rows_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
                                 k_dim, m_dim, stride_am, stride_ak, stride_we, stride_wk, stride_wm,
                                 stride_om, stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                                BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
         block = tl.program_id(0)
         expert = tl.load(block_expert_ptr + block)
         start = tl.load(block_start_ptr + block)
@@ -51,12 +53,18 @@ if TRITON_AVAILABLE:
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            if IEEE:
-                acc += tl.dot(a, w, input_precision="ieee")
+            if FP32_DOT:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
         tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (3.9) computes tl.dot of bf16 tiles wrongly, so it gets fp32 tiles there; compiled
+    GPU kernels keep the native bf16 product."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _require_triton() -> None:
@@ -94,7 +102,7 @@ def scatter2scatter(a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, ga
     _scatter2scatter_kernel[grid](a, w, out, a_rows, expert_B, start_B, end_B, k_dim, m_dim,
                                   a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
                                   out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-                                  IEEE=a.dtype == torch.float32)
+                                  FP32_DOT=a.dtype == torch.float32 or _interpreting())
     return out
 
 

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     import importlib
 
-    names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.demo"]
+    names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.demo", "dsmoe.bench.commands"]
     return [importlib.import_module(n) for n in names]
 
 

@@ -33,6 +33,7 @@ def add_commands(sub) -> None:
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--mlp-k", type=int, default=d.mlp_k, help="DS-MoE: active MLP experts of 32")
     p.add_argument("--att-k", type=int, default=None, help="DS-MoE: active attention experts of 8 (default dense)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -42,7 +43,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       max_input_batch=args.max_input_batch, decode_tokens=args.decode_tokens,
                       decode_batches=tuple(args.decode_batches), latency_batch=args.latency_batch,
                       latency_prompt=args.latency_prompt, latency_new=args.latency_new, mlp_tokens=args.mlp_tokens,
-                      repeats=args.repeats, mlp_k=args.mlp_k, att_k=args.att_k)
+                      repeats=args.repeats, mlp_k=args.mlp_k, att_k=args.att_k,
+                      threads=args.threads)
     result = run_benchmark(s)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -37,7 +37,7 @@ class BenchSettings:
     dtype: str = "fp32"
     d_model: int = 1024
     n_layers: int = 4
-    vocab_size: int = 8192
+    vocab_size: int = 4096  # keeps the LM head's share of the work small, as in the paper's 36-layer models
     input_len: int = 256
     memory_gb: float = 4.0  # budget for weights + activations of the input-throughput batch
     max_input_batch: int = 8  # cap on that batch (CPU time); raise it on a GPU
@@ -52,6 +52,7 @@ class BenchSettings:
     mlp_k: int = 4
     att_k: int | None = None
     seed: int = 0
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
     models: list[str] = field(default_factory=lambda: ["dense", "smoe", "ds-moe"])
 
     def check(self) -> None:
@@ -64,9 +65,13 @@ class BenchSettings:
         if "dense" not in self.models:
             raise ConfigError("the benchmark needs the 'dense' model: ratios are relative to it")
         for name in ("input_len", "decode_tokens", "latency_batch", "latency_prompt", "latency_new", "repeats",
-                     "max_input_batch", "mlp_tokens", "decode_prompt"):
+                     "max_input_batch", "mlp_tokens", "decode_prompt", "d_model", "n_layers", "vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ConfigError(f"decode batches must be >= 1, got {self.decode_batches}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
     @property
     def max_seq_len(self) -> int:
@@ -214,6 +219,8 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
 def run_benchmark(s: BenchSettings) -> dict:
     s.check()
     torch.manual_seed(s.seed)
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
     entries = [e for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k)
                if e.name in s.models]
     models = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -92,8 +93,10 @@ def _timed(fn: Callable[[], float | None], device: str) -> float:
     return reported if reported is not None else time.perf_counter() - start
 
 
-def best_of(jobs: dict[str, Callable[[], float | None]], repeats: int, device: str) -> dict[str, float]:
+def best_of(jobs: dict[str, Callable[[], float | None]], repeats: int, device: str, what: str = "") -> dict[str, float]:
     """Best time of each job over ``repeats`` rounds, jobs taking turns; one untimed warm-up round first."""
+    if what:
+        print(f"bench: {what}", file=sys.stderr, flush=True)
     for fn in jobs.values():
         fn()
     best = {name: float("inf") for name in jobs}
@@ -145,11 +148,13 @@ def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str
                 model(x_in, last_only=True)
         return job
 
-    times = best_of({n: forward_job(m) for n, m in models.items()}, s.repeats, s.device)
+    times = best_of({n: forward_job(m) for n, m in models.items()}, s.repeats, s.device,
+                    f"input throughput, batch {batch_in} x {s.input_len}")
     for name, t in times.items():
         results[name]["input_tps"] = batch_in * s.input_len / t
     for batch in s.decode_batches:
-        times = best_of({n: _decode_job(m, batch, s, gen) for n, m in models.items()}, s.repeats, s.device)
+        times = best_of({n: _decode_job(m, batch, s, gen) for n, m in models.items()}, s.repeats, s.device,
+                        f"output throughput, batch {batch} x {s.decode_tokens} tokens")
         for name, t in times.items():
             results[name][f"output_tps_b{batch}"] = batch * s.decode_tokens / t
     prompts = torch.randint(0, s.vocab_size, (s.latency_batch, s.latency_prompt), generator=gen).to(s.device)
@@ -158,7 +163,8 @@ def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str
             generate(model, prompts, s.latency_new)
         return job
 
-    times = best_of({n: latency_job(m) for n, m in models.items()}, s.repeats, s.device)
+    times = best_of({n: latency_job(m) for n, m in models.items()}, s.repeats, s.device,
+                    f"latency, {s.latency_batch} prompts of {s.latency_prompt} + {s.latency_new} new tokens")
     for name, t in times.items():
         results[name]["latency_s"] = t
     for e in entries:  # active parameters, measured by the meter on the input batch
@@ -207,7 +213,7 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
             jobs[f"{e.name}/sparse-{kernels}"] = job
             flops[f"{e.name}/sparse-{kernels}"] = per_pair * pairs
     with torch.inference_mode():
-        times = best_of(jobs, s.repeats, s.device)
+        times = best_of(jobs, s.repeats, s.device, f"MLP FLOP/s on {s.mlp_tokens} tokens")
     out = {name: {"seconds": t, "gflop": flops[name] / 1e9, "gflops_per_s": flops[name] / t / 1e9}
            for name, t in times.items()}
     dense_rate = out["dense/dense"]["gflops_per_s"]

@@ -105,3 +105,20 @@ def test_sparse_model_on_fast_path_matches_reference_kernels(regime, monkeypatch
     ref = run()
     for a, b in zip(fast, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_prefill_upcast_and_decode_native_paths_agree(monkeypatch):
+    """Many rows per expert take the fp32-upcast product, few rows the native bf16 one; both match the reference."""
+    from dsmoe.kernels import cpu
+
+    seen = []
+    inner = cpu._grouped_mm
+    monkeypatch.setattr(cpu, "_grouped_mm", lambda a, b, offs: seen.append(a.dtype) or inner(a, b, offs))
+    for n_tokens, path in ((64, torch.float32), (3, torch.bfloat16)):  # 128 rows >= 8 x 4 experts; 6 rows < 32
+        x, w_in, w_out = mlp_inputs(n_tokens, 4, 32, 16, "gelu", torch.bfloat16)
+        routing = make_routing(n_tokens, 4, SparseSetting("topk", k=2))
+        seen.clear()
+        out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
+        assert seen == [path, path] and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"),
+                                   **tolerances(torch.bfloat16))

@@ -45,11 +45,26 @@ def _aligned(t: torch.Tensor) -> bool:
     return all(s * size % 16 == 0 for s, d in zip(t.stride(), t.shape, strict=True) if d > 1 and s != 1)
 
 
+# bf16 products on AVX2-only CPUs (no AVX512-BF16/AMX) run several times slower than fp32 once they are compute
+# bound. With at least this many rows per expert on average (prefill), upcasting the weights and multiplying in fp32
+# is faster (measured 4-6x at 512 tokens, D=1024, 32 experts); at decode the native bf16 product, which reads half
+# the bytes, is faster. See benchmarks/throughput.md.
+BF16_UPCAST_ROWS_PER_EXPERT = 8
+
+
 def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of ``a`` times ``b[e]``, for all experts e at once -> [P, M].
 
     Uses torch's grouped_mm when the strides allow it; otherwise (odd widths, never the case for real model shapes)
-    a loop over the non-empty groups gives the same result."""
+    a loop over the non-empty groups gives the same result. bf16 on the CPU with many rows per expert is computed
+    in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT) and returned in bf16."""
+    if (a_PK.device.type == "cpu" and a_PK.dtype == torch.bfloat16
+            and a_PK.shape[0] >= BF16_UPCAST_ROWS_PER_EXPERT * b_NKM.shape[0]):
+        return _grouped_mm(a_PK.float(), b_NKM.float(), offs_N).to(torch.bfloat16)
+    return _grouped_mm(a_PK, b_NKM, offs_N)
+
+
+def _grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
     if a_PK.dtype == b_NKM.dtype and _aligned(a_PK.contiguous()) and _aligned(b_NKM):
         return F.grouped_mm(a_PK.contiguous(), b_NKM, offs=offs_N)
     out = a_PK.new_empty(a_PK.shape[0], b_NKM.shape[2])

@@ -1,0 +1,257 @@
+"""Latency and token throughput of Dense vs SMoE vs DS-MoE, all measured in one process (paper sec. 4.4).
+
+* latency: a batch of prompts plus a few generated tokens, end to end through ``generate``;
+* input throughput: forward passes over sequences of ``input_len`` tokens, the batch as large as the memory budget
+  allows (capped to keep CPU runs short);
+* output throughput: ``decode_tokens`` tokens decoded one step at a time with the KV cache, at each decode batch;
+* MLP FLOP/s: the dense MLP path and the sparse expert paths on the same token count (see ``mlp_flops``).
+
+Timings are the best of ``repeats`` rounds, the models taking turns within each round so that load from other
+processes hits all of them alike. Ratios divide each model's figure by the Dense model's from the same run.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dsmoe.bench.models import BenchModel, bench_models
+from dsmoe.config import ConfigError
+from dsmoe.inference.generate import generate
+from dsmoe.inference.routing import route
+from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.transformer import Transformer
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
+
+
+@dataclass
+class BenchSettings:
+    device: str = "cpu"
+    dtype: str = "fp32"
+    d_model: int = 1024
+    n_layers: int = 4
+    vocab_size: int = 4096  # keeps the LM head's share of the work small, as in the paper's 36-layer models
+    input_len: int = 256
+    memory_gb: float = 4.0  # budget for weights + activations of the input-throughput batch
+    max_input_batch: int = 8  # cap on that batch (CPU time); raise it on a GPU
+    decode_tokens: int = 512
+    decode_prompt: int = 16
+    decode_batches: tuple[int, ...] = (1, 16)
+    latency_batch: int = 4
+    latency_prompt: int = 256
+    latency_new: int = 8
+    mlp_tokens: int = 2048
+    repeats: int = 3
+    mlp_k: int = 4
+    att_k: int | None = None
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    models: list[str] = field(default_factory=lambda: ["dense", "smoe", "ds-moe"])
+
+    def check(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype '{self.dtype}': choose one of {', '.join(DTYPES)}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"unknown device '{self.device}': choose cpu or cuda")
+        if "dense" not in self.models:
+            raise ConfigError("the benchmark needs the 'dense' model: ratios are relative to it")
+        for name in ("input_len", "decode_tokens", "latency_batch", "latency_prompt", "latency_new", "repeats",
+                     "max_input_batch", "mlp_tokens", "decode_prompt", "d_model", "n_layers", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ConfigError(f"decode batches must be >= 1, got {self.decode_batches}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.input_len, self.decode_prompt + self.decode_tokens, self.latency_prompt + self.latency_new)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], float | None], device: str) -> float:
+    """Seconds taken by fn, or the seconds fn reports itself (when only part of it is the measured work)."""
+    _sync(device)
+    start = time.perf_counter()
+    reported = fn()
+    _sync(device)
+    return reported if reported is not None else time.perf_counter() - start
+
+
+def best_of(jobs: dict[str, Callable[[], float | None]], repeats: int, device: str, what: str = "") -> dict[str, float]:
+    """Best time of each job over ``repeats`` rounds, jobs taking turns; one untimed warm-up round first."""
+    if what:
+        print(f"bench: {what}", file=sys.stderr, flush=True)
+    for fn in jobs.values():
+        fn()
+    best = {name: float("inf") for name in jobs}
+    for _ in range(repeats):
+        for name, fn in jobs.items():
+            best[name] = min(best[name], _timed(fn, device))
+    return best
+
+
+def input_batch(s: BenchSettings, models: dict[str, Transformer]) -> int:
+    """Largest batch of ``input_len`` sequences whose activations fit the budget beside all models' weights."""
+    elem = DTYPES[s.dtype].itemsize
+    weights = sum(p.numel() for m in models.values() for p in m.parameters()) * elem
+    # live activations per token, generously: residual, norms, q/k/v/o (~8 D) and the widest MLP hidden (4 D) x2
+    per_sequence = s.input_len * elem * 16 * s.d_model
+    fits = int((s.memory_gb * 2**30 - weights) // per_sequence)
+    if fits < 1:
+        raise ConfigError(f"--memory-gb {s.memory_gb} does not hold the models' weights ({weights / 2**30:.2f} GiB) "
+                          "and one sequence: raise --memory-gb or lower --d-model")
+    return min(fits, s.max_input_batch)
+
+
+def _decode_job(model: Transformer, batch: int, s: BenchSettings, gen: torch.Generator) -> Callable[[], float]:
+    prompt = torch.randint(0, s.vocab_size, (batch, s.decode_prompt), generator=gen).to(s.device)
+
+    def job() -> float:
+        with torch.inference_mode():
+            cache = model.new_cache(batch, s.decode_prompt + s.decode_tokens)
+            token = model(prompt, cache=cache, last_only=True).logits[:, -1].argmax(-1)
+            _sync(s.device)
+            start = time.perf_counter()
+            for pos in range(s.decode_prompt, s.decode_prompt + s.decode_tokens):
+                token = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+            _sync(s.device)
+            return time.perf_counter() - start
+
+    return job
+
+
+def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str, Transformer]) -> dict:
+    gen = torch.Generator().manual_seed(s.seed)
+    results: dict[str, dict] = {e.name: {} for e in entries}
+    batch_in = input_batch(s, models)
+    x_in = torch.randint(0, s.vocab_size, (batch_in, s.input_len), generator=gen).to(s.device)
+
+    def forward_job(model):
+        def job():
+            with torch.inference_mode():
+                model(x_in, last_only=True)
+        return job
+
+    times = best_of({n: forward_job(m) for n, m in models.items()}, s.repeats, s.device,
+                    f"input throughput, batch {batch_in} x {s.input_len}")
+    for name, t in times.items():
+        results[name]["input_tps"] = batch_in * s.input_len / t
+    for batch in s.decode_batches:
+        times = best_of({n: _decode_job(m, batch, s, gen) for n, m in models.items()}, s.repeats, s.device,
+                        f"output throughput, batch {batch} x {s.decode_tokens} tokens")
+        for name, t in times.items():
+            results[name][f"output_tps_b{batch}"] = batch * s.decode_tokens / t
+    prompts = torch.randint(0, s.vocab_size, (s.latency_batch, s.latency_prompt), generator=gen).to(s.device)
+    def latency_job(model):
+        def job():
+            generate(model, prompts, s.latency_new)
+        return job
+
+    times = best_of({n: latency_job(m) for n, m in models.items()}, s.repeats, s.device,
+                    f"latency, {s.latency_batch} prompts of {s.latency_prompt} + {s.latency_new} new tokens")
+    for name, t in times.items():
+        results[name]["latency_s"] = t
+    for e in entries:  # active parameters, measured by the meter on the input batch
+        meter = ActiveMeter(e.cfg)
+        sparsify(models[e.name], att=e.att, mlp=e.mlp, meter=meter)
+        with torch.inference_mode():
+            models[e.name](x_in[:1], last_only=True)
+        sparsify(models[e.name], att=e.att, mlp=e.mlp)
+        results[e.name].update(active_params=round(meter.active_params), total_params=e.cfg.non_embedding_params,
+                               embedding_params=e.cfg.embedding_params)
+    return {"input_batch": batch_in, "models": results}
+
+
+def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Transformer]) -> dict:
+    """GFLOP/s of the first layer's MLP on ``mlp_tokens`` tokens: Dense's dense path, the MoE models' sparse
+    paths on the fast kernels and on the reference kernels. FLOPs count only the multiply-adds actually needed:
+    2 * tokens_routed * D * (F_in + F) per expert pair."""
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    dtype = DTYPES[s.dtype]
+    x = torch.randn(s.mlp_tokens, s.d_model, generator=gen).to(device=s.device, dtype=dtype)
+    jobs, flops = {}, {}
+    for e in entries:
+        mlp = models[e.name].blocks[0].mlp
+        w_in, w_out = mlp.experts.w_in, mlp.experts.w_out
+        per_pair = 2 * s.d_model * (w_in.shape[1] + w_out.shape[1])
+        if mlp.router is None:
+            def dense_job(mlp=mlp):
+                mlp.experts.dense(x, None)
+            jobs[f"{e.name}/dense"] = dense_job
+            flops[f"{e.name}/dense"] = per_pair * s.mlp_tokens
+            continue
+        with torch.inference_mode():
+            routing = route(mlp.router(x), e.mlp or mlp.train_setting)
+        pairs = int(routing.mask.sum())
+        for kernels in ("fast", "reference"):
+            def job(mlp=mlp, routing=routing, kernels=kernels):
+                previous = os.environ.pop("DSMOE_KERNELS", None)
+                if kernels == "reference":
+                    os.environ["DSMOE_KERNELS"] = "reference"
+                try:
+                    mlp.experts.sparse(x, routing)
+                finally:
+                    os.environ.pop("DSMOE_KERNELS", None)
+                    if previous is not None:
+                        os.environ["DSMOE_KERNELS"] = previous
+            jobs[f"{e.name}/sparse-{kernels}"] = job
+            flops[f"{e.name}/sparse-{kernels}"] = per_pair * pairs
+    with torch.inference_mode():
+        times = best_of(jobs, s.repeats, s.device, f"MLP FLOP/s on {s.mlp_tokens} tokens")
+    out = {name: {"seconds": t, "gflop": flops[name] / 1e9, "gflops_per_s": flops[name] / t / 1e9}
+           for name, t in times.items()}
+    dense_rate = out["dense/dense"]["gflops_per_s"]
+    for v in out.values():
+        v["share_of_dense_flops_per_s"] = v["gflops_per_s"] / dense_rate
+    return out
+
+
+def run_benchmark(s: BenchSettings) -> dict:
+    s.check()
+    torch.manual_seed(s.seed)
+    if s.threads is not None:
+        torch.set_num_threads(s.threads)
+    entries = [e for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k)
+               if e.name in s.models]
+    models = {}
+    for e in entries:
+        model = Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval()
+        models[e.name] = sparsify(model, att=e.att, mlp=e.mlp)
+    measured = measure_models(s, entries, models)
+    dense = measured["models"]["dense"]
+    ratios = {name: {k: r[k] / dense[k] for k in (*_metric_keys(s), "active_params", "total_params")}
+              for name, r in measured["models"].items()}
+    return {"settings": asdict(s), "machine": machine(s.device), "input_batch": measured["input_batch"],
+            "models": measured["models"], "ratios": ratios, "mlp_flops": mlp_flops(s, entries, models),
+            "shapes": {e.name: e.cfg.to_dict() for e in entries},
+            "sparse_settings": {e.name: {"att": e.att.describe() if e.att else "trained",
+                                         "mlp": e.mlp.describe() if e.mlp else "trained"} for e in entries}}
+
+
+def _metric_keys(s: BenchSettings) -> list[str]:
+    return ["input_tps", *(f"output_tps_b{b}" for b in s.decode_batches), "latency_s"]
+
+
+def machine(device: str) -> dict:
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

@@ -1,0 +1,160 @@
+"""CPU fast paths for sparse experts: tokens sorted by expert, each expert's rows one contiguous group, and one
+grouped matrix product per projection (``torch.nn.functional.grouped_mm``) instead of a Python loop over experts.
+
+Why this is fast at both ends:
+* prefill: every expert multiplies one large contiguous block of its tokens (no per-expert Python work);
+* decode: a token reads only its K experts' weight rows — experts with no tokens are empty groups and their
+  weights are never touched, so the memory traffic of one decode step is K/N of the dense MLP's.
+
+Same signatures as ``reference.py`` and tested against it. Inference only (no autograd through grouped_mm on CPU):
+``dsmoe.kernels`` falls back to the reference whenever a gradient is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsmoe.inference.routing import Routing
+from dsmoe.kernels.reference import activate, moa_reference
+from dsmoe.model.rope import apply_rope
+
+
+class SortedPairs:
+    """The valid (token, expert, weight) pairs of a Routing, sorted by expert, with group end offsets [N] (int32)."""
+
+    __slots__ = ("token_P", "expert_P", "weight_P", "offs_N")
+
+    def __init__(self, routing: Routing):
+        n = routing.n_experts
+        # Dropped pairs get the sentinel expert n: the stable sort puts them last and slicing removes them, so
+        # fixed-K and threshold routings share this one path.
+        expert_flat = routing.indices.masked_fill(~routing.mask, n).flatten()
+        order = torch.argsort(expert_flat, stable=True)
+        counts = torch.bincount(expert_flat, minlength=n + 1)[:n]
+        self.offs_N = counts.cumsum(0).to(torch.int32)
+        order = order[:int(self.offs_N[-1])]
+        self.token_P = torch.div(order, routing.indices.shape[1], rounding_mode="floor")
+        self.expert_P = expert_flat[order]
+        self.weight_P = routing.weights.flatten()[order]
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """grouped_mm needs every stride of its operands to be a multiple of 16 bytes."""
+    size = t.element_size()
+    return all(s * size % 16 == 0 for s, d in zip(t.stride(), t.shape, strict=True) if d > 1 and s != 1)
+
+
+# bf16 products on AVX2-only CPUs (no AVX512-BF16/AMX) run several times slower than fp32 once they are compute
+# bound. With at least this many rows per expert on average (prefill), upcasting the weights and multiplying in fp32
+# is faster (measured 4-6x at 512 tokens, D=1024, 32 experts); at decode the native bf16 product, which reads half
+# the bytes, is faster. See benchmarks/throughput.md.
+BF16_UPCAST_ROWS_PER_EXPERT = 8
+
+
+def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
+    """Rows offs[e-1]:offs[e] of ``a`` times ``b[e]``, for all experts e at once -> [P, M].
+
+    Uses torch's grouped_mm when the strides allow it; otherwise (odd widths, never the case for real model shapes)
+    a loop over the non-empty groups gives the same result. bf16 on the CPU with many rows per expert is computed
+    in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT) and returned in bf16."""
+    if (a_PK.device.type == "cpu" and a_PK.dtype == torch.bfloat16
+            and a_PK.shape[0] >= BF16_UPCAST_ROWS_PER_EXPERT * b_NKM.shape[0]):
+        return _grouped_mm(a_PK.float(), b_NKM.float(), offs_N).to(torch.bfloat16)
+    return _grouped_mm(a_PK, b_NKM, offs_N)
+
+
+def _grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
+    if a_PK.dtype == b_NKM.dtype and _aligned(a_PK.contiguous()) and _aligned(b_NKM):
+        return F.grouped_mm(a_PK.contiguous(), b_NKM, offs=offs_N)
+    out = a_PK.new_empty(a_PK.shape[0], b_NKM.shape[2])
+    start = 0
+    for e, end in enumerate(offs_N.tolist()):
+        if end > start:
+            out[start:end] = a_PK[start:end] @ b_NKM[e].to(a_PK.dtype)
+        start = end
+    return out
+
+
+def _scale(h_PF: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:
+    """Router weight of each pair, applied to the hidden rows before the output projection: by linearity the same
+    as scaling the output rows, and the hidden rows are narrower (F or E, not D), so this pass moves less memory."""
+    return h_PF * pairs.weight_P[:, None].to(h_PF.dtype)
+
+
+def _combine(y_PD: torch.Tensor, pairs: SortedPairs, n_tokens: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """Add each pair's (already weighted) output into its token's row."""
+    out_TD = torch.zeros(n_tokens, y_PD.shape[1], dtype=out_dtype, device=y_PD.device)
+    return out_TD.index_add_(0, pairs.token_P, y_PD.to(out_dtype))
+
+
+def project_sorted(a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, gather: bool) -> torch.Tensor:
+    """Each pair's row times its expert's matrix -> [P, M]. gather=True: ``a`` is per token [T, K] and is read
+    through pairs.token_P; gather=False: ``a`` is already one row per sorted pair [P, K]."""
+    a_PK = a.index_select(0, pairs.token_P) if gather else a
+    return grouped_mm(a_PK, w_NKM, pairs.offs_N)
+
+
+def expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing: Routing, activation: str, project) -> torch.Tensor:
+    """Sorted-dispatch expert MLP over any grouped ``project`` (this module's or the Triton one)."""
+    pairs = SortedPairs(routing)
+    h_PF = activate(project(x_TD, w_in_NFD.transpose(1, 2), pairs, True), activation)
+    y_PD = project(_scale(h_PF, pairs), w_out_NFD, pairs, False)
+    return _combine(y_PD, pairs, x_TD.shape[0], x_TD.dtype)
+
+
+def expert_mlp_cpu(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
+                   activation: str) -> torch.Tensor:
+    """Sorted-dispatch expert MLP; same contract as ``expert_mlp_reference``."""
+    return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, project_sorted)
+
+
+def batch_layout(batch_T: torch.Tensor, pos_T: torch.Tensor, batch_size: int) -> torch.Tensor | None:
+    """Positions [t] when the tokens are laid out batch-major with the same positions in every row (what MoA.forward
+    passes), else None."""
+    n = batch_T.shape[0]
+    if batch_size == 0 or n % batch_size:
+        return None
+    t = n // batch_size
+    rows = torch.arange(batch_size, device=batch_T.device).repeat_interleave(t)
+    pos_t = pos_T[:t]
+    if not (torch.equal(batch_T, rows) and torch.equal(pos_T.view(batch_size, t), pos_t.expand(batch_size, t))):
+        return None
+    return pos_t
+
+
+def moa_cpu(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
+            v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
+            cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """Sparse mixture of attention heads; same contract as ``moa_reference``."""
+    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, project_sorted)
+
+
+def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, pos_T, cos_Sd, sin_Sd,
+               project) -> torch.Tensor:
+    """Sparse mixture of attention heads over any grouped ``project``.
+
+    Only the selected experts' query rows and output rows are multiplied (grouped products over the sorted pairs).
+    The attention itself runs once for all heads in one fused SDPA call: unselected heads see a zero query and their
+    outputs are never read, which costs far less than per-expert attention calls.
+    """
+    b = k_BHSd.shape[0]
+    pos_t = batch_layout(batch_T, pos_T, b)
+    if pos_t is None:  # tokens not in MoA.forward's layout: the reference handles any layout
+        return moa_reference(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd)
+    n_experts, width, _ = wq_NED.shape
+    head_dim = k_BHSd.shape[-1]
+    n_tokens, t = x_TD.shape[0], pos_t.shape[0]
+    pairs = SortedPairs(routing)
+
+    q_PE = project(x_TD, wq_NED.transpose(1, 2), pairs, True)
+    q_TNE = x_TD.new_zeros(n_tokens, n_experts, width)
+    q_TNE[pairs.token_P, pairs.expert_P] = q_PE
+    q_BtHd = q_TNE.view(b, t, -1, head_dim)
+    q_BHtd = apply_rope(q_BtHd, cos_Sd[pos_t][:, None], sin_Sd[pos_t][:, None]).transpose(1, 2)
+    visible = torch.arange(k_BHSd.shape[2], device=x_TD.device)[None, :] <= pos_t[:, None]
+    gqa = q_BHtd.shape[1] != k_BHSd.shape[1]
+    o_BHtd = F.scaled_dot_product_attention(q_BHtd, k_BHSd, v_BHSd, attn_mask=visible, enable_gqa=gqa)
+    o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
+    y_PD = project(_scale(o_TNE[pairs.token_P, pairs.expert_P], pairs), wo_NED, pairs, False)
+    return _combine(y_PD, pairs, n_tokens, x_TD.dtype)

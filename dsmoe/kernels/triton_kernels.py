@@ -1,0 +1,121 @@
+"""GPU fast path: a Triton scatter-to-scatter grouped matrix product, in the spirit of ScatterMoE's ParallelLinear
+(Tan et al., 2024, arXiv 2403.08245).
+
+Pairs are sorted by expert and cut into blocks of BLOCK_M rows that never straddle two experts. One program
+multiplies one block by one BLOCK_N-wide column tile of its expert's weight. Its input rows are read straight from
+wherever they live (token rows of x, through the pair -> token index: no gathered copy of x is made) and its
+output rows are written straight to where they belong, optionally scaled by the router weight.
+
+Used for the MLP experts and for the MoA query/output projections; the rest of the sparse computation (activation,
+attention, combining pairs into tokens) is shared with the CPU path in ``cpu.py``. Tested on the CPU with Triton's
+interpreter (``TRITON_INTERPRET=1``) at small shapes, and on a GPU when one is available.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsmoe.inference.routing import Routing
+from dsmoe.kernels.cpu import SortedPairs, expert_mlp_sorted, moa_sorted
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # triton is optional: `pip install dsmoe[gpu]`
+    triton = None
+
+TRITON_AVAILABLE = triton is not None
+BLOCK_M = 16  # rows of one block; tl.dot needs >= 16
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _scatter2scatter_kernel(a_ptr, w_ptr, out_ptr, a_rows_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
+                                k_dim, m_dim, stride_am, stride_ak, stride_we, stride_wk, stride_wm,
+                                stride_om, stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+        block = tl.program_id(0)
+        expert = tl.load(block_expert_ptr + block)
+        start = tl.load(block_start_ptr + block)
+        end = tl.load(block_end_ptr + block)
+        rows = start + tl.arange(0, BLOCK_M)  # sorted pair indices of this block
+        row_ok = rows < end
+        a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)  # where each pair's input row lives
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < m_dim
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_dim
+            a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            if FP32_DOT:
+                acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(a, w)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (3.9) computes tl.dot of bf16 tiles wrongly, so it gets fp32 tiles there; compiled
+    GPU kernels keep the native bf16 product."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _require_triton() -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("the Triton kernels need the 'triton' package: pip install 'dsmoe[gpu]' (or triton)")
+
+
+def block_table(offs_N: torch.Tensor, block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(expert, start, end) of every block of at most ``block_m`` sorted pairs; blocks never straddle experts and
+    experts with no pairs get no block."""
+    ends = offs_N.long()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    n_blocks = (ends - starts + block_m - 1) // block_m
+    expert_B = torch.repeat_interleave(torch.arange(len(ends), device=ends.device), n_blocks)
+    first_block = torch.cumsum(n_blocks, 0) - n_blocks
+    within_B = torch.arange(expert_B.shape[0], device=ends.device) - first_block[expert_B]
+    start_B = starts[expert_B] + within_B * block_m
+    return expert_B, start_B, ends[expert_B]
+
+
+def scatter2scatter(a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, gather: bool) -> torch.Tensor:
+    """[P, M]: row p is (a[token_P[p]] if gather else a[p]) times w[expert_P[p]] — same contract as
+    ``cpu.project_sorted``, without materialising the gathered input."""
+    _require_triton()
+    n_pairs, (_, k_dim, m_dim) = pairs.token_P.shape[0], w_NKM.shape
+    out = a.new_empty(n_pairs, m_dim)
+    if n_pairs == 0:
+        return out
+    a_rows = pairs.token_P if gather else torch.arange(n_pairs, device=a.device)
+    expert_B, start_B, end_B = block_table(pairs.offs_N)
+    block_n = min(64, max(16, triton.next_power_of_2(m_dim)))
+    block_k = min(64, max(16, triton.next_power_of_2(k_dim)))
+    grid = (expert_B.shape[0], triton.cdiv(m_dim, block_n))
+    w = w_NKM.to(a.dtype)
+    _scatter2scatter_kernel[grid](a, w, out, a_rows, expert_B, start_B, end_B, k_dim, m_dim,
+                                  a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                                  out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+                                  FP32_DOT=a.dtype == torch.float32 or _interpreting())
+    return out
+
+
+def expert_mlp_triton(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
+                      activation: str) -> torch.Tensor:
+    """Expert MLP through the scatter-to-scatter kernel; same contract as ``expert_mlp_reference``."""
+    return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, scatter2scatter)
+
+
+def moa_triton(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
+               v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
+               cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+    """MoA with the query/output projections through the scatter-to-scatter kernel; same contract as
+    ``moa_reference``."""
+    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd,
+                      scatter2scatter)

@@ -1,0 +1,124 @@
+"""The CPU fast paths (sorted dispatch + grouped products) against the plain references."""
+
+import pytest
+import torch
+from kernel_cases import SETTING_IDS, SETTINGS, make_routing, mlp_inputs, moa_inputs, tolerances
+
+from dsmoe import kernels
+from dsmoe.inference.routing import Routing, SparseSetting
+from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_cpu
+from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("n_tokens", [1, 7, 40])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_expert_mlp_cpu_matches_reference(setting, n_tokens, dtype):
+    x, w_in, w_out = mlp_inputs(n_tokens, 8, 32, 16, "gelu", dtype)
+    routing = make_routing(n_tokens, 8, setting)
+    out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tolerances(dtype))
+
+
+@pytest.mark.parametrize("shape", [(33, 7, 5), (32, 16, 1), (48, 24, 6)], ids=["odd-widths", "one-expert", "swiglu"])
+def test_expert_mlp_cpu_odd_shapes(shape):
+    d_model, d_expert, n_experts = shape
+    activation = "swiglu" if shape == (48, 24, 6) else "gelu"
+    x, w_in, w_out = mlp_inputs(9, n_experts, d_model, d_expert, activation, torch.float32)
+    routing = make_routing(9, n_experts, SparseSetting("topk", k=2))
+    torch.testing.assert_close(expert_mlp_cpu(x, w_in, w_out, routing, activation),
+                               expert_mlp_reference(x, w_in, w_out, routing, activation), rtol=1e-4, atol=1e-5)
+
+
+def test_experts_without_tokens_and_dropped_pairs():
+    """Only experts 2 and 5 get tokens; the threshold mask drops some pairs, which must contribute nothing."""
+    x, w_in, w_out = mlp_inputs(3, 8, 32, 16, "gelu", torch.float32)
+    routing = Routing(indices=torch.tensor([[5, 2], [2, 0], [5, 7]]), weights=torch.tensor([[0.6, 0.3], [0.9, 0.1],
+                      [0.5, 0.4]]), mask=torch.tensor([[True, True], [True, False], [True, False]]), n_experts=8)
+    pairs = SortedPairs(routing)
+    assert pairs.expert_P.tolist() == [2, 2, 5, 5]
+    assert pairs.offs_N.tolist() == [0, 0, 2, 2, 2, 4, 4, 4]
+    out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
+    torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), rtol=1e-4, atol=1e-5)
+    w_in[[0, 7]] = float("nan")  # experts of dropped pairs are never read
+    assert torch.isfinite(expert_mlp_cpu(x, w_in, w_out, routing, "gelu")).all()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("batch,new_tokens,cached", [(1, 1, 9), (3, 1, 5), (2, 6, 0), (2, 4, 3)],
+                         ids=["decode-b1", "decode-b3", "prefill", "chunk-after-cache"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype):
+    n_experts, n_head, head_dim, n_kv = 4, 2, 8, 2
+    args = moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, 32, dtype)
+    routing = make_routing(batch * new_tokens, n_experts, setting)
+    out = moa_cpu(*args[:5], routing, *args[5:])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, moa_reference(*args[:5], routing, *args[5:]), **tolerances(dtype))
+
+
+def test_moa_cpu_any_token_layout_falls_back_to_reference():
+    x, wq, wo, k, v, batch_T, pos_T, cos, sin = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.float32)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])  # tokens shuffled across batch rows
+    routing = make_routing(6, 4, SparseSetting("topk", k=2))
+    out = moa_cpu(x[perm], wq, wo, k, v, routing, batch_T[perm], pos_T[perm], cos, sin)
+    ref = moa_reference(x[perm], wq, wo, k, v, routing, batch_T[perm], pos_T[perm], cos, sin)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch_uses_reference_when_a_gradient_is_needed(monkeypatch):
+    x, w_in, w_out = mlp_inputs(4, 8, 32, 16, "gelu", torch.float32)
+    assert kernels.select(x, w_in, w_out) == "cpu"
+    assert kernels.select(x, w_in.requires_grad_(), w_out) == "reference"
+    with torch.no_grad():
+        assert kernels.select(x, w_in, w_out) == "cpu"
+    monkeypatch.setenv("DSMOE_KERNELS", "reference")
+    assert kernels.select(x.detach(), w_in.detach(), w_out) == "reference"
+
+
+@pytest.mark.parametrize("regime", ["dsmoe", "smoe"])
+def test_sparse_model_on_fast_path_matches_reference_kernels(regime, monkeypatch):
+    """A sparsified model gives the same logits through the fast kernels as through the references, prefill and
+    decode with the KV cache."""
+    from helpers import small_config
+
+    from dsmoe.inference.sparsify import sparsify
+    from dsmoe.model.transformer import Transformer
+
+    model = Transformer(small_config(regime)).eval()
+    sparsify(model, att=SparseSetting("topk", k=2) if regime == "dsmoe" else None,
+             mlp=SparseSetting("threshold", threshold=1.0) if regime == "dsmoe" else None)
+    idx = torch.randint(0, 97, (2, 9))
+
+    def run():
+        with torch.inference_mode():
+            cache = model.new_cache(2, 10)
+            prefill = model(idx, cache=cache).logits
+            step = model(idx[:, :1], cache=cache, start_pos=9).logits
+        return prefill, step
+
+    fast = run()
+    monkeypatch.setenv("DSMOE_KERNELS", "reference")
+    ref = run()
+    for a, b in zip(fast, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_prefill_upcast_and_decode_native_paths_agree(monkeypatch):
+    """Many rows per expert take the fp32-upcast product, few rows the native bf16 one; both match the reference."""
+    from dsmoe.kernels import cpu
+
+    seen = []
+    inner = cpu._grouped_mm
+    monkeypatch.setattr(cpu, "_grouped_mm", lambda a, b, offs: seen.append(a.dtype) or inner(a, b, offs))
+    for n_tokens, path in ((64, torch.float32), (3, torch.bfloat16)):  # 128 rows >= 8 x 4 experts; 6 rows < 32
+        x, w_in, w_out = mlp_inputs(n_tokens, 4, 32, 16, "gelu", torch.bfloat16)
+        routing = make_routing(n_tokens, 4, SparseSetting("topk", k=2))
+        seen.clear()
+        out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
+        assert seen == [path, path] and out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"),
+                                   **tolerances(torch.bfloat16))

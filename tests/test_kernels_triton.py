@@ -1,0 +1,84 @@
+"""The Triton scatter-to-scatter kernels against the plain references: on the CPU through Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py when there is no GPU) at small shapes, and compiled on a GPU (marker `gpu`)."""
+
+import os
+
+import pytest
+import torch
+from kernel_cases import SETTING_IDS, SETTINGS, make_routing, mlp_inputs, moa_inputs, tolerances
+
+from dsmoe.inference.routing import SparseSetting
+from dsmoe.kernels.cpu import SortedPairs
+from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
+from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, block_table, expert_mlp_triton, moa_triton
+
+pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed: pip install 'dsmoe[gpu]'")
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="a GPU is present, so kernels are compiled; see the gpu-marked tests")
+
+
+def test_block_table_splits_experts_and_skips_empty_ones():
+    expert_B, start_B, end_B = block_table(torch.tensor([0, 3, 3, 40], dtype=torch.int32), block_m=16)
+    assert expert_B.tolist() == [1, 3, 3, 3]
+    assert start_B.tolist() == [0, 3, 19, 35]
+    assert end_B.tolist() == [3, 40, 40, 40]
+
+
+@interpreted
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("n_tokens", [1, 21])
+def test_expert_mlp_triton_interpreted(setting, n_tokens):
+    x, w_in, w_out = mlp_inputs(n_tokens, 6, 32, 24, "gelu", torch.float32)
+    routing = make_routing(n_tokens, 6, setting)
+    torch.testing.assert_close(expert_mlp_triton(x, w_in, w_out, routing, "gelu"),
+                               expert_mlp_reference(x, w_in, w_out, routing, "gelu"), rtol=1e-4, atol=1e-5)
+
+
+@interpreted
+def test_expert_mlp_triton_interpreted_odd_widths_swiglu_bf16():
+    x, w_in, w_out = mlp_inputs(19, 5, 40, 20, "swiglu", torch.bfloat16)
+    routing = make_routing(19, 5, SparseSetting("topk", k=2))
+    torch.testing.assert_close(expert_mlp_triton(x, w_in, w_out, routing, "swiglu"),
+                               expert_mlp_reference(x, w_in, w_out, routing, "swiglu"), **tolerances(torch.bfloat16))
+
+
+@interpreted
+@pytest.mark.parametrize("setting", [SETTINGS[1], SETTINGS[4]], ids=[SETTING_IDS[1], SETTING_IDS[4]])
+@pytest.mark.parametrize("batch,new_tokens,cached", [(2, 1, 5), (2, 5, 0)], ids=["decode", "prefill"])
+def test_moa_triton_interpreted(setting, batch, new_tokens, cached):
+    args = moa_inputs(batch, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32)
+    routing = make_routing(batch * new_tokens, 4, setting)
+    torch.testing.assert_close(moa_triton(*args[:5], routing, *args[5:]),
+                               moa_reference(*args[:5], routing, *args[5:]), rtol=1e-4, atol=1e-5)
+
+
+@interpreted
+def test_scatter2scatter_reads_rows_in_place():
+    """gather=True reads token rows through the pair -> token index, without a gathered copy of x."""
+    from dsmoe.kernels.triton_kernels import scatter2scatter
+
+    x, w_in, _ = mlp_inputs(5, 3, 16, 16, "gelu", torch.float32)
+    routing = make_routing(5, 3, SparseSetting("topk", k=3))
+    pairs = SortedPairs(routing)
+    out = scatter2scatter(x, w_in.transpose(1, 2), pairs, gather=True)
+    expected = torch.stack([x[t] @ w_in[e].T for t, e in zip(pairs.token_P.tolist(), pairs.expert_P.tolist(),
+                                                              strict=True)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n_tokens", [1, 300])
+def test_expert_mlp_and_moa_triton_on_gpu(dtype, n_tokens):
+    x, w_in, w_out = (t.cuda() for t in mlp_inputs(n_tokens, 32, 256, 128, "gelu", dtype))
+    routing = make_routing(n_tokens, 32, SparseSetting("topk", k=4))
+    routing = type(routing)(routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts)
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else tolerances(dtype)
+    torch.testing.assert_close(expert_mlp_triton(x, w_in, w_out, routing, "gelu"),
+                               expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tol)
+    args = [t.cuda() for t in moa_inputs(2, n_tokens, 3, 8, 4, 32, 4, 256, dtype)]
+    routing = make_routing(2 * n_tokens, 8, SparseSetting("threshold", threshold=1.0))
+    routing = type(routing)(routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts)
+    torch.testing.assert_close(moa_triton(*args[:5], routing, *args[5:]), moa_reference(*args[:5], routing, *args[5:]),
+                               **tol)

@@ -20,6 +20,8 @@ BUNDLED_MODULES = (
     "dsmoe.inference.routing",
     "dsmoe.model.rope",
     "dsmoe.kernels.reference",
+    "dsmoe.kernels.cpu",
+    "dsmoe.kernels.triton_kernels",
     "dsmoe.kernels",
     "dsmoe.model.router",
     "dsmoe.model.losses",

@@ -18,6 +18,9 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+# lm-eval fills its model registry with the built-in types only while the registry is empty: fill it before
+# registering `dsmoe`, or `hf` and the others would disappear from the same process.
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

@@ -86,7 +86,7 @@ def _command_modules() -> list:
     import importlib
 
     names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.evaluation.commands", "dsmoe.hf.export",
-             "dsmoe.hf.serve", "dsmoe.demo"]
+             "dsmoe.hf.serve", "dsmoe.demo", "dsmoe.convert.commands"]
     return [importlib.import_module(n) for n in names]
 
 

@@ -12,7 +12,6 @@ import yaml
 
 from dsmoe.config import ConfigError, ModelConfig, coerce_numbers, preset, unknown_key_error
 
-
 TRAINABLE = ("all", "routers")
 INIT_OVERRIDES = ("alpha_att", "alpha_mlp", "max_seq_len", "switch_loss_weight")
 

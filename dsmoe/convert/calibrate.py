@@ -71,7 +71,7 @@ def attention_importance(layer: nn.Module, x_BTD: torch.Tensor, cos_Sd: torch.Te
 
 @torch.no_grad()
 def calibrate_routers(model: nn.Module, batches: Iterable[torch.Tensor], *, ridge: float = 1e-2,
-                      sharpness: float = 1.0) -> dict:
+                      sharpness: float = 0.1) -> dict:
     """Fit every router of ``model`` (in place) on the token batches [B, T]; returns per-router fit statistics
     (tokens seen and the R^2 of the log-importance fit)."""
     if sharpness <= 0:

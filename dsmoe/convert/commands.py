@@ -22,7 +22,7 @@ def max_logit_difference(hf_model, model, idx_BT: torch.Tensor) -> float:
 def convert(source: str, out: Path, *, gguf_file: str | None = None, mlp_experts: int = 8, att_experts: int = 1,
             alpha_att: float = 1e-3, alpha_mlp: float = 1e-3, max_seq_len: int | None = None, seed: int = 0,
             calibrate: str | None = None, calibration_text: Path | None = None, calibration_tokens: int = 16384,
-            calibration_seq_len: int = 256, sharpness: float = 0.5, ridge: float = 1e-2,
+            calibration_seq_len: int = 256, sharpness: float = 0.1, ridge: float = 1e-2,
             data_dir: str | None = None) -> dict:
     """Convert, verify that the logits match the original, optionally calibrate the routers, write ``out``."""
     from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
@@ -105,7 +105,7 @@ def add_commands(sub) -> None:
     g.add_argument("--calibration-text", type=Path, help="or a text/JSONL file or folder")
     g.add_argument("--calibration-tokens", type=int, default=16384)
     g.add_argument("--calibration-seq-len", type=int, default=256)
-    g.add_argument("--sharpness", type=float, default=0.5,
+    g.add_argument("--sharpness", type=float, default=0.1,
                    help="router logits = sharpness x predicted log-importance; lower keeps dense outputs closer")
     g.add_argument("--ridge", type=float, default=1e-2, help="ridge penalty, relative to the inputs' mean energy")
     p.add_argument("--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)")

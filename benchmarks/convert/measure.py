@@ -83,7 +83,7 @@ def main() -> None:
                 "tokens": r["tokens"], "active_hidden": r["active_hidden"]}
             print(f"{label:12s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
                   f"{r['active_hidden']:.1%}", flush=True)
-    args.out.write_text(json.dumps(results, indent=1))
+            args.out.write_text(json.dumps(results, indent=1))  # after every setting: partial runs keep results
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def _command_modules() -> list:
     import importlib
 
     names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.evaluation.commands", "dsmoe.hf.export",
-             "dsmoe.hf.serve", "dsmoe.bench.commands", "dsmoe.demo"]
+             "dsmoe.hf.serve", "dsmoe.bench.commands", "dsmoe.convert.commands", "dsmoe.demo"]
     return [importlib.import_module(n) for n in names]
 
 

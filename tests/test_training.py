@@ -44,6 +44,17 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, regime):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(data_dir, tmp_path):
+    plain = tiny_train_config(data_dir, tmp_path / "plain", total_tokens=256 * 3, eval_every=0)
+    recomputed = tiny_train_config(data_dir, tmp_path / "ac", total_tokens=256 * 3, eval_every=0,
+                                   activation_checkpointing=True)
+    train(plain)
+    train(recomputed)
+    assert losses(plain.out_dir) == pytest.approx(losses(recomputed.out_dir), rel=1e-6)
+    model, _ = ckpt.load_pretrained(ckpt.list_checkpoints(recomputed.out_dir)[-1])  # same state-dict keys
+    assert not model.activation_checkpointing
+
+
 def test_checkpoints_are_complete_pruned_and_loadable(data_dir, tmp_path):
     cfg = tiny_train_config(data_dir, tmp_path / "run", keep_last=2)
     result = train(cfg)

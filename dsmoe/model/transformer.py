@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsmoe.config import ModelConfig
 from dsmoe.model.attention import KVCache, MoA
@@ -58,6 +59,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # recompute each block in backward instead of keeping activations
         self.reset_parameters()
 
     @torch.no_grad()
@@ -93,7 +95,11 @@ class Transformer(nn.Module):
         x = self.embed(idx_BT)
         aux: list[dict] = []
         for block in self.blocks:
-            x, block_aux = block(x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, want_aux)
+            args = (x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, want_aux)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x, block_aux = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x, block_aux = block(*args)
             aux.extend(block_aux)
         x = self.final_norm(x[:, -1:] if last_only else x)
         logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)

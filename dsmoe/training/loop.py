@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from dsmoe.config import ConfigError
@@ -33,17 +32,6 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-class _Checkpointed(torch.nn.Module):
-    """Recompute a block's activations in backward instead of keeping them."""
-
-    def __init__(self, block: torch.nn.Module):
-        super().__init__()
-        self.block = block
-
-    def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
-
-
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
 
@@ -62,8 +50,7 @@ def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
     if cfg.trainable == "routers":
         for name, p in model.named_parameters():
             p.requires_grad_(".router." in name)
-    if cfg.activation_checkpointing:
-        model.blocks = torch.nn.ModuleList(_Checkpointed(b) for b in model.blocks)
+    model.activation_checkpointing = cfg.activation_checkpointing
     if info.world_size > 1:
         shard_model(model, info, torch.bfloat16 if use_bf16(cfg, info.device) and info.device.type == "cuda" else None)
     if cfg.compile:

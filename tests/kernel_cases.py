@@ -58,5 +58,17 @@ def moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, d_m
     return x, wq, wo, k, v, batch_T, pos_T, cos, sin
 
 
+def left_padded(args: tuple, pads: list[int]) -> tuple:
+    """moa_inputs' arguments with row b's first pads[b] cache slots as padding: per-row rotary positions and the
+    slots each token sees (``visible_TS``), as MoA.forward passes them for a left-padded batch."""
+    from dsmoe.model.attention import Padding
+
+    x, wq, wo, k, v, batch_T, pos_T, cos, sin = args
+    batch, seq = k.shape[0], k.shape[2]
+    key_mask = torch.arange(seq)[None, :] >= torch.tensor(pads)[:, None]
+    padding = Padding.from_key_mask(key_mask, x.shape[0] // batch)
+    return x, wq, wo, k, v, batch_T, padding.positions_BT.flatten(), cos, sin, padding.visible_BTS.flatten(0, 1)
+
+
 def tolerances(dtype: torch.dtype) -> dict:
     return {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}

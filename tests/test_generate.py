@@ -70,6 +70,19 @@ def test_generate_greedy_matches_argmax_of_full_forward():
             assert torch.equal(model(out[:, :p]).logits[:, -1].argmax(-1), out[:, p])
 
 
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_left_padded_prompts_generate_as_they_would_alone(name):
+    model = Transformer(small_config()).eval()
+    sparsify(model, *SETTINGS[name])
+    prompts = [torch.randint(1, 97, (n,)) for n in (6, 2, 4)]
+    batch, mask = torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, 6, dtype=torch.bool)
+    for row, prompt in enumerate(prompts):
+        batch[row, 6 - len(prompt):], mask[row, 6 - len(prompt):] = prompt, True
+    together = generate(model, batch, 5, prompt_mask_BT=mask)
+    for row, prompt in enumerate(prompts):
+        assert torch.equal(together[row, 6:], generate(model, prompt[None], 5)[0, len(prompt):])
+
+
 def test_sampling_is_reproducible_and_top_p_restricts_the_nucleus():
     model = Transformer(small_config()).eval()
     prompt = torch.randint(0, 97, (1, 4))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from kernel_cases import SETTING_IDS, SETTINGS, make_routing, mlp_inputs, moa_inputs, tolerances
+from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_inputs, moa_inputs, tolerances
 
 from dsmoe import kernels
 from dsmoe.inference.routing import Routing, SparseSetting
@@ -58,6 +58,16 @@ def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype):
     out = moa_cpu(*args[:5], routing, *args[5:])
     assert out.dtype == dtype
     torch.testing.assert_close(out, moa_reference(*args[:5], routing, *args[5:]), **tolerances(dtype))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("new_tokens,cached", [(1, 6), (6, 0), (3, 4)], ids=["decode", "prefill", "chunk"])
+def test_moa_cpu_left_padded_batch_matches_reference(setting, new_tokens, cached):
+    args = left_padded(moa_inputs(3, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32), pads=[0, 2, 5])
+    routing = make_routing(3 * new_tokens, 4, setting)
+    out = moa_cpu(*args[:5], routing, *args[5:])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, moa_reference(*args[:5], routing, *args[5:]), rtol=1e-4, atol=1e-5)
 
 
 def test_moa_cpu_any_token_layout_falls_back_to_reference():

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from kernel_cases import SETTING_IDS, SETTINGS, make_routing, mlp_inputs, moa_inputs, tolerances
+from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_inputs, moa_inputs, tolerances
 
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.kernels.cpu import SortedPairs
@@ -45,8 +45,11 @@ def test_expert_mlp_triton_interpreted_odd_widths_swiglu_bf16():
 @interpreted
 @pytest.mark.parametrize("setting", [SETTINGS[1], SETTINGS[4]], ids=[SETTING_IDS[1], SETTING_IDS[4]])
 @pytest.mark.parametrize("batch,new_tokens,cached", [(2, 1, 5), (2, 5, 0)], ids=["decode", "prefill"])
-def test_moa_triton_interpreted(setting, batch, new_tokens, cached):
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "left-padded"])
+def test_moa_triton_interpreted(setting, batch, new_tokens, cached, padded):
     args = moa_inputs(batch, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32)
+    if padded:
+        args = left_padded(args, pads=[0, 3])
     routing = make_routing(batch * new_tokens, 4, setting)
     torch.testing.assert_close(moa_triton(*args[:5], routing, *args[5:]),
                                moa_reference(*args[:5], routing, *args[5:]), rtol=1e-4, atol=1e-5)

@@ -2,10 +2,9 @@
 ``GenerationMixin`` interfaces. No second implementation: the wrapper holds ``self.model = Transformer(cfg)`` and
 adapts inputs (labels, attention mask, ``DynamicCache``) and outputs.
 
-Padding: the model attends causally with no key-padding mask, so an ``attention_mask`` may only mark *right*
-padding (ones, then zeros) in a forward pass that starts from an empty cache; real tokens never see later positions,
-so their logits are exact. Left padding, and therefore batched ``generate`` over prompts of different lengths, is
-rejected with an error.
+Padding: ``attention_mask`` (over cached and new tokens, as ``generate`` passes it) becomes the model's key mask, so
+left padding, and therefore batched ``generate`` / ``pipeline`` over prompts of different lengths, gives each prompt
+the tokens it would get alone. Rotary positions count real tokens only, exactly as transformers' ``position_ids``.
 """
 
 from __future__ import annotations
@@ -113,8 +112,8 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, return_dict: bool | None = None,
                 **kwargs) -> MoeCausalLMOutputWithPast:
         """Logits [B, T, V]. ``labels`` as in transformers (shifted inside); ``loss`` is the LM cross-entropy and
-        ``aux_loss`` the weighted router losses (train on their sum). ``position_ids`` are ignored: positions follow
-        the cache length, which is exact because padding can only be on the right."""
+        ``aux_loss`` the weighted router losses (train on their sum). ``position_ids`` are not read: the model derives
+        the same positions from ``attention_mask`` (real tokens counted from 0), or from the cache length."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("DSMoEForCausalLM takes input_ids; inputs_embeds is not supported")
         if past_key_values is not None and not isinstance(past_key_values, Cache):
@@ -124,14 +123,13 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         start = past_key_values.get_seq_length() if past_key_values is not None else 0
-        token_mask = _right_padding_mask(attention_mask, start)
         targets = None
         if labels is not None:
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and labels is None
         cache = HFCacheAdapter(past_key_values) if past_key_values is not None else None
-        out = self.model(input_ids, targets, token_mask_BT=token_mask, cache=cache, start_pos=start,
-                         last_only=last_only)
+        out = self.model(input_ids, targets, cache=cache, start_pos=start, last_only=last_only,
+                         key_mask_BS=attention_mask)
         logits = out.logits
         if not last_only and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -140,19 +138,3 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         return MoeCausalLMOutputWithPast(loss=out.lm_loss, aux_loss=aux, logits=logits,
                                          past_key_values=past_key_values if use_cache else None)
 
-
-def _right_padding_mask(attention_mask: torch.Tensor | None, start: int) -> torch.Tensor | None:
-    """The token mask for the model, or None when nothing is padded; errors on any padding it cannot honour."""
-    if attention_mask is None:
-        return None
-    mask = attention_mask.bool()
-    if bool(mask.all()):
-        return None
-    n_real = mask.sum(dim=-1, keepdim=True)
-    is_right_padding = torch.equal(mask, torch.arange(mask.shape[-1], device=mask.device)[None, :] < n_real)
-    if start > 0 or not is_right_padding:
-        raise ValueError(
-            "DSMoEForCausalLM supports padding only on the right and only in a single forward pass from an empty "
-            "cache (the model has no key-padding mask). Left padding, and so batched generate() over prompts of "
-            "different lengths, is not supported: generate one prompt at a time or batch prompts of equal length.")
-    return mask

@@ -22,11 +22,12 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
 
 @torch.inference_mode()
 def generate(model: nn.Module, prompt_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None
-             ) -> torch.Tensor:
-    """Continue each prompt (equal lengths) by up to ``max_new_tokens``; returns prompt + generated ids. Runs under
-    whatever sparse setting the model has (see ``dsmoe.sparsify``). Sequences that emit ``eos_token_id`` are padded
-    with it until all have finished."""
+             top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
+             prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    """Continue each prompt by up to ``max_new_tokens``; returns prompt + generated ids. Prompts of different lengths
+    are left-padded, with ``prompt_mask_BT`` False on the padding; each then continues exactly as it would alone.
+    Runs under whatever sparse setting the model has (see ``dsmoe.sparsify``). Sequences that emit ``eos_token_id``
+    are padded with it until all have finished."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     b, t = prompt_BT.shape
@@ -35,7 +36,12 @@ def generate(model: nn.Module, prompt_BT: torch.Tensor, max_new_tokens: int, *, 
     out = torch.empty(b, total, dtype=prompt_BT.dtype, device=prompt_BT.device)
     out[:, :t] = prompt_BT
     done = torch.zeros(b, dtype=torch.bool, device=prompt_BT.device)
-    logits = model(prompt_BT, cache=cache, last_only=True).logits[:, -1]
+    padded = {}
+    if prompt_mask_BT is not None:
+        key_mask = torch.ones(b, total, dtype=torch.bool, device=prompt_BT.device)
+        key_mask[:, :t] = prompt_mask_BT
+        padded = {"key_mask_BS": key_mask[:, :t]}
+    logits = model(prompt_BT, cache=cache, last_only=True, **padded).logits[:, -1]
     for pos in range(t, total):
         token = sample_next(logits, temperature, top_p, generator)
         if eos_token_id is not None:
@@ -44,5 +50,7 @@ def generate(model: nn.Module, prompt_BT: torch.Tensor, max_new_tokens: int, *, 
         out[:, pos] = token
         if pos + 1 == total or (eos_token_id is not None and bool(done.all())):
             return out[:, :pos + 1]
-        logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1]
+        if padded:
+            padded["key_mask_BS"] = key_mask[:, :pos + 1]
+        logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True, **padded).logits[:, -1]
     return out

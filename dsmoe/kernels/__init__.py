@@ -42,7 +42,7 @@ def expert_mlp(x_TD, w_in_NFD, w_out_NFD, routing, activation):
     return impl(x_TD, w_in_NFD, w_out_NFD, routing, activation)
 
 
-def moa(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd):
+def moa(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS=None):
     """Sparse mixture of attention heads (see ``reference.moa_reference``) on the fastest path for the inputs."""
     impl = _MOA[select(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing.weights)]
-    return impl(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd)
+    return impl(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)

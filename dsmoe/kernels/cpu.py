@@ -109,28 +109,23 @@ def expert_mlp_cpu(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.
     return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, project_sorted)
 
 
-def batch_layout(batch_T: torch.Tensor, pos_T: torch.Tensor, batch_size: int) -> torch.Tensor | None:
-    """Positions [t] when the tokens are laid out batch-major with the same positions in every row (what MoA.forward
-    passes), else None."""
+def batch_major(batch_T: torch.Tensor, batch_size: int) -> bool:
+    """Whether the tokens are laid out batch-major, every row the same length (what MoA.forward passes)."""
     n = batch_T.shape[0]
     if batch_size == 0 or n % batch_size:
-        return None
-    t = n // batch_size
-    rows = torch.arange(batch_size, device=batch_T.device).repeat_interleave(t)
-    pos_t = pos_T[:t]
-    if not (torch.equal(batch_T, rows) and torch.equal(pos_T.view(batch_size, t), pos_t.expand(batch_size, t))):
-        return None
-    return pos_t
+        return False
+    return torch.equal(batch_T, torch.arange(batch_size, device=batch_T.device).repeat_interleave(n // batch_size))
 
 
 def moa_cpu(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
             v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
-            cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+            cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, visible_TS: torch.Tensor | None = None) -> torch.Tensor:
     """Sparse mixture of attention heads; same contract as ``moa_reference``."""
-    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, project_sorted)
+    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS,
+                      project_sorted)
 
 
-def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, pos_T, cos_Sd, sin_Sd,
+def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS,
                project) -> torch.Tensor:
     """Sparse mixture of attention heads over any grouped ``project``.
 
@@ -138,23 +133,27 @@ def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, 
     The attention itself runs once for all heads in one fused SDPA call: unselected heads see a zero query and their
     outputs are never read, which costs far less than per-expert attention calls.
     """
-    b = k_BHSd.shape[0]
-    pos_t = batch_layout(batch_T, pos_T, b)
-    if pos_t is None:  # tokens not in MoA.forward's layout: the reference handles any layout
-        return moa_reference(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd)
+    b, s = k_BHSd.shape[0], k_BHSd.shape[2]
+    if not batch_major(batch_T, b):  # tokens not in MoA.forward's layout: the reference handles any layout
+        return moa_reference(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
     n_experts, width, _ = wq_NED.shape
     head_dim = k_BHSd.shape[-1]
-    n_tokens, t = x_TD.shape[0], pos_t.shape[0]
+    n_tokens = x_TD.shape[0]
+    t = n_tokens // b
     pairs = SortedPairs(routing)
 
     q_PE = project(x_TD, wq_NED.transpose(1, 2), pairs, True)
     q_TNE = x_TD.new_zeros(n_tokens, n_experts, width)
     q_TNE[pairs.token_P, pairs.expert_P] = q_PE
     q_BtHd = q_TNE.view(b, t, -1, head_dim)
-    q_BHtd = apply_rope(q_BtHd, cos_Sd[pos_t][:, None], sin_Sd[pos_t][:, None]).transpose(1, 2)
-    visible = torch.arange(k_BHSd.shape[2], device=x_TD.device)[None, :] <= pos_t[:, None]
+    pos_Bt = pos_T.view(b, t)
+    q_BHtd = apply_rope(q_BtHd, cos_Sd[pos_Bt][:, :, None], sin_Sd[pos_Bt][:, :, None]).transpose(1, 2)
+    if visible_TS is None:
+        visible = torch.arange(s, device=x_TD.device)[None, None, :] <= pos_Bt[:, :, None]
+    else:
+        visible = visible_TS.view(b, t, s)
     gqa = q_BHtd.shape[1] != k_BHSd.shape[1]
-    o_BHtd = F.scaled_dot_product_attention(q_BHtd, k_BHSd, v_BHSd, attn_mask=visible, enable_gqa=gqa)
+    o_BHtd = F.scaled_dot_product_attention(q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=gqa)
     o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
     y_PD = project(_scale(o_TNE[pairs.token_P, pairs.expert_P], pairs), wo_NED, pairs, False)
     return _combine(y_PD, pairs, n_tokens, x_TD.dtype)

@@ -45,12 +45,13 @@ def expert_mlp_reference(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
 
 def moa_reference(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
                   v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
-                  cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+                  cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, visible_TS: torch.Tensor | None = None) -> torch.Tensor:
     """Mixture-of-attention-heads output for the selected (token, expert) pairs (paper eq. 7-8).
 
     Expert e owns query rows wq[e] ([E = N_head * head_dim, D]) and output rows wo[e] ([E, D]). Token t (batch row
-    batch_T[t], position pos_T[t]) attends with its expert's heads to the shared keys/values k, v [B, n_kv, S, d] at
-    positions <= its own. Query head h of the model reads key/value head h // (n_query_heads / n_kv).
+    batch_T[t], rotary position pos_T[t]) attends with its expert's heads to the shared keys/values k, v
+    [B, n_kv, S, d]: to the cache slots visible_TS[t] ([T, S] bool) when given (padded batches), else to slots
+    <= pos_T[t]. Query head h of the model reads key/value head h // (n_query_heads / n_kv).
     """
     n_experts, width, _ = wq_NED.shape
     head_dim = k_BHSd.shape[-1]
@@ -71,7 +72,10 @@ def moa_reference(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor
         k_MHSd = k_BHSd[batch_T[tokens]][:, kv_heads]
         v_MHSd = v_BHSd[batch_T[tokens]][:, kv_heads]
         scores = torch.einsum("mhd,mhsd->mhs", q_MHd.float(), k_MHSd.float()) / math.sqrt(head_dim)
-        visible = key_pos_S[None, None, :] <= pos_T[tokens][:, None, None]
+        if visible_TS is None:
+            visible = key_pos_S[None, None, :] <= pos_T[tokens][:, None, None]
+        else:
+            visible = visible_TS[tokens][:, None, :]
         attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         o_ME = torch.einsum("mhs,mhsd->mhd", attn, v_MHSd.float()).reshape(n, width).to(x_TD.dtype)
         y = (o_ME @ wo_NED[e]) * weights[:, None].to(o_ME.dtype)

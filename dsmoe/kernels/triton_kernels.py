@@ -114,8 +114,8 @@ def expert_mlp_triton(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: tor
 
 def moa_triton(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
                v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
-               cos_Sd: torch.Tensor, sin_Sd: torch.Tensor) -> torch.Tensor:
+               cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, visible_TS: torch.Tensor | None = None) -> torch.Tensor:
     """MoA with the query/output projections through the scatter-to-scatter kernel; same contract as
     ``moa_reference``."""
-    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd,
+    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS,
                       scatter2scatter)

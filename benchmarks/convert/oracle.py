@@ -1,7 +1,7 @@
 """How good can any router be? Sparse inference of converted SmolLM2 with an *oracle* router that keeps, for every
 token and layer, the MLP experts whose actual contributions are largest (computed densely, so this is a bound, not
 a fast path). If the oracle at a sparsity is far from the dense perplexity, no router training closes the gap and
-the experts themselves must adapt. Reproduce (about 5 minutes on 2 CPU cores):
+the experts themselves must adapt. Reproduce (about 9 minutes on 2 CPU cores):
 
     DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/oracle.py --out benchmarks/convert/oracle.json
 """

@@ -1,13 +1,16 @@
-"""CPU fast paths for sparse experts: tokens sorted by expert, each expert's rows one contiguous group, and one
-grouped matrix product per projection (``torch.nn.functional.grouped_mm``) instead of a Python loop over experts.
+"""CPU fast paths for sparse experts, chosen by the number of tokens; same signatures as ``reference.py`` and
+tested against it.
 
-Why this is fast at both ends:
-* prefill: every expert multiplies one large contiguous block of its tokens (no per-expert Python work);
-* decode: a token reads only its K experts' weight rows — experts with no tokens are empty groups and their
-  weights are never touched, so the memory traffic of one decode step is K/N of the dense MLP's.
+* batch-1 decode (MLP): gather the K selected experts' input rows into one matrix-vector product and take the output
+  as one weighted sum of their W_out rows (``embedding_bag``): only K/N of the weights are read, in a handful of ops;
+* small batches (decode at batch > 1, short prefill): tokens sorted by expert, each expert's rows one contiguous
+  group, and one grouped product per projection (``torch.nn.functional.grouped_mm``), with no Python loop over
+  experts; experts without tokens are empty groups whose weights are never touched;
+* long prefill (MLP): one expert at a time over the sorted pairs, so that each expert's rows stay in cache between
+  its two products (see LOOP_PAIRS_PER_EXPERT).
 
-Same signatures as ``reference.py`` and tested against it. Inference only (no autograd through grouped_mm on CPU):
-``dsmoe.kernels`` falls back to the reference whenever a gradient is needed.
+Inference only (no autograd through grouped_mm on CPU): ``dsmoe.kernels`` falls back to the reference whenever a
+gradient is needed.
 """
 
 from __future__ import annotations

@@ -93,15 +93,14 @@ class Transformer(nn.Module):
         if token_mask_BT is None and targets_BT is not None:
             token_mask_BT = targets_BT != -100
         padding = None
-        if key_mask_BS is not None:
+        if key_mask_BS is not None and not bool(key_mask_BS.bool().all()):  # all real: nothing to mask
             if tuple(key_mask_BS.shape) != (b, start_pos + t):
                 raise ValueError(f"key_mask_BS has shape {tuple(key_mask_BS.shape)}; it must cover the cached and "
                                  f"new tokens: ({b}, {start_pos + t})")
             key_mask_BS = key_mask_BS.bool()
-            if not bool(key_mask_BS.all()):
-                padding = Padding.from_key_mask(key_mask_BS, t)
-                real_BT = key_mask_BS[:, start_pos:]
-                token_mask_BT = real_BT if token_mask_BT is None else token_mask_BT & real_BT
+            padding = Padding.from_key_mask(key_mask_BS, t)
+            real_BT = key_mask_BS[:, start_pos:]
+            token_mask_BT = real_BT if token_mask_BT is None else token_mask_BT & real_BT
         mask_T = None if token_mask_BT is None else token_mask_BT.reshape(b * t)
         want_aux = targets_BT is not None
 

@@ -106,7 +106,7 @@ def test_attention_mask_must_cover_the_cache():
     with torch.no_grad():
         wrapped(idx, past_key_values=cache)
         with pytest.raises(ValueError, match="must cover the cached and new tokens"):
-            wrapped(idx[:, :1], attention_mask=torch.ones(1, 1), past_key_values=cache)
+            wrapped(idx[:, :1], attention_mask=torch.tensor([[0, 1]]), past_key_values=cache)
 
 
 def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):

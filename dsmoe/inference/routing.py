@@ -63,6 +63,7 @@ class Routing:
     weights: torch.Tensor  # [T, K] scores used to mix expert outputs
     mask: torch.Tensor  # [T, K] bool, False for pairs dropped before dispatch
     n_experts: int
+    all_valid: bool = False  # True when the mask is known to be all True (dense, top-k): kernels may skip it
 
     @property
     def counts_per_token(self) -> torch.Tensor:
@@ -100,4 +101,5 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
         mask = torch.ones_like(indices, dtype=torch.bool)
     if setting.normalize:
         weights = weights * mask / (weights * mask).sum(dim=-1, keepdim=True)
-    return Routing(indices=indices, weights=weights, mask=mask, n_experts=n_experts)
+    return Routing(indices=indices, weights=weights, mask=mask, n_experts=n_experts,
+                   all_valid=setting.strategy != "threshold")

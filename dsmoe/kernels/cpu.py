@@ -129,17 +129,20 @@ def expert_mlp_one_token(x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
     """Batch-1 decode: the selected experts' input rows gathered into one matrix-vector product, and the output as
     one weighted sum of W_out rows (``embedding_bag`` reads the selected rows in place). Only the selected experts'
     weights are read, with no sorting and a handful of operations: measured 1.5x faster than the sorted path."""
-    keep = routing.mask[0]
-    experts, weights = routing.indices[0][keep], routing.weights[0][keep]
-    if experts.numel() == 0:
-        return torch.zeros_like(x_1D)
+    if routing.all_valid:
+        experts, weights = routing.indices.view(-1), routing.weights.view(-1)
+    else:
+        keep = routing.mask.view(-1)
+        experts, weights = routing.indices.view(-1)[keep], routing.weights.view(-1)[keep]
+        if experts.numel() == 0:
+            return torch.zeros_like(x_1D)
     f_in, d = w_in_NFD.shape[1], w_in_NFD.shape[2]
     f = w_out_NFD.shape[1]
-    h = w_in_NFD.index_select(0, experts).view(-1, d) @ x_1D[0].to(w_in_NFD.dtype)
+    h = w_in_NFD.index_select(0, experts).view(-1, d) @ x_1D.view(-1).to(w_in_NFD.dtype)
     h = activate(h.view(-1, f_in), activation) * weights[:, None].to(h.dtype)
-    rows = (experts[:, None] * f + torch.arange(f, device=experts.device)).view(1, -1)
-    y = F.embedding_bag(rows, w_out_NFD.view(-1, d), per_sample_weights=h.view(1, -1).to(w_out_NFD.dtype),
-                        mode="sum")
+    rows = (experts[:, None] * f + torch.arange(f, device=experts.device)).view(-1)
+    y = F.embedding_bag(rows, w_out_NFD.view(-1, d), rows.new_zeros(1), mode="sum",
+                        per_sample_weights=h.view(-1).to(w_out_NFD.dtype))
     return y.to(x_1D.dtype)
 
 

@@ -81,7 +81,10 @@ def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: P
     finally:
         sys.modules.pop(bundle.__name__, None)
     eos_token = tokenizer.id_to_token(eos)
+    # Padding on the left with the end-of-text token: batched generate / pipeline over prompts of different lengths
+    # then works out of the box (the model masks padding anywhere; see modeling.py).
     hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eos_token, eos_token=eos_token,
+                                           pad_token=eos_token, padding_side="left",
                                            model_max_length=native.cfg.max_seq_len)
     hf_tokenizer.save_pretrained(folder)
     GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False).save_pretrained(folder)

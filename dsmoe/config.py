@@ -75,41 +75,61 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not math.isfinite(value)):
+            if f.type == "float" and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            ):
                 raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
             if f.type == "str" and not isinstance(value, str):
                 raise ConfigError(f"{f.name} must be a string, got {value!r}")
             if f.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"{f.name} must be true or false, got {value!r}")
-        for name in ("d_model", "n_layers", "n_att_experts", "n_heads_per_expert", "head_dim", "n_kv_heads",
-                     "n_mlp_experts", "d_expert", "vocab_size", "max_seq_len", "smoe_top_k"):
+        for name in (
+            "d_model",
+            "n_layers",
+            "n_att_experts",
+            "n_heads_per_expert",
+            "head_dim",
+            "n_kv_heads",
+            "n_mlp_experts",
+            "d_expert",
+            "vocab_size",
+            "max_seq_len",
+            "smoe_top_k",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.regime not in REGIMES:
             raise ConfigError(f"unknown regime '{self.regime}': choose one of {', '.join(REGIMES)}")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}")
+            raise ConfigError(
+                f"unknown activation '{self.activation}': choose one of {', '.join(ACTIVATIONS)}"
+            )
         if self.norm not in NORMS:
             raise ConfigError(f"unknown norm '{self.norm}': choose one of {', '.join(NORMS)}")
         if self.n_query_heads % self.n_kv_heads:
             raise ConfigError(
                 f"the {self.n_query_heads} query heads (n_att_experts x n_heads_per_expert) are not divisible by "
-                f"n_kv_heads={self.n_kv_heads}: pick n_kv_heads that divides {self.n_query_heads}")
+                f"n_kv_heads={self.n_kv_heads}: pick n_kv_heads that divides {self.n_query_heads}"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary positions, got {self.head_dim}")
         if self.regime == "dense" and (self.n_att_experts != 1 or self.n_mlp_experts != 1):
             raise ConfigError(
                 "regime 'dense' has one attention and one MLP expert: set n_att_experts=1 and n_mlp_experts=1 "
-                f"(got {self.n_att_experts} and {self.n_mlp_experts}), or choose regime 'dsmoe' or 'smoe'")
+                f"(got {self.n_att_experts} and {self.n_mlp_experts}), or choose regime 'dsmoe' or 'smoe'"
+            )
         if self.regime != "dense" and self.n_att_experts == 1 and self.n_mlp_experts == 1:
-            raise ConfigError(f"regime '{self.regime}' needs more than one expert in attention or MLP; "
-                              "raise n_mlp_experts or use regime 'dense'")
+            raise ConfigError(
+                f"regime '{self.regime}' needs more than one expert in attention or MLP; "
+                "raise n_mlp_experts or use regime 'dense'"
+            )
         if self.regime == "smoe":
             for name, n in (("n_mlp_experts", self.n_mlp_experts), ("n_att_experts", self.n_att_experts)):
                 if n > 1 and self.smoe_top_k > n:
-                    raise ConfigError(f"smoe_top_k={self.smoe_top_k} is larger than {name}={n}: lower smoe_top_k")
+                    raise ConfigError(
+                        f"smoe_top_k={self.smoe_top_k} is larger than {name}={n}: lower smoe_top_k"
+                    )
         for name in ("alpha_att", "alpha_mlp", "switch_loss_weight", "init_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -153,7 +173,9 @@ class ModelConfig:
     def layer_shared_params(self) -> int:
         """Parameters every token uses in a block whatever the routing: K/V projections, routers, norms."""
         kv = 2 * self.d_model * self.n_kv_heads * self.head_dim
-        routers = self.d_model * (self.n_att_experts * self.has_att_router + self.n_mlp_experts * self.has_mlp_router)
+        routers = self.d_model * (
+            self.n_att_experts * self.has_att_router + self.n_mlp_experts * self.has_mlp_router
+        )
         return kv + routers + 2 * self.norm_params
 
     @property
@@ -162,32 +184,45 @@ class ModelConfig:
 
     @property
     def non_embedding_params(self) -> int:
-        per_layer = (self.layer_shared_params + self.n_att_experts * self.att_expert_params
-                     + self.n_mlp_experts * self.mlp_expert_params)
+        per_layer = (
+            self.layer_shared_params
+            + self.n_att_experts * self.att_expert_params
+            + self.n_mlp_experts * self.mlp_expert_params
+        )
         return self.n_layers * per_layer + self.norm_params  # + final norm
 
     @property
     def total_params(self) -> int:
         return self.non_embedding_params + self.embedding_params
 
-    def active_params(self, att_active: list[float] | float | None = None,
-                      mlp_active: list[float] | float | None = None) -> float:
+    def active_params(
+        self, att_active: list[float] | float | None = None, mlp_active: list[float] | float | None = None
+    ) -> float:
         """Non-embedding parameters one token uses, given the mean number of active attention / MLP experts per
         token in each layer (a number for all layers, a list per layer, or None for all experts)."""
         att = _per_layer(att_active, self.n_att_experts, self.n_layers)
         mlp = _per_layer(mlp_active, self.n_mlp_experts, self.n_layers)
-        return float(sum(self.layer_shared_params + a * self.att_expert_params + m * self.mlp_expert_params
-                         for a, m in zip(att, mlp, strict=True)) + self.norm_params)
+        return float(
+            sum(
+                self.layer_shared_params + a * self.att_expert_params + m * self.mlp_expert_params
+                for a, m in zip(att, mlp, strict=True)
+            )
+            + self.norm_params
+        )
 
-    def active_hidden(self, att_active: list[float] | float | None = None,
-                      mlp_active: list[float] | float | None = None) -> float:
+    def active_hidden(
+        self, att_active: list[float] | float | None = None, mlp_active: list[float] | float | None = None
+    ) -> float:
         """Fraction of expert hidden units in use (attention heads' query/output units and MLP units), weighted by
         their parameters. A Dense model, or all experts, is 1.0."""
         att = _per_layer(att_active, self.n_att_experts, self.n_layers)
         mlp = _per_layer(mlp_active, self.n_mlp_experts, self.n_layers)
-        used = sum(a * self.att_expert_params + m * self.mlp_expert_params for a, m in zip(att, mlp, strict=True))
-        full = self.n_layers * (self.n_att_experts * self.att_expert_params
-                                + self.n_mlp_experts * self.mlp_expert_params)
+        used = sum(
+            a * self.att_expert_params + m * self.mlp_expert_params for a, m in zip(att, mlp, strict=True)
+        )
+        full = self.n_layers * (
+            self.n_att_experts * self.att_expert_params + self.n_mlp_experts * self.mlp_expert_params
+        )
         return used / full
 
     # ----- (de)serialisation -----
@@ -200,8 +235,11 @@ class ModelConfig:
         for key in values:
             if key not in known:
                 raise unknown_key_error(key, known, "the model config")
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.name not in values]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in values
+        ]
         if missing:
             raise ConfigError(f"model config is missing required field(s): {', '.join(missing)}")
         return cls(**coerce_numbers(cls, values, "the model config"))
@@ -228,6 +266,7 @@ def _per_layer(value: list[float] | float | None, n_experts: int, n_layers: int)
 # Presets
 # --------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class _Shape:
     d_model: int
@@ -241,20 +280,51 @@ class _Shape:
 
 
 def _dense(s: _Shape) -> dict[str, Any]:
-    return dict(d_model=s.d_model, n_layers=s.n_layers, n_att_experts=1, n_heads_per_expert=32, head_dim=s.head_dim,
-                n_kv_heads=s.n_kv_heads, n_mlp_experts=1, d_expert=s.d_ffn, regime="dense", **s.extra)
+    return dict(
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        n_att_experts=1,
+        n_heads_per_expert=32,
+        head_dim=s.head_dim,
+        n_kv_heads=s.n_kv_heads,
+        n_mlp_experts=1,
+        d_expert=s.d_ffn,
+        regime="dense",
+        **s.extra,
+    )
 
 
 def _dsmoe(s: _Shape, n_att: int, n_mlp: int = 32) -> dict[str, Any]:
-    return dict(d_model=s.d_model, n_layers=s.n_layers, n_att_experts=n_att, n_heads_per_expert=32 // n_att,
-                head_dim=s.head_dim, n_kv_heads=s.n_kv_heads, n_mlp_experts=n_mlp, d_expert=s.d_ffn // n_mlp,
-                regime="dsmoe", alpha_att=s.alpha_att, alpha_mlp=s.alpha_mlp, **s.extra)
+    return dict(
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        n_att_experts=n_att,
+        n_heads_per_expert=32 // n_att,
+        head_dim=s.head_dim,
+        n_kv_heads=s.n_kv_heads,
+        n_mlp_experts=n_mlp,
+        d_expert=s.d_ffn // n_mlp,
+        regime="dsmoe",
+        alpha_att=s.alpha_att,
+        alpha_mlp=s.alpha_mlp,
+        **s.extra,
+    )
 
 
 def _smoe(s: _Shape, n_mlp: int, d_expert: int) -> dict[str, Any]:
-    return dict(d_model=s.d_model, n_layers=s.n_layers, n_att_experts=1, n_heads_per_expert=32, head_dim=s.head_dim,
-                n_kv_heads=s.n_kv_heads, n_mlp_experts=n_mlp, d_expert=d_expert, regime="smoe", smoe_top_k=2,
-                **s.extra)
+    return dict(
+        d_model=s.d_model,
+        n_layers=s.n_layers,
+        n_att_experts=1,
+        n_heads_per_expert=32,
+        head_dim=s.head_dim,
+        n_kv_heads=s.n_kv_heads,
+        n_mlp_experts=n_mlp,
+        d_expert=d_expert,
+        regime="smoe",
+        smoe_top_k=2,
+        **s.extra,
+    )
 
 
 # Table 1 (GQA: 2 shared K/V heads at 1B, 4 at 3B and 6B) with Table 2's MI-loss weights.
@@ -290,11 +360,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ds-moe-10b": _dsmoe(_S10B, n_att=8),
     "ds-moe-14b": _dsmoe(_S14B, n_att=8),
     "ds-moe-19b": _dsmoe(_S19B, n_att=8),
-    "tiny-dense": dict(_TINY, n_att_experts=1, n_heads_per_expert=8, n_mlp_experts=1, d_expert=1024, regime="dense"),
-    "tiny-smoe": dict(_TINY, n_att_experts=1, n_heads_per_expert=8, n_mlp_experts=8, d_expert=256, regime="smoe",
-                      smoe_top_k=2),
-    "tiny-ds-moe": dict(_TINY, n_att_experts=4, n_heads_per_expert=2, n_mlp_experts=16, d_expert=64,
-                        regime="dsmoe", alpha_att=1e-3, alpha_mlp=1e-3),
+    "tiny-dense": dict(
+        _TINY, n_att_experts=1, n_heads_per_expert=8, n_mlp_experts=1, d_expert=1024, regime="dense"
+    ),
+    "tiny-smoe": dict(
+        _TINY,
+        n_att_experts=1,
+        n_heads_per_expert=8,
+        n_mlp_experts=8,
+        d_expert=256,
+        regime="smoe",
+        smoe_top_k=2,
+    ),
+    "tiny-ds-moe": dict(
+        _TINY,
+        n_att_experts=4,
+        n_heads_per_expert=2,
+        n_mlp_experts=16,
+        d_expert=64,
+        regime="dsmoe",
+        alpha_att=1e-3,
+        alpha_mlp=1e-3,
+    ),
 }
 
 

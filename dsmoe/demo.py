@@ -27,13 +27,28 @@ from dsmoe.training import checkpoint as ckpt
 from dsmoe.training.config import TrainConfig, apply_overrides
 from dsmoe.training.loop import train
 
-DEMO = dict(model={"preset": "tiny-ds-moe"}, seq_len=256, micro_batch_size=8, global_batch_tokens=8192,
-            total_tokens=720_896, warmup_tokens=40_960, lr=2e-3, min_lr=2e-4, eval_every=22, eval_batches=2,
-            ckpt_every=22, keep_last=1, log_every=4)
+DEMO = dict(
+    model={"preset": "tiny-ds-moe"},
+    seq_len=256,
+    micro_batch_size=8,
+    global_batch_tokens=8192,
+    total_tokens=720_896,
+    warmup_tokens=40_960,
+    lr=2e-3,
+    min_lr=2e-4,
+    eval_every=22,
+    eval_batches=2,
+    ckpt_every=22,
+    keep_last=1,
+    log_every=4,
+)
 SETTINGS = {  # (attention, MLP)
     "dense": (None, None),
     "topk k=4 of 16 (MLP)": (None, SparseSetting("topk", k=4)),
-    "threshold eps=1.0": (SparseSetting("threshold", threshold=1.0), SparseSetting("threshold", threshold=1.0)),
+    "threshold eps=1.0": (
+        SparseSetting("threshold", threshold=1.0),
+        SparseSetting("threshold", threshold=1.0),
+    ),
 }
 EVAL_DOCS = 12  # Wikipedia articles scored per setting (about 60K tokens)
 
@@ -58,21 +73,27 @@ def run_demo(args: argparse.Namespace) -> int:
     wiki = [d for d in read_documents([fetch("wikipedia") / "docs.jsonl"])][:EVAL_DOCS]
     values = apply_overrides({**DEMO, "data": str(data), "out_dir": str(work / "model")}, args.overrides)
     cfg = TrainConfig(**values)
-    print(f"training tiny-ds-moe ({cfg.model_config().non_embedding_params:,} non-embedding parameters) on "
-          f"{cfg.total_tokens:,} tokens of BBC News")
+    print(
+        f"training tiny-ds-moe ({cfg.model_config().non_embedding_params:,} non-embedding parameters) on "
+        f"{cfg.total_tokens:,} tokens of BBC News"
+    )
     train(cfg, resume=True)
 
     model, tokenizer = ckpt.load_pretrained(ckpt.list_checkpoints(cfg.out_dir)[-1])
     mcfg = model.cfg
     print(f"\nheld-out Wikipedia ({len(wiki)} articles; gensim's enwiki sample, not WikiText):")
-    print(f"  {'setting':24s} {'word ppl':>9s} {'token ppl':>9s} {'bits/byte':>9s} {'active params':>14s} "
-          f"{'active hidden':>13s}")
+    print(
+        f"  {'setting':24s} {'word ppl':>9s} {'token ppl':>9s} {'bits/byte':>9s} {'active params':>14s} "
+        f"{'active hidden':>13s}"
+    )
     for name, (att, mlp) in SETTINGS.items():
         meter = ActiveMeter(mcfg)
         sparsify(model, att=att, mlp=mlp, meter=meter)
         r = perplexity(model, tokenizer, wiki, mcfg.max_seq_len, eos_id(tokenizer))
-        print(f"  {name:24s} {r['word_perplexity']:9.1f} {r['token_perplexity']:9.1f} {r['bits_per_byte']:9.3f} "
-              f"{meter.active_params / 1e6:12.2f}M {meter.active_hidden:12.0%}")
+        print(
+            f"  {name:24s} {r['word_perplexity']:9.1f} {r['token_perplexity']:9.1f} {r['bits_per_byte']:9.3f} "
+            f"{meter.active_params / 1e6:12.2f}M {meter.active_hidden:12.0%}"
+        )
 
     sparsify(model, mlp=SparseSetting("topk", k=4))
     prompt = "The government said"
@@ -84,8 +105,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("demo", help="fetch a real corpus, train tiny-ds-moe for minutes, evaluate sparsely",
-                       description=__doc__)
+    p = sub.add_parser(
+        "demo",
+        help="fetch a real corpus, train tiny-ds-moe for minutes, evaluate sparsely",
+        description=__doc__,
+    )
     p.add_argument("--out", default="runs/demo", help="working folder (data, checkpoints, metrics)")
     p.add_argument("overrides", nargs="*", help="training overrides, e.g. total_tokens=2e6")
     p.set_defaults(func=run_demo)

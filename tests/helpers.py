@@ -5,9 +5,21 @@ from dsmoe.config import ModelConfig
 
 def small_config(regime: str = "dsmoe", **overrides) -> ModelConfig:
     """A few-thousand-parameter model that still has every feature: MoA with GQA, several MLP experts."""
-    base = dict(d_model=32, n_layers=2, n_att_experts=4, n_heads_per_expert=2, head_dim=8, n_kv_heads=2,
-                n_mlp_experts=8, d_expert=16, vocab_size=97, max_seq_len=64, regime=regime,
-                alpha_att=1e-2, alpha_mlp=1e-2)
+    base = dict(
+        d_model=32,
+        n_layers=2,
+        n_att_experts=4,
+        n_heads_per_expert=2,
+        head_dim=8,
+        n_kv_heads=2,
+        n_mlp_experts=8,
+        d_expert=16,
+        vocab_size=97,
+        max_seq_len=64,
+        regime=regime,
+        alpha_att=1e-2,
+        alpha_mlp=1e-2,
+    )
     if regime == "dense":
         base.update(n_att_experts=1, n_heads_per_expert=8, n_mlp_experts=1, d_expert=128)
     if regime == "smoe":
@@ -26,8 +38,10 @@ def synthetic_corpus(n_docs: int = 120, seed: int = 0) -> list[str]:
     objects = ["the bridge", "a red house", "the morning", "the market", "an open door", "the long road"]
     docs = []
     for _ in range(n_docs):
-        sentences = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
-                     for _ in range(rng.randint(4, 12))]
+        sentences = [
+            f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+            for _ in range(rng.randint(4, 12))
+        ]
         docs.append(" ".join(s.capitalize() for s in sentences))
     return docs
 
@@ -59,8 +73,23 @@ def tiny_train_config(data_dir, out_dir, regime: str = "dsmoe", **overrides):
     """A TrainConfig that trains tiny_model_dict() on prepared_data() in about a second per step."""
     from dsmoe.training.config import TrainConfig
 
-    values = dict(model=tiny_model_dict(regime), data=str(data_dir), out_dir=str(out_dir), seq_len=32,
-                  micro_batch_size=4, global_batch_tokens=256, total_tokens=256 * 8, warmup_tokens=512, lr=3e-3,
-                  min_lr=3e-4, log_every=1, eval_every=4, eval_batches=2, ckpt_every=2, keep_last=2, dtype="fp32")
+    values = dict(
+        model=tiny_model_dict(regime),
+        data=str(data_dir),
+        out_dir=str(out_dir),
+        seq_len=32,
+        micro_batch_size=4,
+        global_batch_tokens=256,
+        total_tokens=256 * 8,
+        warmup_tokens=512,
+        lr=3e-3,
+        min_lr=3e-4,
+        log_every=1,
+        eval_every=4,
+        eval_batches=2,
+        ckpt_every=2,
+        keep_last=2,
+        dtype="fp32",
+    )
     values.update(overrides)
     return TrainConfig(**values)

@@ -28,8 +28,11 @@ def peaked_probs(n_tokens: int, n_experts: int, generator: torch.Generator) -> t
 
 def make_routing(n_tokens: int, n_experts: int, setting: SparseSetting, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    setting = setting if setting.strategy != "topk" else SparseSetting("topk", k=min(setting.k, n_experts),
-                                                                       normalize=setting.normalize)
+    setting = (
+        setting
+        if setting.strategy != "topk"
+        else SparseSetting("topk", k=min(setting.k, n_experts), normalize=setting.normalize)
+    )
     return route(peaked_probs(n_tokens, n_experts, g), setting)
 
 
@@ -37,8 +40,8 @@ def mlp_inputs(n_tokens, n_experts, d_model, d_expert, activation, dtype, seed=0
     g = torch.Generator().manual_seed(seed)
     f_in = 2 * d_expert if activation == "swiglu" else d_expert
     x = torch.randn(n_tokens, d_model, generator=g).to(dtype)
-    w_in = (torch.randn(n_experts, f_in, d_model, generator=g) / d_model ** 0.5).to(dtype)
-    w_out = (torch.randn(n_experts, d_expert, d_model, generator=g) / d_expert ** 0.5).to(dtype)
+    w_in = (torch.randn(n_experts, f_in, d_model, generator=g) / d_model**0.5).to(dtype)
+    w_out = (torch.randn(n_experts, d_expert, d_model, generator=g) / d_expert**0.5).to(dtype)
     return x, w_in, w_out
 
 
@@ -48,8 +51,8 @@ def moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, d_m
     width = n_head * head_dim
     seq = cached + new_tokens
     x = torch.randn(batch * new_tokens, d_model, generator=g).to(dtype)
-    wq = (torch.randn(n_experts, width, d_model, generator=g) / d_model ** 0.5).to(dtype)
-    wo = (torch.randn(n_experts, width, d_model, generator=g) / width ** 0.5).to(dtype)
+    wq = (torch.randn(n_experts, width, d_model, generator=g) / d_model**0.5).to(dtype)
+    wo = (torch.randn(n_experts, width, d_model, generator=g) / width**0.5).to(dtype)
     k = torch.randn(batch, n_kv, seq, head_dim, generator=g).to(dtype)
     v = torch.randn(batch, n_kv, seq, head_dim, generator=g).to(dtype)
     batch_T = torch.arange(batch).repeat_interleave(new_tokens)
@@ -67,7 +70,18 @@ def left_padded(args: tuple, pads: list[int]) -> tuple:
     batch, seq = k.shape[0], k.shape[2]
     key_mask = torch.arange(seq)[None, :] >= torch.tensor(pads)[:, None]
     padding = Padding.from_key_mask(key_mask, x.shape[0] // batch)
-    return x, wq, wo, k, v, batch_T, padding.positions_BT.flatten(), cos, sin, padding.visible_BTS.flatten(0, 1)
+    return (
+        x,
+        wq,
+        wo,
+        k,
+        v,
+        batch_T,
+        padding.positions_BT.flatten(),
+        cos,
+        sin,
+        padding.visible_BTS.flatten(0, 1),
+    )
 
 
 def tolerances(dtype: torch.dtype) -> dict:

@@ -5,8 +5,14 @@ from dsmoe.config import PRESETS, ConfigError, ModelConfig, preset
 from dsmoe.model.transformer import Transformer
 
 # Paper Table 1 and Table 6, non-embedding parameters of the dense rows.
-PAPER_DENSE = {"dense-1b": 1017e6, "dense-3b": 2705e6, "dense-6b": 6186e6,
-               "dense-10b": 9667e6, "dense-14b": 13923e6, "dense-19b": 18951e6}
+PAPER_DENSE = {
+    "dense-1b": 1017e6,
+    "dense-3b": 2705e6,
+    "dense-6b": 6186e6,
+    "dense-10b": 9667e6,
+    "dense-14b": 13923e6,
+    "dense-19b": 18951e6,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_DENSE))
@@ -45,7 +51,9 @@ def test_tiny_presets_are_matched_like_table_1():
 def test_counted_parameters_equal_the_built_model(name):
     cfg = preset(name)
     if cfg.total_params > 50e6:
-        cfg = cfg.replace(d_model=64, n_layers=2, head_dim=8, d_expert=max(2, cfg.d_expert // 256), vocab_size=50)
+        cfg = cfg.replace(
+            d_model=64, n_layers=2, head_dim=8, d_expert=max(2, cfg.d_expert // 256), vocab_size=50
+        )
     model = Transformer(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.total_params
 
@@ -59,15 +67,18 @@ def test_active_params_and_hidden():
     assert k4 == pytest.approx(1 - mlp_share * 28 / 32)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (dict(n_kv_heads=3), "not divisible by n_kv_heads=3"),
-    (dict(regime="moe"), "unknown regime 'moe'"),
-    (dict(regime="dense"), "regime 'dense' has one attention and one MLP expert"),
-    (dict(d_model=0), "d_model must be a positive integer"),
-    (dict(alpha_mlp=-1.0), "alpha_mlp must be >= 0"),
-    (dict(activation="relu"), "unknown activation 'relu'"),
-    (dict(head_dim=7), "head_dim must be even"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(n_kv_heads=3), "not divisible by n_kv_heads=3"),
+        (dict(regime="moe"), "unknown regime 'moe'"),
+        (dict(regime="dense"), "regime 'dense' has one attention and one MLP expert"),
+        (dict(d_model=0), "d_model must be a positive integer"),
+        (dict(alpha_mlp=-1.0), "alpha_mlp must be >= 0"),
+        (dict(activation="relu"), "unknown activation 'relu'"),
+        (dict(head_dim=7), "head_dim must be even"),
+    ],
+)
 def test_config_validation_messages(overrides, message):
     with pytest.raises(ConfigError, match=message):
         ModelConfig(**{**small_config().to_dict(), **overrides})

@@ -30,9 +30,9 @@ def test_kv_cache_decoding_equals_full_recomputation(name, regime):
     cache = model.new_cache(2, 12)
     with torch.no_grad():
         cached = [model(idx[:, :5], cache=cache).logits[:, -1]]
-        cached += [model(idx[:, p:p + 1], cache=cache, start_pos=p).logits[:, -1] for p in range(5, 12)]
+        cached += [model(idx[:, p : p + 1], cache=cache, start_pos=p).logits[:, -1] for p in range(5, 12)]
         for p, logits in zip(range(4, 12), cached, strict=True):
-            full = model(idx[:, :p + 1]).logits[:, -1]
+            full = model(idx[:, : p + 1]).logits[:, -1]
             torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
 
 
@@ -77,16 +77,18 @@ def test_left_padded_prompts_generate_as_they_would_alone(name):
     prompts = [torch.randint(1, 97, (n,)) for n in (6, 2, 4)]
     batch, mask = torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, 6, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
-        batch[row, 6 - len(prompt):], mask[row, 6 - len(prompt):] = prompt, True
+        batch[row, 6 - len(prompt) :], mask[row, 6 - len(prompt) :] = prompt, True
     together = generate(model, batch, 5, prompt_mask_BT=mask)
     for row, prompt in enumerate(prompts):
-        assert torch.equal(together[row, 6:], generate(model, prompt[None], 5)[0, len(prompt):])
+        assert torch.equal(together[row, 6:], generate(model, prompt[None], 5)[0, len(prompt) :])
 
 
 def test_sampling_is_reproducible_and_top_p_restricts_the_nucleus():
     model = Transformer(small_config()).eval()
     prompt = torch.randint(0, 97, (1, 4))
-    run = lambda: generate(model, prompt, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    run = lambda: generate(
+        model, prompt, 8, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(run(), run())
     logits = torch.tensor([[5.0, 4.0, 0.0, -1.0]])
     picks = {sample_next(logits, 1.0, 0.5, torch.Generator().manual_seed(s)).item() for s in range(50)}
@@ -113,8 +115,12 @@ def test_active_meter_counts_experts_per_token():
     assert meter.mean_active("mlp") == [2.0, 2.0] and meter.mean_active("att") == [4.0, 4.0]
     assert meter.active_params == cfg.active_params(4, 2)
     meter.reset()
-    sparsify(model, att=SparseSetting("threshold", threshold=1.0), mlp=SparseSetting("threshold", threshold=1.0),
-             meter=meter)
+    sparsify(
+        model,
+        att=SparseSetting("threshold", threshold=1.0),
+        mlp=SparseSetting("threshold", threshold=1.0),
+        meter=meter,
+    )
     with torch.no_grad():
         model(torch.randint(0, 97, (2, 8)))
     summary = meter.summary()

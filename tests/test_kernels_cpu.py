@@ -21,7 +21,9 @@ def test_expert_mlp_cpu_matches_reference(setting, n_tokens, dtype):
     routing = make_routing(n_tokens, 8, setting)
     out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
     assert out.dtype == dtype
-    torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tolerances(dtype))
+    torch.testing.assert_close(
+        out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tolerances(dtype)
+    )
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
@@ -34,50 +36,77 @@ def test_per_expert_prefill_path_matches_reference(monkeypatch, setting, activat
     assert int(routing.mask.sum()) >= 2 * 8
     out = expert_mlp_cpu(x, w_in, w_out, routing, activation)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, activation), **tolerances(dtype))
+    torch.testing.assert_close(
+        out, expert_mlp_reference(x, w_in, w_out, routing, activation), **tolerances(dtype)
+    )
 
 
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 def test_one_token_path_reads_only_selected_experts(activation):
     x, w_in, w_out = mlp_inputs(1, 8, 32, 16, activation, torch.float32)
-    routing = Routing(indices=torch.tensor([[6, 1, 3]]), weights=torch.tensor([[0.5, 0.3, 0.2]]),
-                      mask=torch.tensor([[True, True, False]]), n_experts=8)
+    routing = Routing(
+        indices=torch.tensor([[6, 1, 3]]),
+        weights=torch.tensor([[0.5, 0.3, 0.2]]),
+        mask=torch.tensor([[True, True, False]]),
+        n_experts=8,
+    )
     expected = expert_mlp_reference(x, w_in, w_out, routing, activation)
     unused = [0, 2, 3, 4, 5, 7]  # expert 3 is selected but masked out
     w_in[unused], w_out[unused] = float("nan"), float("nan")
-    torch.testing.assert_close(expert_mlp_cpu(x, w_in, w_out, routing, activation), expected, rtol=1e-4, atol=1e-5)
-    none = Routing(indices=routing.indices, weights=routing.weights, mask=torch.zeros(1, 3, dtype=torch.bool),
-                   n_experts=8)
+    torch.testing.assert_close(
+        expert_mlp_cpu(x, w_in, w_out, routing, activation), expected, rtol=1e-4, atol=1e-5
+    )
+    none = Routing(
+        indices=routing.indices,
+        weights=routing.weights,
+        mask=torch.zeros(1, 3, dtype=torch.bool),
+        n_experts=8,
+    )
     assert torch.equal(expert_mlp_cpu(x, w_in, w_out, none, activation), torch.zeros(1, 32))
 
 
-@pytest.mark.parametrize("shape", [(33, 7, 5), (32, 16, 1), (48, 24, 6)], ids=["odd-widths", "one-expert", "swiglu"])
+@pytest.mark.parametrize(
+    "shape", [(33, 7, 5), (32, 16, 1), (48, 24, 6)], ids=["odd-widths", "one-expert", "swiglu"]
+)
 def test_expert_mlp_cpu_odd_shapes(shape):
     d_model, d_expert, n_experts = shape
     activation = "swiglu" if shape == (48, 24, 6) else "gelu"
     x, w_in, w_out = mlp_inputs(9, n_experts, d_model, d_expert, activation, torch.float32)
     routing = make_routing(9, n_experts, SparseSetting("topk", k=2))
-    torch.testing.assert_close(expert_mlp_cpu(x, w_in, w_out, routing, activation),
-                               expert_mlp_reference(x, w_in, w_out, routing, activation), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        expert_mlp_cpu(x, w_in, w_out, routing, activation),
+        expert_mlp_reference(x, w_in, w_out, routing, activation),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_experts_without_tokens_and_dropped_pairs():
     """Only experts 2 and 5 get tokens; the threshold mask drops some pairs, which must contribute nothing."""
     x, w_in, w_out = mlp_inputs(3, 8, 32, 16, "gelu", torch.float32)
-    routing = Routing(indices=torch.tensor([[5, 2], [2, 0], [5, 7]]), weights=torch.tensor([[0.6, 0.3], [0.9, 0.1],
-                      [0.5, 0.4]]), mask=torch.tensor([[True, True], [True, False], [True, False]]), n_experts=8)
+    routing = Routing(
+        indices=torch.tensor([[5, 2], [2, 0], [5, 7]]),
+        weights=torch.tensor([[0.6, 0.3], [0.9, 0.1], [0.5, 0.4]]),
+        mask=torch.tensor([[True, True], [True, False], [True, False]]),
+        n_experts=8,
+    )
     pairs = SortedPairs(routing)
     assert pairs.expert_P.tolist() == [2, 2, 5, 5]
     assert pairs.offs_N.tolist() == [0, 0, 2, 2, 2, 4, 4, 4]
     out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
-    torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), rtol=1e-4, atol=1e-5
+    )
     w_in[[0, 7]] = float("nan")  # experts of dropped pairs are never read
     assert torch.isfinite(expert_mlp_cpu(x, w_in, w_out, routing, "gelu")).all()
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
-@pytest.mark.parametrize("batch,new_tokens,cached", [(1, 1, 9), (3, 1, 5), (2, 6, 0), (2, 4, 3)],
-                         ids=["decode-b1", "decode-b3", "prefill", "chunk-after-cache"])
+@pytest.mark.parametrize(
+    "batch,new_tokens,cached",
+    [(1, 1, 9), (3, 1, 5), (2, 6, 0), (2, 4, 3)],
+    ids=["decode-b1", "decode-b3", "prefill", "chunk-after-cache"],
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype):
     n_experts, n_head, head_dim, n_kv = 4, 2, 8, 2
@@ -127,8 +156,11 @@ def test_sparse_model_on_fast_path_matches_reference_kernels(regime, monkeypatch
     from dsmoe.model.transformer import Transformer
 
     model = Transformer(small_config(regime)).eval()
-    sparsify(model, att=SparseSetting("topk", k=2) if regime == "dsmoe" else None,
-             mlp=SparseSetting("threshold", threshold=1.0) if regime == "dsmoe" else None)
+    sparsify(
+        model,
+        att=SparseSetting("topk", k=2) if regime == "dsmoe" else None,
+        mlp=SparseSetting("threshold", threshold=1.0) if regime == "dsmoe" else None,
+    )
     idx = torch.randint(0, 97, (2, 9))
 
     def run():
@@ -152,11 +184,15 @@ def test_bf16_prefill_upcast_and_decode_native_paths_agree(monkeypatch):
     seen = []
     inner = cpu._grouped_mm
     monkeypatch.setattr(cpu, "_grouped_mm", lambda a, b, offs: seen.append(a.dtype) or inner(a, b, offs))
-    for n_tokens, path in ((64, torch.float32), (3, torch.bfloat16)):  # 128 rows >= 8 x 4 experts; 6 rows < 32
+    for n_tokens, path in (
+        (64, torch.float32),
+        (3, torch.bfloat16),
+    ):  # 128 rows >= 8 x 4 experts; 6 rows < 32
         x, w_in, w_out = mlp_inputs(n_tokens, 4, 32, 16, "gelu", torch.bfloat16)
         routing = make_routing(n_tokens, 4, SparseSetting("topk", k=2))
         seen.clear()
         out = expert_mlp_cpu(x, w_in, w_out, routing, "gelu")
         assert seen == [path, path] and out.dtype == torch.bfloat16
-        torch.testing.assert_close(out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"),
-                                   **tolerances(torch.bfloat16))
+        torch.testing.assert_close(
+            out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tolerances(torch.bfloat16)
+        )

@@ -12,9 +12,13 @@ from dsmoe.kernels.cpu import SortedPairs
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, block_table, expert_mlp_triton, moa_triton
 
-pytestmark = pytest.mark.skipif(not TRITON_AVAILABLE, reason="triton is not installed: pip install 'dsmoe[gpu]'")
-interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="a GPU is present, so kernels are compiled; see the gpu-marked tests")
+pytestmark = pytest.mark.skipif(
+    not TRITON_AVAILABLE, reason="triton is not installed: pip install 'dsmoe[gpu]'"
+)
+interpreted = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="a GPU is present, so kernels are compiled; see the gpu-marked tests",
+)
 
 
 def test_block_table_splits_experts_and_skips_empty_ones():
@@ -30,16 +34,23 @@ def test_block_table_splits_experts_and_skips_empty_ones():
 def test_expert_mlp_triton_interpreted(setting, n_tokens):
     x, w_in, w_out = mlp_inputs(n_tokens, 6, 32, 24, "gelu", torch.float32)
     routing = make_routing(n_tokens, 6, setting)
-    torch.testing.assert_close(expert_mlp_triton(x, w_in, w_out, routing, "gelu"),
-                               expert_mlp_reference(x, w_in, w_out, routing, "gelu"), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        expert_mlp_triton(x, w_in, w_out, routing, "gelu"),
+        expert_mlp_reference(x, w_in, w_out, routing, "gelu"),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @interpreted
 def test_expert_mlp_triton_interpreted_odd_widths_swiglu_bf16():
     x, w_in, w_out = mlp_inputs(19, 5, 40, 20, "swiglu", torch.bfloat16)
     routing = make_routing(19, 5, SparseSetting("topk", k=2))
-    torch.testing.assert_close(expert_mlp_triton(x, w_in, w_out, routing, "swiglu"),
-                               expert_mlp_reference(x, w_in, w_out, routing, "swiglu"), **tolerances(torch.bfloat16))
+    torch.testing.assert_close(
+        expert_mlp_triton(x, w_in, w_out, routing, "swiglu"),
+        expert_mlp_reference(x, w_in, w_out, routing, "swiglu"),
+        **tolerances(torch.bfloat16),
+    )
 
 
 @interpreted
@@ -51,8 +62,12 @@ def test_moa_triton_interpreted(setting, batch, new_tokens, cached, padded):
     if padded:
         args = left_padded(args, pads=[0, 3])
     routing = make_routing(batch * new_tokens, 4, setting)
-    torch.testing.assert_close(moa_triton(*args[:5], routing, *args[5:]),
-                               moa_reference(*args[:5], routing, *args[5:]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        moa_triton(*args[:5], routing, *args[5:]),
+        moa_reference(*args[:5], routing, *args[5:]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @interpreted
@@ -64,8 +79,9 @@ def test_scatter2scatter_reads_rows_in_place():
     routing = make_routing(5, 3, SparseSetting("topk", k=3))
     pairs = SortedPairs(routing)
     out = scatter2scatter(x, w_in.transpose(1, 2), pairs, gather=True)
-    expected = torch.stack([x[t] @ w_in[e].T for t, e in zip(pairs.token_P.tolist(), pairs.expert_P.tolist(),
-                                                              strict=True)])
+    expected = torch.stack(
+        [x[t] @ w_in[e].T for t, e in zip(pairs.token_P.tolist(), pairs.expert_P.tolist(), strict=True)]
+    )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -76,12 +92,20 @@ def test_scatter2scatter_reads_rows_in_place():
 def test_expert_mlp_and_moa_triton_on_gpu(dtype, n_tokens):
     x, w_in, w_out = (t.cuda() for t in mlp_inputs(n_tokens, 32, 256, 128, "gelu", dtype))
     routing = make_routing(n_tokens, 32, SparseSetting("topk", k=4))
-    routing = type(routing)(routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts)
+    routing = type(routing)(
+        routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts
+    )
     tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else tolerances(dtype)
-    torch.testing.assert_close(expert_mlp_triton(x, w_in, w_out, routing, "gelu"),
-                               expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tol)
+    torch.testing.assert_close(
+        expert_mlp_triton(x, w_in, w_out, routing, "gelu"),
+        expert_mlp_reference(x, w_in, w_out, routing, "gelu"),
+        **tol,
+    )
     args = [t.cuda() for t in moa_inputs(2, n_tokens, 3, 8, 4, 32, 4, 256, dtype)]
     routing = make_routing(2 * n_tokens, 8, SparseSetting("threshold", threshold=1.0))
-    routing = type(routing)(routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts)
-    torch.testing.assert_close(moa_triton(*args[:5], routing, *args[5:]), moa_reference(*args[:5], routing, *args[5:]),
-                               **tol)
+    routing = type(routing)(
+        routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts
+    )
+    torch.testing.assert_close(
+        moa_triton(*args[:5], routing, *args[5:]), moa_reference(*args[:5], routing, *args[5:]), **tol
+    )

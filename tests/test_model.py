@@ -19,8 +19,9 @@ def test_dense_mlp_equals_sum_of_experts_one_by_one():
     mlp = model.blocks[0].mlp
     x = torch.randn(10, 32)
     probs = mlp.router(x)
-    expected = sum(probs[:, e:e + 1] * (F.gelu(x @ mlp.experts.w_in[e].T) @ mlp.experts.w_out[e])
-                   for e in range(8))
+    expected = sum(
+        probs[:, e : e + 1] * (F.gelu(x @ mlp.experts.w_in[e].T) @ mlp.experts.w_out[e]) for e in range(8)
+    )
     out, _ = mlp(x, None, want_aux=False)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
@@ -44,7 +45,7 @@ def _moa_by_hand(att, x, cos, sin):
             scores = q[:, :, j] @ k[:, :, kv].transpose(1, 2) / math.sqrt(d)
             attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
             o_e.append(attn @ v[:, :, kv])
-        out += probs[..., e:e + 1] * (torch.cat(o_e, dim=-1) @ att.wo[e])
+        out += probs[..., e : e + 1] * (torch.cat(o_e, dim=-1) @ att.wo[e])
     return out
 
 
@@ -53,7 +54,9 @@ def test_dense_moa_equals_sum_of_experts_one_by_one():
     att = model.blocks[0].att
     x = torch.randn(2, 7, 32)
     out, _ = att(x, model.rope_cos, model.rope_sin, None, 0, None, want_aux=False)
-    torch.testing.assert_close(out, _moa_by_hand(att, x, model.rope_cos, model.rope_sin), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        out, _moa_by_hand(att, x, model.rope_cos, model.rope_sin), rtol=1e-5, atol=1e-6
+    )
 
 
 def _logits(model, idx):
@@ -71,11 +74,17 @@ def test_sparse_with_every_expert_equals_dense(setting):
     torch.testing.assert_close(_logits(model, idx), dense, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("setting", [SparseSetting("topk", k=1), SparseSetting("topk", k=3),
-                                     SparseSetting("threshold", threshold=1.0),
-                                     SparseSetting("threshold", threshold=1.3),
-                                     SparseSetting("threshold_topk", threshold=0.9),
-                                     SparseSetting("topk", k=2, normalize=True)])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        SparseSetting("topk", k=1),
+        SparseSetting("topk", k=3),
+        SparseSetting("threshold", threshold=1.0),
+        SparseSetting("threshold", threshold=1.3),
+        SparseSetting("threshold_topk", threshold=0.9),
+        SparseSetting("topk", k=2, normalize=True),
+    ],
+)
 @pytest.mark.parametrize("kind", ["att", "mlp"])
 def test_sparse_dispatch_equals_dense_with_unselected_experts_zeroed(setting, kind):
     """The gather/compute/scatter path against the dense path whose router weights are masked."""
@@ -119,8 +128,14 @@ def test_dense_training_gives_every_expert_and_router_column_a_gradient():
     idx = torch.randint(0, 97, (2, 12))
     model(idx[:, :-1], idx[:, 1:]).loss.backward()
     for block in model.blocks:
-        for p in (block.att.wq, block.att.wo, block.att.router.weight,
-                  block.mlp.experts.w_in, block.mlp.experts.w_out, block.mlp.router.weight):
+        for p in (
+            block.att.wq,
+            block.att.wo,
+            block.att.router.weight,
+            block.mlp.experts.w_in,
+            block.mlp.experts.w_out,
+            block.mlp.router.weight,
+        ):
             assert all(_grad_rows(p)), p.shape
 
 
@@ -129,7 +144,10 @@ def test_sparse_training_updates_only_the_chosen_experts():
     chosen = {}
     for block in model.blocks:
         block.mlp.register_forward_hook(
-            lambda m, inp, out: chosen.__setitem__(m.layer_idx, set(m.router(inp[0]).topk(2).indices.flatten().tolist())))
+            lambda m, inp, out: chosen.__setitem__(
+                m.layer_idx, set(m.router(inp[0]).topk(2).indices.flatten().tolist())
+            )
+        )
     idx = torch.randint(0, 97, (1, 2))
     out = model(idx[:, :1], idx[:, 1:])
     assert out.switch is not None and out.mi_mlp is None

@@ -33,10 +33,22 @@ def data_dir(tmp_path_factory):
 
 
 def run_args(data_dir, out_dir, total_steps=10):
-    return [f"data={data_dir}", f"out_dir={out_dir}", f"model={json.dumps(tiny_model_dict())}", "seq_len=32",
-            "micro_batch_size=4", "global_batch_tokens=256", f"total_tokens={256 * total_steps}",
-            "warmup_tokens=512", "lr=3e-3", "log_every=1", "eval_every=0", "ckpt_every=2", "keep_last=2",
-            "dtype=fp32"]
+    return [
+        f"data={data_dir}",
+        f"out_dir={out_dir}",
+        f"model={json.dumps(tiny_model_dict())}",
+        "seq_len=32",
+        "micro_batch_size=4",
+        "global_batch_tokens=256",
+        f"total_tokens={256 * total_steps}",
+        "warmup_tokens=512",
+        "lr=3e-3",
+        "log_every=1",
+        "eval_every=0",
+        "ckpt_every=2",
+        "keep_last=2",
+        "dtype=fp32",
+    ]
 
 
 # A child that trains and SIGKILLs itself inside write_checkpoint, after the folder is fully written but before
@@ -114,7 +126,9 @@ def test_shard_with_ids_outside_the_vocabulary_is_named(data_dir, tmp_path):
     tokens.flush()
     loader = TokenLoader(bad, "train", 64, 32, vocab_size=384)
     before = _tree(bad)
-    with pytest.raises(DataError, match=r"token id 60000 in the train shards .* outside the vocabulary of 384"):
+    with pytest.raises(
+        DataError, match=r"token id 60000 in the train shards .* outside the vocabulary of 384"
+    ):
         for _ in range(loader.batches_per_epoch):
             next(loader)
     assert _tree(bad) == before
@@ -196,8 +210,13 @@ def test_router_collapse_is_reported(data_dir, tmp_path, capsys):
 # ----- fuzzing -----
 
 FIELDS = [f for f in ModelConfig.__dataclass_fields__]
-values = st.one_of(st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8), st.booleans(),
-                   st.none())
+values = st.one_of(
+    st.integers(-3, 300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.booleans(),
+    st.none(),
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -213,10 +232,36 @@ def test_fuzz_model_config_parsing(changes):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.one_of(st.sampled_from(["info", "--preset", "tiny-ds-moe", "ds-moe-1b", "--strategy", "topk",
-                                           "threshold", "--k", "--threshold", "--json", "--att-strategy", "0",
-                                           "-1", "40", "nan", "train", "data", "x=1"]),
-                          st.text(max_size=6)), max_size=7))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(
+                [
+                    "info",
+                    "--preset",
+                    "tiny-ds-moe",
+                    "ds-moe-1b",
+                    "--strategy",
+                    "topk",
+                    "threshold",
+                    "--k",
+                    "--threshold",
+                    "--json",
+                    "--att-strategy",
+                    "0",
+                    "-1",
+                    "40",
+                    "nan",
+                    "train",
+                    "data",
+                    "x=1",
+                ]
+            ),
+            st.text(max_size=6),
+        ),
+        max_size=7,
+    )
+)
 def test_fuzz_cli_arguments(argv):
     try:
         code = main(argv)
@@ -247,8 +292,14 @@ def test_fuzz_corpus_readers(tmp_path, contents):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(STRATEGIES), st.integers(-2, 20), st.floats(allow_nan=True, allow_infinity=True), st.booleans(),
-       st.integers(1, 12), st.integers(1, 40))
+@given(
+    st.sampled_from(STRATEGIES),
+    st.integers(-2, 20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.integers(1, 12),
+    st.integers(1, 40),
+)
 def test_fuzz_sparse_settings(strategy, k, threshold, normalize, n_experts, n_tokens):
     try:
         setting = SparseSetting(strategy, k=k, threshold=threshold, normalize=normalize)

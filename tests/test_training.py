@@ -46,8 +46,9 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path, regime):
 
 def test_activation_checkpointing_changes_nothing_but_memory(data_dir, tmp_path):
     plain = tiny_train_config(data_dir, tmp_path / "plain", total_tokens=256 * 3, eval_every=0)
-    recomputed = tiny_train_config(data_dir, tmp_path / "ac", total_tokens=256 * 3, eval_every=0,
-                                   activation_checkpointing=True)
+    recomputed = tiny_train_config(
+        data_dir, tmp_path / "ac", total_tokens=256 * 3, eval_every=0, activation_checkpointing=True
+    )
     train(plain)
     train(recomputed)
     assert losses(plain.out_dir) == pytest.approx(losses(recomputed.out_dir), rel=1e-6)
@@ -93,7 +94,9 @@ def test_corrupted_checkpoint_is_reported(data_dir, tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays_to_min(data_dir, tmp_path):
-    cfg = tiny_train_config(data_dir, tmp_path, total_tokens=10_000, warmup_tokens=1_000, global_batch_tokens=256)
+    cfg = tiny_train_config(
+        data_dir, tmp_path, total_tokens=10_000, warmup_tokens=1_000, global_batch_tokens=256
+    )
     assert lr_at(0, cfg) < lr_at(500, cfg) < cfg.lr
     assert lr_at(1_000, cfg) == pytest.approx(cfg.lr)
     assert lr_at(10_000, cfg) == pytest.approx(cfg.min_lr)
@@ -136,8 +139,11 @@ def test_all_shipped_configs_load_and_build(tmp_path):
 
 
 def _run_train(args, nproc=None):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dsmoe", "train"] \
-        if nproc else [sys.executable, "-m", "dsmoe", "train"]
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dsmoe", "train"]
+        if nproc
+        else [sys.executable, "-m", "dsmoe", "train"]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,8 +155,19 @@ def test_two_processes_match_one_on_the_same_global_batch(data_dir, tmp_path, re
     reduction order. DS-MoE: each rank's MI loss sees its half of the batch, so the routers' gradients differ by
     that term only (alpha-weighted): within 0.1%."""
     model = json.dumps(tiny_model_dict(regime))
-    common = [f"data={data_dir}", f"model={model}", "seq_len=32", "global_batch_tokens=256", "total_tokens=1024",
-              "warmup_tokens=256", "lr=3e-3", "log_every=1", "eval_every=0", "ckpt_every=100", "dtype=fp32"]
+    common = [
+        f"data={data_dir}",
+        f"model={model}",
+        "seq_len=32",
+        "global_batch_tokens=256",
+        "total_tokens=1024",
+        "warmup_tokens=256",
+        "lr=3e-3",
+        "log_every=1",
+        "eval_every=0",
+        "ckpt_every=100",
+        "dtype=fp32",
+    ]
     _run_train(common + [f"out_dir={tmp_path / 'one'}", "micro_batch_size=8"])
     _run_train(common + [f"out_dir={tmp_path / 'two'}", "micro_batch_size=4"], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")

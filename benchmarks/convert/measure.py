@@ -68,7 +68,9 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--calibration-tokens", type=int, default=16384)
     parser.add_argument("--sharpness", type=float, default=0.1)
-    parser.add_argument("--trained", nargs="*", default=[], help="checkpoint folders (or runs) to evaluate too")
+    parser.add_argument(
+        "--trained", nargs="*", default=[], help="checkpoint folders (or runs) to evaluate too"
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -102,13 +104,23 @@ def main() -> None:
                 continue
             r = evaluate_text(model, tokenizer, docs, att, mlp, batch_size=8, max_len=512)
             results["perplexity"][f"{label} | {name}"] = {
-                "token_perplexity": r["token_perplexity"], "word_perplexity": r["word_perplexity"],
-                "bits_per_byte": r["bits_per_byte"], "bytes": r["bytes"], "tokens": r["tokens"],
-                "active_hidden": r["active_hidden"], "mlp_active": mlp_active_share(r["layers"]),
-                "active_params": r["active_params"]}
-            print(f"{label:22s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
-                  f"{r['active_hidden']:.1%}  active MLP {mlp_active_share(r['layers']):.1%}", flush=True)
-            args.out.write_text(json.dumps(results, indent=1))  # after every setting: partial runs keep results
+                "token_perplexity": r["token_perplexity"],
+                "word_perplexity": r["word_perplexity"],
+                "bits_per_byte": r["bits_per_byte"],
+                "bytes": r["bytes"],
+                "tokens": r["tokens"],
+                "active_hidden": r["active_hidden"],
+                "mlp_active": mlp_active_share(r["layers"]),
+                "active_params": r["active_params"],
+            }
+            print(
+                f"{label:22s} {name:28s} token ppl {r['token_perplexity']:9.3f}  active hidden "
+                f"{r['active_hidden']:.1%}  active MLP {mlp_active_share(r['layers']):.1%}",
+                flush=True,
+            )
+            args.out.write_text(
+                json.dumps(results, indent=1)
+            )  # after every setting: partial runs keep results
     plot(results, args.out.with_suffix(".png"))
 
 
@@ -138,10 +150,18 @@ def plot(results: dict, path: Path) -> None:
     oracle = path.with_name("oracle.json")
     if oracle.is_file():
         rows = [r for r in json.loads(oracle.read_text()).values() if r.get("experts") == 16]
-        ax.plot([100 * r["keep"] for r in rows], [r["token_perplexity"] for r in rows], "k--",
-                label="oracle router (bound, 16 experts)")
-    ax.axhline(results["perplexity"]["zero router | dense"]["token_perplexity"], color="grey", lw=0.8,
-               label="original model")
+        ax.plot(
+            [100 * r["keep"] for r in rows],
+            [r["token_perplexity"] for r in rows],
+            "k--",
+            label="oracle router (bound, 16 experts)",
+        )
+    ax.axhline(
+        results["perplexity"]["zero router | dense"]["token_perplexity"],
+        color="grey",
+        lw=0.8,
+        label="original model",
+    )
     ax.set_yscale("log")
     ax.set_xlabel("active MLP hidden units (%)")
     ax.set_ylabel("held-out Wikipedia token perplexity")

@@ -54,8 +54,14 @@ def main() -> None:
                 block.mlp.forward = types.MethodType(oracle_forward, block.mlp)
             r = evaluate_text(model, tokenizer, docs, batch_size=2, max_len=512)
             results[f"{n} experts, oracle top-{round(keep * n)}"] = {
-                "experts": n, "keep": keep, "token_perplexity": r["token_perplexity"], "tokens": r["tokens"]}
-            print(f"{n:3d} experts  oracle keep {keep:.3f}  token ppl {r['token_perplexity']:8.2f}", flush=True)
+                "experts": n,
+                "keep": keep,
+                "token_perplexity": r["token_perplexity"],
+                "tokens": r["tokens"],
+            }
+            print(
+                f"{n:3d} experts  oracle keep {keep:.3f}  token ppl {r['token_perplexity']:8.2f}", flush=True
+            )
             args.out.write_text(json.dumps(results, indent=1))
 
 

@@ -38,6 +38,7 @@ def prefill_job(model, idx, hf: bool):
     def job():
         with torch.inference_mode():
             model(idx) if not hf else model(idx, use_cache=False)
+
     return job
 
 
@@ -56,8 +57,11 @@ def decode_job(model, prompt, n_new: int, hf: bool):
             token = model(prompt, cache=cache, last_only=True).logits[:, -1].argmax(-1)
             start = time.perf_counter()
             for pos in range(prompt.shape[1], prompt.shape[1] + n_new):
-                token = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+                token = (
+                    model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+                )
             return time.perf_counter() - start
+
     return job
 
 
@@ -103,18 +107,25 @@ def main() -> None:
     prompt = torch.randint(0, 49152, (1, 16), generator=gen)
     is_hf = {name: SETTINGS[name] is None for name in models}
     prefill = best_of({n: prefill_job(m, idx, is_hf[n]) for n, m in models.items()}, args.repeats)
-    decode = best_of({n: decode_job(m, prompt, args.decode_tokens, is_hf[n]) for n, m in models.items()},
-                     args.repeats)
+    decode = best_of(
+        {n: decode_job(m, prompt, args.decode_tokens, is_hf[n]) for n, m in models.items()}, args.repeats
+    )
     base = "original (HF transformers)"
     results = {"settings": vars(args) | {"out": str(args.out)}, "torch": torch.__version__, "models": {}}
     for name in models:
         p_tps = args.batch * args.seq / prefill[name]
         d_tps = args.decode_tokens / decode[name]
-        results["models"][name] = {"prefill_tps": p_tps, "decode_b1_tps": d_tps,
-                                   "prefill_ratio": prefill[base] / prefill[name],
-                                   "decode_ratio": decode[base] / decode[name]}
-        print(f"{name:34s} prefill {p_tps:8.1f} tok/s ({prefill[base] / prefill[name]:.2f}x)  "
-              f"decode b1 {d_tps:6.1f} tok/s ({decode[base] / decode[name]:.2f}x)", flush=True)
+        results["models"][name] = {
+            "prefill_tps": p_tps,
+            "decode_b1_tps": d_tps,
+            "prefill_ratio": prefill[base] / prefill[name],
+            "decode_ratio": decode[base] / decode[name],
+        }
+        print(
+            f"{name:34s} prefill {p_tps:8.1f} tok/s ({prefill[base] / prefill[name]:.2f}x)  "
+            f"decode b1 {d_tps:6.1f} tok/s ({decode[base] / decode[name]:.2f}x)",
+            flush=True,
+        )
     args.out.write_text(json.dumps(results, indent=1))
 
 

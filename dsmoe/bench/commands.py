@@ -12,7 +12,9 @@ from dsmoe.bench.throughput import METRICS, BenchSettings, run_benchmark
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="latency and token throughput: Dense vs SMoE vs DS-MoE (paper Table 6, scaled)")
+    p = sub.add_parser(
+        "bench", help="latency and token throughput: Dense vs SMoE vs DS-MoE (paper Table 6, scaled)"
+    )
     d = BenchSettings()
     p.add_argument("--device", choices=["cpu", "cuda"], default=d.device)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=d.dtype)
@@ -22,29 +24,50 @@ def add_commands(sub) -> None:
     p.add_argument("--n-layers", type=int, default=d.n_layers)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--input-len", type=int, default=d.input_len)
-    p.add_argument("--memory-gb", type=float, default=d.memory_gb, help="budget for the input-throughput batch")
+    p.add_argument(
+        "--memory-gb", type=float, default=d.memory_gb, help="budget for the input-throughput batch"
+    )
     p.add_argument("--max-input-batch", type=int, default=d.max_input_batch)
     p.add_argument("--decode-tokens", type=int, default=d.decode_tokens)
     p.add_argument("--decode-batches", type=int, nargs="+", default=list(d.decode_batches))
     p.add_argument("--latency-batch", type=int, default=d.latency_batch)
     p.add_argument("--latency-prompt", type=int, default=d.latency_prompt)
     p.add_argument("--latency-new", type=int, default=d.latency_new)
-    p.add_argument("--mlp-tokens", type=int, default=d.mlp_tokens, help="tokens of the MLP FLOP/s measurement")
+    p.add_argument(
+        "--mlp-tokens", type=int, default=d.mlp_tokens, help="tokens of the MLP FLOP/s measurement"
+    )
     p.add_argument("--repeats", type=int, default=d.repeats)
     p.add_argument("--mlp-k", type=int, default=d.mlp_k, help="DS-MoE: active MLP experts of 32")
-    p.add_argument("--att-k", type=int, default=None, help="DS-MoE: active attention experts of 8 (default dense)")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument(
+        "--att-k", type=int, default=None, help="DS-MoE: active attention experts of 8 (default dense)"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
+    )
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    s = BenchSettings(device=args.device, dtype=args.dtype, d_model=args.d_model, n_layers=args.n_layers,
-                      vocab_size=args.vocab_size, input_len=args.input_len, memory_gb=args.memory_gb,
-                      max_input_batch=args.max_input_batch, decode_tokens=args.decode_tokens,
-                      decode_batches=tuple(args.decode_batches), latency_batch=args.latency_batch,
-                      latency_prompt=args.latency_prompt, latency_new=args.latency_new, mlp_tokens=args.mlp_tokens,
-                      repeats=args.repeats, mlp_k=args.mlp_k, att_k=args.att_k,
-                      threads=args.threads)
+    s = BenchSettings(
+        device=args.device,
+        dtype=args.dtype,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        vocab_size=args.vocab_size,
+        input_len=args.input_len,
+        memory_gb=args.memory_gb,
+        max_input_batch=args.max_input_batch,
+        decode_tokens=args.decode_tokens,
+        decode_batches=tuple(args.decode_batches),
+        latency_batch=args.latency_batch,
+        latency_prompt=args.latency_prompt,
+        latency_new=args.latency_new,
+        mlp_tokens=args.mlp_tokens,
+        repeats=args.repeats,
+        mlp_k=args.mlp_k,
+        att_k=args.att_k,
+        threads=args.threads,
+    )
     result = run_benchmark(s)
     text = json.dumps(result, indent=2)
     if args.out:
@@ -63,23 +86,44 @@ def write_atomic(path: Path, text: str) -> None:
 
 def format_table(result: dict) -> str:
     """Markdown tables: absolute figures, ratios to Dense, MLP FLOP/s."""
-    metrics = [m for m in next(iter(result["models"].values())) if m.startswith(("input", "output", "latency"))]
-    lines = ["| model | " + " | ".join(metrics) + " | active params | total params |",
-             "|---" * (len(metrics) + 3) + "|"]
+    metrics = [
+        m for m in next(iter(result["models"].values())) if m.startswith(("input", "output", "latency"))
+    ]
+    lines = [
+        "| model | " + " | ".join(metrics) + " | active params | total params |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
     for name, r in result["models"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.4g}" for m in metrics)
-                     + f" | {r['active_params'] / 1e6:.1f}M | {r['total_params'] / 1e6:.1f}M |")
-    lines += ["", "| ratio to dense | " + " | ".join(metrics) + " | active params | total params |",
-              "|---" * (len(metrics) + 3) + "|"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r[m]:.4g}" for m in metrics)
+            + f" | {r['active_params'] / 1e6:.1f}M | {r['total_params'] / 1e6:.1f}M |"
+        )
+    lines += [
+        "",
+        "| ratio to dense | " + " | ".join(metrics) + " | active params | total params |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
     for name, r in result["ratios"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[m]:.2f}x" for m in metrics)
-                     + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |")
-    lines += ["", "| MLP path (layer 0) | GFLOP | seconds | GFLOP/s | share of dense GFLOP/s |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r[m]:.2f}x" for m in metrics)
+            + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |"
+        )
+    lines += [
+        "",
+        "| MLP path (layer 0) | GFLOP | seconds | GFLOP/s | share of dense GFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in result["mlp_flops"].items():
-        lines.append(f"| {name} | {r['gflop']:.3g} | {r['seconds']:.4g} | {r['gflops_per_s']:.3g} | "
-                     f"{r['share_of_dense_flops_per_s']:.0%} |")
-    lines.append(f"\ninput batch {result['input_batch']} x {result['settings']['input_len']} tokens; "
-                 f"latency_s ratio < 1 means faster than dense")
+        lines.append(
+            f"| {name} | {r['gflop']:.3g} | {r['seconds']:.4g} | {r['gflops_per_s']:.3g} | "
+            f"{r['share_of_dense_flops_per_s']:.0%} |"
+        )
+    lines.append(
+        f"\ninput batch {result['input_batch']} x {result['settings']['input_len']} tokens; "
+        f"latency_s ratio < 1 means faster than dense"
+    )
     return "\n".join(lines)
 
 

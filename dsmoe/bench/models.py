@@ -24,8 +24,9 @@ class BenchModel:
     mlp: SparseSetting | None
 
 
-def bench_models(d_model: int, n_layers: int, vocab_size: int, max_seq_len: int, mlp_k: int = 4,
-                 att_k: int | None = None) -> list[BenchModel]:
+def bench_models(
+    d_model: int, n_layers: int, vocab_size: int, max_seq_len: int, mlp_k: int = 4, att_k: int | None = None
+) -> list[BenchModel]:
     """Dense, SMoE and DS-MoE of Table 6's shape at width ``d_model`` and depth ``n_layers``."""
     if d_model % 32 or (d_model // 32) % 2:
         raise ConfigError(f"d_model must be a multiple of 64 (32 heads of an even size), got {d_model}")
@@ -34,15 +35,32 @@ def bench_models(d_model: int, n_layers: int, vocab_size: int, max_seq_len: int,
     if att_k is not None and not 1 <= att_k <= 8:
         raise ConfigError(f"--att-k must be between 1 and the 8 attention experts of DS-MoE, got {att_k}")
     ffn = 4 * d_model
-    shared = dict(d_model=d_model, n_layers=n_layers, head_dim=d_model // 32, n_kv_heads=4, vocab_size=vocab_size,
-                  max_seq_len=max_seq_len)
-    dense = ModelConfig(**shared, n_att_experts=1, n_heads_per_expert=32, n_mlp_experts=1, d_expert=ffn,
-                        regime="dense")
-    smoe = ModelConfig(**shared, n_att_experts=1, n_heads_per_expert=32, n_mlp_experts=16, d_expert=ffn // 8,
-                       regime="smoe", smoe_top_k=2)
-    dsmoe = ModelConfig(**shared, n_att_experts=8, n_heads_per_expert=4, n_mlp_experts=32, d_expert=ffn // 32,
-                        regime="dsmoe")
+    shared = dict(
+        d_model=d_model,
+        n_layers=n_layers,
+        head_dim=d_model // 32,
+        n_kv_heads=4,
+        vocab_size=vocab_size,
+        max_seq_len=max_seq_len,
+    )
+    dense = ModelConfig(
+        **shared, n_att_experts=1, n_heads_per_expert=32, n_mlp_experts=1, d_expert=ffn, regime="dense"
+    )
+    smoe = ModelConfig(
+        **shared,
+        n_att_experts=1,
+        n_heads_per_expert=32,
+        n_mlp_experts=16,
+        d_expert=ffn // 8,
+        regime="smoe",
+        smoe_top_k=2,
+    )
+    dsmoe = ModelConfig(
+        **shared, n_att_experts=8, n_heads_per_expert=4, n_mlp_experts=32, d_expert=ffn // 32, regime="dsmoe"
+    )
     att = SparseSetting("topk", k=att_k) if att_k is not None else None
-    return [BenchModel("dense", dense, None, None),
-            BenchModel("smoe", smoe, None, None),
-            BenchModel("ds-moe", dsmoe, att, SparseSetting("topk", k=mlp_k))]
+    return [
+        BenchModel("dense", dense, None, None),
+        BenchModel("smoe", smoe, None, None),
+        BenchModel("ds-moe", dsmoe, att, SparseSetting("topk", k=mlp_k)),
+    ]

@@ -65,8 +65,20 @@ class BenchSettings:
             raise ConfigError(f"unknown device '{self.device}': choose cpu or cuda")
         if "dense" not in self.models:
             raise ConfigError("the benchmark needs the 'dense' model: ratios are relative to it")
-        for name in ("input_len", "decode_tokens", "latency_batch", "latency_prompt", "latency_new", "repeats",
-                     "max_input_batch", "mlp_tokens", "decode_prompt", "d_model", "n_layers", "vocab_size"):
+        for name in (
+            "input_len",
+            "decode_tokens",
+            "latency_batch",
+            "latency_prompt",
+            "latency_new",
+            "repeats",
+            "max_input_batch",
+            "mlp_tokens",
+            "decode_prompt",
+            "d_model",
+            "n_layers",
+            "vocab_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.decode_batches or min(self.decode_batches) < 1:
@@ -76,7 +88,9 @@ class BenchSettings:
 
     @property
     def max_seq_len(self) -> int:
-        return max(self.input_len, self.decode_prompt + self.decode_tokens, self.latency_prompt + self.latency_new)
+        return max(
+            self.input_len, self.decode_prompt + self.decode_tokens, self.latency_prompt + self.latency_new
+        )
 
 
 def _sync(device: str) -> None:
@@ -93,7 +107,9 @@ def _timed(fn: Callable[[], float | None], device: str) -> float:
     return reported if reported is not None else time.perf_counter() - start
 
 
-def best_of(jobs: dict[str, Callable[[], float | None]], repeats: int, device: str, what: str = "") -> dict[str, float]:
+def best_of(
+    jobs: dict[str, Callable[[], float | None]], repeats: int, device: str, what: str = ""
+) -> dict[str, float]:
     """Best time of each job over ``repeats`` rounds, jobs taking turns; one untimed warm-up round first."""
     if what:
         print(f"bench: {what}", file=sys.stderr, flush=True)
@@ -114,12 +130,16 @@ def input_batch(s: BenchSettings, models: dict[str, Transformer]) -> int:
     per_sequence = s.input_len * elem * 16 * s.d_model
     fits = int((s.memory_gb * 2**30 - weights) // per_sequence)
     if fits < 1:
-        raise ConfigError(f"--memory-gb {s.memory_gb} does not hold the models' weights ({weights / 2**30:.2f} GiB) "
-                          "and one sequence: raise --memory-gb or lower --d-model")
+        raise ConfigError(
+            f"--memory-gb {s.memory_gb} does not hold the models' weights ({weights / 2**30:.2f} GiB) "
+            "and one sequence: raise --memory-gb or lower --d-model"
+        )
     return min(fits, s.max_input_batch)
 
 
-def _decode_job(model: Transformer, batch: int, s: BenchSettings, gen: torch.Generator) -> Callable[[], float]:
+def _decode_job(
+    model: Transformer, batch: int, s: BenchSettings, gen: torch.Generator
+) -> Callable[[], float]:
     prompt = torch.randint(0, s.vocab_size, (batch, s.decode_prompt), generator=gen).to(s.device)
 
     def job() -> float:
@@ -129,7 +149,9 @@ def _decode_job(model: Transformer, batch: int, s: BenchSettings, gen: torch.Gen
             _sync(s.device)
             start = time.perf_counter()
             for pos in range(s.decode_prompt, s.decode_prompt + s.decode_tokens):
-                token = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+                token = (
+                    model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+                )
             _sync(s.device)
             return time.perf_counter() - start
 
@@ -146,25 +168,40 @@ def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str
         def job():
             with torch.inference_mode():
                 model(x_in, last_only=True)
+
         return job
 
-    times = best_of({n: forward_job(m) for n, m in models.items()}, s.repeats, s.device,
-                    f"input throughput, batch {batch_in} x {s.input_len}")
+    times = best_of(
+        {n: forward_job(m) for n, m in models.items()},
+        s.repeats,
+        s.device,
+        f"input throughput, batch {batch_in} x {s.input_len}",
+    )
     for name, t in times.items():
         results[name]["input_tps"] = batch_in * s.input_len / t
     for batch in s.decode_batches:
-        times = best_of({n: _decode_job(m, batch, s, gen) for n, m in models.items()}, s.repeats, s.device,
-                        f"output throughput, batch {batch} x {s.decode_tokens} tokens")
+        times = best_of(
+            {n: _decode_job(m, batch, s, gen) for n, m in models.items()},
+            s.repeats,
+            s.device,
+            f"output throughput, batch {batch} x {s.decode_tokens} tokens",
+        )
         for name, t in times.items():
             results[name][f"output_tps_b{batch}"] = batch * s.decode_tokens / t
     prompts = torch.randint(0, s.vocab_size, (s.latency_batch, s.latency_prompt), generator=gen).to(s.device)
+
     def latency_job(model):
         def job():
             generate(model, prompts, s.latency_new)
+
         return job
 
-    times = best_of({n: latency_job(m) for n, m in models.items()}, s.repeats, s.device,
-                    f"latency, {s.latency_batch} prompts of {s.latency_prompt} + {s.latency_new} new tokens")
+    times = best_of(
+        {n: latency_job(m) for n, m in models.items()},
+        s.repeats,
+        s.device,
+        f"latency, {s.latency_batch} prompts of {s.latency_prompt} + {s.latency_new} new tokens",
+    )
     for name, t in times.items():
         results[name]["latency_s"] = t
     for e in entries:  # active parameters, measured by the meter on the input batch
@@ -173,8 +210,11 @@ def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str
         with torch.inference_mode():
             models[e.name](x_in[:1], last_only=True)
         sparsify(models[e.name], att=e.att, mlp=e.mlp)
-        results[e.name].update(active_params=round(meter.active_params), total_params=e.cfg.non_embedding_params,
-                               embedding_params=e.cfg.embedding_params)
+        results[e.name].update(
+            active_params=round(meter.active_params),
+            total_params=e.cfg.non_embedding_params,
+            embedding_params=e.cfg.embedding_params,
+        )
     return {"input_batch": batch_in, "models": results}
 
 
@@ -191,8 +231,10 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
         w_in, w_out = mlp.experts.w_in, mlp.experts.w_out
         per_pair = 2 * s.d_model * (w_in.shape[1] + w_out.shape[1])
         if mlp.router is None:
+
             def dense_job(mlp=mlp):
                 mlp.experts.dense(x, None)
+
             jobs[f"{e.name}/dense"] = dense_job
             flops[f"{e.name}/dense"] = per_pair * s.mlp_tokens
             continue
@@ -200,6 +242,7 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
             routing = route(mlp.router(x), e.mlp or mlp.train_setting)
         pairs = int(routing.mask.sum())
         for kernels in ("fast", "reference"):
+
             def job(mlp=mlp, routing=routing, kernels=kernels):
                 previous = os.environ.pop("DSMOE_KERNELS", None)
                 if kernels == "reference":
@@ -210,12 +253,15 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
                     os.environ.pop("DSMOE_KERNELS", None)
                     if previous is not None:
                         os.environ["DSMOE_KERNELS"] = previous
+
             jobs[f"{e.name}/sparse-{kernels}"] = job
             flops[f"{e.name}/sparse-{kernels}"] = per_pair * pairs
     with torch.inference_mode():
         times = best_of(jobs, s.repeats, s.device, f"MLP FLOP/s on {s.mlp_tokens} tokens")
-    out = {name: {"seconds": t, "gflop": flops[name] / 1e9, "gflops_per_s": flops[name] / t / 1e9}
-           for name, t in times.items()}
+    out = {
+        name: {"seconds": t, "gflop": flops[name] / 1e9, "gflops_per_s": flops[name] / t / 1e9}
+        for name, t in times.items()
+    }
     dense_rate = out["dense/dense"]["gflops_per_s"]
     for v in out.values():
         v["share_of_dense_flops_per_s"] = v["gflops_per_s"] / dense_rate
@@ -227,21 +273,37 @@ def run_benchmark(s: BenchSettings) -> dict:
     torch.manual_seed(s.seed)
     if s.threads is not None:
         torch.set_num_threads(s.threads)
-    entries = [e for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k)
-               if e.name in s.models]
+    entries = [
+        e
+        for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k)
+        if e.name in s.models
+    ]
     models = {}
     for e in entries:
         model = Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval()
         models[e.name] = sparsify(model, att=e.att, mlp=e.mlp)
     measured = measure_models(s, entries, models)
     dense = measured["models"]["dense"]
-    ratios = {name: {k: r[k] / dense[k] for k in (*_metric_keys(s), "active_params", "total_params")}
-              for name, r in measured["models"].items()}
-    return {"settings": asdict(s), "machine": machine(s.device), "input_batch": measured["input_batch"],
-            "models": measured["models"], "ratios": ratios, "mlp_flops": mlp_flops(s, entries, models),
-            "shapes": {e.name: e.cfg.to_dict() for e in entries},
-            "sparse_settings": {e.name: {"att": e.att.describe() if e.att else "trained",
-                                         "mlp": e.mlp.describe() if e.mlp else "trained"} for e in entries}}
+    ratios = {
+        name: {k: r[k] / dense[k] for k in (*_metric_keys(s), "active_params", "total_params")}
+        for name, r in measured["models"].items()
+    }
+    return {
+        "settings": asdict(s),
+        "machine": machine(s.device),
+        "input_batch": measured["input_batch"],
+        "models": measured["models"],
+        "ratios": ratios,
+        "mlp_flops": mlp_flops(s, entries, models),
+        "shapes": {e.name: e.cfg.to_dict() for e in entries},
+        "sparse_settings": {
+            e.name: {
+                "att": e.att.describe() if e.att else "trained",
+                "mlp": e.mlp.describe() if e.mlp else "trained",
+            }
+            for e in entries
+        },
+    }
 
 
 def _metric_keys(s: BenchSettings) -> list[str]:
@@ -249,9 +311,14 @@ def _metric_keys(s: BenchSettings) -> list[str]:
 
 
 def machine(device: str) -> dict:
-    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -34,7 +34,9 @@ class _NormalEquations:
 
     def add(self, x_TD: torch.Tensor, importance_TN: torch.Tensor) -> None:
         log_importance = importance_TN.double().clamp_min(1e-12).log()
-        target = log_importance - log_importance.mean(dim=1, keepdim=True)  # softmax ignores a per-token constant
+        target = log_importance - log_importance.mean(
+            dim=1, keepdim=True
+        )  # softmax ignores a per-token constant
         x = x_TD.double()
         self.xtx += x.T @ x
         self.xtz += x.T @ target
@@ -56,8 +58,9 @@ def mlp_importance(layer: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
     return torch.einsum("tnf,nfd->tnd", h_TNF, experts.w_out).norm(dim=-1) * probs_TN
 
 
-def attention_importance(layer: nn.Module, x_BTD: torch.Tensor, cos_Sd: torch.Tensor,
-                         sin_Sd: torch.Tensor) -> torch.Tensor:
+def attention_importance(
+    layer: nn.Module, x_BTD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor
+) -> torch.Tensor:
     """|S_e * (heads of e) W_o[e]| for every attention expert of a full causal pass (no cache): [B*T, N]."""
     b, t, _ = x_BTD.shape
     cos, sin = cos_Sd[:t, None], sin_Sd[:t, None]
@@ -70,8 +73,9 @@ def attention_importance(layer: nn.Module, x_BTD: torch.Tensor, cos_Sd: torch.Te
 
 
 @torch.no_grad()
-def calibrate_routers(model: nn.Module, batches: Iterable[torch.Tensor], *, ridge: float = 1e-2,
-                      sharpness: float = 0.1) -> dict:
+def calibrate_routers(
+    model: nn.Module, batches: Iterable[torch.Tensor], *, ridge: float = 1e-2, sharpness: float = 0.1
+) -> dict:
     """Fit every router of ``model`` (in place) on the token batches [B, T]; returns per-router fit statistics
     (tokens seen and the R^2 of the log-importance fit)."""
     if sharpness <= 0:
@@ -124,8 +128,9 @@ def _r_squared(fit: _NormalEquations, weight_ND: torch.Tensor) -> float:
     return float(1 - sse / fit.ztz.clamp_min(1e-12))
 
 
-def calibration_batches(tokenizer, documents: Iterable[str], n_tokens: int, seq_len: int,
-                        batch_size: int = 8) -> list[torch.Tensor]:
+def calibration_batches(
+    tokenizer, documents: Iterable[str], n_tokens: int, seq_len: int, batch_size: int = 8
+) -> list[torch.Tensor]:
     """Token batches [B, seq_len] holding the first ``n_tokens`` (rounded up to whole sequences) of the documents,
     concatenated with the end-of-text token between documents when the tokenizer has one."""
     from dsmoe.data.errors import DataError
@@ -146,5 +151,5 @@ def calibration_batches(tokenizer, documents: Iterable[str], n_tokens: int, seq_
     if len(ids) < seq_len:
         raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
     n_seqs = min(n_seqs, len(ids) // seq_len)
-    tokens = torch.tensor(ids[:n_seqs * seq_len]).view(n_seqs, seq_len)
+    tokens = torch.tensor(ids[: n_seqs * seq_len]).view(n_seqs, seq_len)
     return list(tokens.split(batch_size))

@@ -30,16 +30,19 @@ def balanced_assign(similarity_UN: torch.Tensor) -> torch.Tensor:
     return torch.tensor(cluster_of, dtype=torch.long)
 
 
-def balanced_clusters(features_UD: torch.Tensor, n_clusters: int, iterations: int = 10,
-                      seed: int = 0) -> torch.Tensor:
+def balanced_clusters(
+    features_UD: torch.Tensor, n_clusters: int, iterations: int = 10, seed: int = 0
+) -> torch.Tensor:
     """Group the U rows of ``features_UD`` into ``n_clusters`` groups of equal size by balanced spherical k-means.
 
     Returns [n_clusters, U / n_clusters] unit indices, each group sorted ascending; flattened, it is a permutation
     of range(U). Centroids start from a seeded random choice of rows, so the result is reproducible."""
     n_units = features_UD.shape[0]
     if n_clusters < 1 or n_units % n_clusters:
-        raise ValueError(f"cannot split {n_units} hidden units into {n_clusters} equal experts: choose a number of "
-                         f"experts that divides {n_units}")
+        raise ValueError(
+            f"cannot split {n_units} hidden units into {n_clusters} equal experts: choose a number of "
+            f"experts that divides {n_units}"
+        )
     if n_clusters == 1:
         return torch.arange(n_units)[None]
     x = torch.nn.functional.normalize(features_UD.double(), dim=1)

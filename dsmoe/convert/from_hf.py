@@ -17,7 +17,9 @@ from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.convert.clustering import balanced_clusters
 from dsmoe.model.transformer import Transformer
 
-SUPPORTED_TYPES = ("llama",)  # SmolLM2, TinyLlama, Llama 2/3 (without rope scaling) all report model_type llama
+SUPPORTED_TYPES = (
+    "llama",
+)  # SmolLM2, TinyLlama, Llama 2/3 (without rope scaling) all report model_type llama
 
 
 def load_hf_model(name_or_dir: str, gguf_file: str | None = None):
@@ -59,19 +61,30 @@ def _rope_theta(hf_cfg) -> float:
     scaling = getattr(hf_cfg, "rope_scaling", None) or {}
     kind = params.get("rope_type", scaling.get("rope_type", "default"))
     if kind not in ("default", None):
-        raise ConfigError(f"rope type '{kind}' is not supported: dsmoe implements plain RoPE (rope_type default)")
+        raise ConfigError(
+            f"rope type '{kind}' is not supported: dsmoe implements plain RoPE (rope_type default)"
+        )
     theta = params.get("rope_theta", getattr(hf_cfg, "rope_theta", None))
     if theta is None:
         raise ConfigError("the Hugging Face config names no rope_theta")
     return float(theta)
 
 
-def config_from_hf(hf_cfg, n_mlp_experts: int = 1, n_att_experts: int = 1, *, alpha_att: float = 0.0,
-                   alpha_mlp: float = 0.0, max_seq_len: int | None = None) -> ModelConfig:
+def config_from_hf(
+    hf_cfg,
+    n_mlp_experts: int = 1,
+    n_att_experts: int = 1,
+    *,
+    alpha_att: float = 0.0,
+    alpha_mlp: float = 0.0,
+    max_seq_len: int | None = None,
+) -> ModelConfig:
     """The dsmoe ModelConfig of a Llama-family HF config split into the given numbers of experts."""
     if hf_cfg.model_type not in SUPPORTED_TYPES:
-        raise ConfigError(f"model type '{hf_cfg.model_type}' is not supported; convert supports "
-                          f"{', '.join(SUPPORTED_TYPES)} (dense Llama-family models)")
+        raise ConfigError(
+            f"model type '{hf_cfg.model_type}' is not supported; convert supports "
+            f"{', '.join(SUPPORTED_TYPES)} (dense Llama-family models)"
+        )
     if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
         raise ConfigError("the model has attention or MLP biases; dsmoe models have none")
     if hf_cfg.hidden_act != "silu":
@@ -85,23 +98,41 @@ def config_from_hf(hf_cfg, n_mlp_experts: int = 1, n_att_experts: int = 1, *, al
         raise ConfigError(f"--att-experts {n_att_experts} must divide the {n_heads} query heads")
     per_expert, per_kv = n_heads // n_att_experts, n_heads // n_kv
     if per_kv % per_expert and per_expert % per_kv:
-        raise ConfigError(f"--att-experts {n_att_experts}: experts of {per_expert} heads would split the groups of "
-                          f"{per_kv} query heads that share a key/value head; choose a number of experts that "
-                          f"divides or is a multiple of {n_kv}")
+        raise ConfigError(
+            f"--att-experts {n_att_experts}: experts of {per_expert} heads would split the groups of "
+            f"{per_kv} query heads that share a key/value head; choose a number of experts that "
+            f"divides or is a multiple of {n_kv}"
+        )
     dense = n_mlp_experts == 1 and n_att_experts == 1
     return ModelConfig(
-        d_model=hf_cfg.hidden_size, n_layers=hf_cfg.num_hidden_layers, n_att_experts=n_att_experts,
-        n_heads_per_expert=per_expert, head_dim=head_dim, n_kv_heads=n_kv, n_mlp_experts=n_mlp_experts,
-        d_expert=width // n_mlp_experts, regime="dense" if dense else "dsmoe", vocab_size=hf_cfg.vocab_size,
-        max_seq_len=max_seq_len or hf_cfg.max_position_embeddings, alpha_att=alpha_att, alpha_mlp=alpha_mlp,
-        activation="swiglu", norm="rmsnorm", norm_eps=float(hf_cfg.rms_norm_eps), rope_theta=_rope_theta(hf_cfg),
-        tie_embeddings=bool(hf_cfg.tie_word_embeddings), init_std=float(getattr(hf_cfg, "initializer_range", 0.02)))
+        d_model=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_att_experts=n_att_experts,
+        n_heads_per_expert=per_expert,
+        head_dim=head_dim,
+        n_kv_heads=n_kv,
+        n_mlp_experts=n_mlp_experts,
+        d_expert=width // n_mlp_experts,
+        regime="dense" if dense else "dsmoe",
+        vocab_size=hf_cfg.vocab_size,
+        max_seq_len=max_seq_len or hf_cfg.max_position_embeddings,
+        alpha_att=alpha_att,
+        alpha_mlp=alpha_mlp,
+        activation="swiglu",
+        norm="rmsnorm",
+        norm_eps=float(hf_cfg.rms_norm_eps),
+        rope_theta=_rope_theta(hf_cfg),
+        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        init_std=float(getattr(hf_cfg, "initializer_range", 0.02)),
+    )
 
 
 @torch.no_grad()
-def convert_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, seed: int = 0,
-                  cluster_iterations: int = 10) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+def convert_state(
+    hf_state: dict[str, torch.Tensor], cfg: ModelConfig, seed: int = 0, cluster_iterations: int = 10
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """dsmoe state dict from a Llama state dict, and per layer the FFN unit indices of each expert [N, F]."""
+
     def get(name: str) -> torch.Tensor:
         if name not in hf_state:
             raise ConfigError(f"the Hugging Face checkpoint has no tensor '{name}'")
@@ -119,13 +150,17 @@ def convert_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, seed: int
         out[dst + "att_norm.weight"] = get(src + "input_layernorm.weight")
         out[dst + "mlp_norm.weight"] = get(src + "post_attention_layernorm.weight")
         out[dst + "att.wq"] = get(src + "self_attn.q_proj.weight").reshape(n_att, cfg.att_expert_dim, d)
-        out[dst + "att.wo"] = get(src + "self_attn.o_proj.weight").T.reshape(n_att, cfg.att_expert_dim, d) * att_scale
+        out[dst + "att.wo"] = (
+            get(src + "self_attn.o_proj.weight").T.reshape(n_att, cfg.att_expert_dim, d) * att_scale
+        )
         out[dst + "att.wk.weight"] = get(src + "self_attn.k_proj.weight")
         out[dst + "att.wv.weight"] = get(src + "self_attn.v_proj.weight")
         gate, up = get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight")
         down = get(src + "mlp.down_proj.weight")
         groups = balanced_clusters(gate, n_mlp, cluster_iterations, seed=seed + i)
-        out[dst + "mlp.experts.w_in"] = torch.cat([gate[groups], up[groups]], dim=1)  # [N, 2F, D]: gate, then up
+        out[dst + "mlp.experts.w_in"] = torch.cat(
+            [gate[groups], up[groups]], dim=1
+        )  # [N, 2F, D]: gate, then up
         out[dst + "mlp.experts.w_out"] = down.T[groups] * mlp_scale
         if cfg.has_att_router:
             out[dst + "att.router.weight"] = torch.zeros(n_att, d)
@@ -135,11 +170,25 @@ def convert_state(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, seed: int
     return {k: v.contiguous() for k, v in out.items()}, groups_per_layer
 
 
-def convert_model(hf_model, n_mlp_experts: int = 1, n_att_experts: int = 1, *, alpha_att: float = 0.0,
-                  alpha_mlp: float = 0.0, max_seq_len: int | None = None, seed: int = 0) -> Transformer:
+def convert_model(
+    hf_model,
+    n_mlp_experts: int = 1,
+    n_att_experts: int = 1,
+    *,
+    alpha_att: float = 0.0,
+    alpha_mlp: float = 0.0,
+    max_seq_len: int | None = None,
+    seed: int = 0,
+) -> Transformer:
     """The DS-MoE (or, with one expert each, Dense) Transformer computing the same function as ``hf_model``."""
-    cfg = config_from_hf(hf_model.config, n_mlp_experts, n_att_experts, alpha_att=alpha_att, alpha_mlp=alpha_mlp,
-                         max_seq_len=max_seq_len)
+    cfg = config_from_hf(
+        hf_model.config,
+        n_mlp_experts,
+        n_att_experts,
+        alpha_att=alpha_att,
+        alpha_mlp=alpha_mlp,
+        max_seq_len=max_seq_len,
+    )
     state, _ = convert_state(hf_model.state_dict(), cfg, seed=seed)
     with torch.device("meta"):
         model = Transformer(cfg)

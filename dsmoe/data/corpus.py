@@ -28,8 +28,10 @@ def _decode(raw: bytes, path: Path, encoding: str, first_line: int = 1) -> str:
     except UnicodeDecodeError as err:
         line = first_line + raw.count(b"\n", 0, err.start)
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(f"{path}, line {line}, column {column}: byte 0x{raw[err.start]:02x} is not valid {encoding}; "
-                        f"{_encoding_hint(encoding)}") from None
+        raise DataError(
+            f"{path}, line {line}, column {column}: byte 0x{raw[err.start]:02x} is not valid {encoding}; "
+            f"{_encoding_hint(encoding)}"
+        ) from None
 
 
 def read_text_file(path: str | Path, encoding: str = "utf-8") -> Iterator[str]:
@@ -45,12 +47,15 @@ def _jsonl_lines(path: Path, stream: io.BufferedIOBase, field: str, encoding: st
         try:
             record = json.loads(_decode(raw, path, encoding, first_line=number))
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {number}: not valid JSON ({err.msg}); each line must be one JSON object") \
-                from None
+            raise DataError(
+                f"{path}, line {number}: not valid JSON ({err.msg}); each line must be one JSON object"
+            ) from None
         if not isinstance(record, dict) or field not in record:
             keys = ", ".join(sorted(record)) if isinstance(record, dict) else type(record).__name__
-            raise DataError(f"{path}, line {number}: no '{field}' field (found: {keys}); choose the text field "
-                            "with --jsonl-field")
+            raise DataError(
+                f"{path}, line {number}: no '{field}' field (found: {keys}); choose the text field "
+                "with --jsonl-field"
+            )
         text = record[field]
         if not isinstance(text, str):
             raise DataError(f"{path}, line {number}: field '{field}' is {type(text).__name__}, not a string")
@@ -87,32 +92,43 @@ def read_hf_dataset(name_or_dir: str | Path, field: str = "text", split: str = "
     try:
         import datasets
     except ImportError as err:
-        raise DataError("reading a Hugging Face dataset needs the datasets package: pip install 'dsmoe[data]'") \
-            from err
+        raise DataError(
+            "reading a Hugging Face dataset needs the datasets package: pip install 'dsmoe[data]'"
+        ) from err
     path = Path(name_or_dir).expanduser()
     if path.exists():
         if not is_hf_disk_dataset(path):
-            raise DataError(f"{path} is not a datasets.save_to_disk folder (no {' / '.join(_HF_DISK_MARKERS)})")
+            raise DataError(
+                f"{path} is not a datasets.save_to_disk folder (no {' / '.join(_HF_DISK_MARKERS)})"
+            )
         data = datasets.load_from_disk(str(path))
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
-                raise DataError(f"{path} has splits {', '.join(data)}, not '{split}'; choose one with --split")
+                raise DataError(
+                    f"{path} has splits {', '.join(data)}, not '{split}'; choose one with --split"
+                )
             data = data[split]
         where = str(path)
     else:
-        if os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "true") or os.environ.get("HF_HUB_OFFLINE", "") in (
-                "1", "true"):
-            raise DataError(f"dataset '{name_or_dir}' is not a local folder and the hub is offline "
-                            "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); save it with save_to_disk and pass the folder")
+        if os.environ.get("HF_DATASETS_OFFLINE", "") in ("1", "true") or os.environ.get(
+            "HF_HUB_OFFLINE", ""
+        ) in ("1", "true"):
+            raise DataError(
+                f"dataset '{name_or_dir}' is not a local folder and the hub is offline "
+                "(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); save it with save_to_disk and pass the folder"
+            )
         try:
             data = datasets.load_dataset(str(name_or_dir), split=split, streaming=True)
         except Exception as err:
-            raise DataError(f"could not open dataset '{name_or_dir}' split '{split}' from the hub ({err})") from err
+            raise DataError(
+                f"could not open dataset '{name_or_dir}' split '{split}' from the hub ({err})"
+            ) from err
         where = f"dataset '{name_or_dir}'"
     columns = data.column_names
     if columns is not None and field not in columns:
-        raise DataError(f"{where} has no '{field}' column (columns: {', '.join(columns)}); choose one with "
-                        "--jsonl-field")
+        raise DataError(
+            f"{where} has no '{field}' column (columns: {', '.join(columns)}); choose one with --jsonl-field"
+        )
     for row in data:
         yield row[field]
 
@@ -130,10 +146,17 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
         if path.is_file() or is_hf_disk_dataset(path):
             files.append(path)
             continue
-        found = sorted(p for p in path.rglob("*") if p.is_file() and _known_suffix(p)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        found = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and _known_suffix(p)
+            and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
         if not found:
-            raise DataError(f"folder {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + ZST_SUFFIXES)} files")
+            raise DataError(
+                f"folder {path} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES + ZST_SUFFIXES)} files"
+            )
         files.extend(found)
     return files
 
@@ -153,11 +176,19 @@ def read_path(path: Path, field: str = "text", encoding: str = "utf-8") -> Itera
     return read_text_file(path, encoding)
 
 
-def read_documents(inputs: Sequence[str | Path] = (), *, field: str = "text", encoding: str = "utf-8",
-                   dataset: str | None = None, split: str = "train") -> Iterator[str]:
+def read_documents(
+    inputs: Sequence[str | Path] = (),
+    *,
+    field: str = "text",
+    encoding: str = "utf-8",
+    dataset: str | None = None,
+    split: str = "train",
+) -> Iterator[str]:
     """All non-empty documents of the inputs (files/folders) and of an optional Hugging Face dataset, in order.
     Raises DataError when the corpus holds no text at all."""
-    sources: list[Iterable[str]] = [read_path(p, field, encoding) for p in expand_inputs(inputs)] if inputs else []
+    sources: list[Iterable[str]] = (
+        [read_path(p, field, encoding) for p in expand_inputs(inputs)] if inputs else []
+    )
     if dataset is not None:
         sources.append(read_hf_dataset(dataset, field, split))
     if not sources:

@@ -57,13 +57,19 @@ def read_sword_blocks(index_path: Path) -> Iterator[str]:
     data_path = index_path.with_suffix(index_path.suffix[:-1] + "z")
     index, data = index_path.read_bytes(), data_path.read_bytes()
     if len(index) % 12:
-        raise DataError(f"{index_path} is not a SWORD block index: its size {len(index)} is not a multiple of 12")
+        raise DataError(
+            f"{index_path} is not a SWORD block index: its size {len(index)} is not a multiple of 12"
+        )
     for number, (offset, compressed, uncompressed) in enumerate(struct.iter_unpack("<III", index)):
         if offset + compressed > len(data):
-            raise DataError(f"{index_path}: block {number} points past the end of {data_path}; the module is damaged")
-        block = zlib.decompress(data[offset:offset + compressed])
+            raise DataError(
+                f"{index_path}: block {number} points past the end of {data_path}; the module is damaged"
+            )
+        block = zlib.decompress(data[offset : offset + compressed])
         if len(block) != uncompressed:
-            raise DataError(f"{index_path}: block {number} inflates to {len(block)} bytes, not {uncompressed}")
+            raise DataError(
+                f"{index_path}: block {number} inflates to {len(block)} bytes, not {uncompressed}"
+            )
         yield block.decode("utf-8")
 
 
@@ -91,6 +97,7 @@ def sword_documents(index_path: Path) -> Iterator[Doc]:
 
 # --- R lazy-load databases (`Rdata.rdx` + `Rdata.rdb`) --------------------------------------------------------------
 
+
 def _inflate_r(blob: bytes, where: str) -> bytes:
     if blob[:2] == b"\x1f\x8b":
         return gzip.decompress(blob)
@@ -110,10 +117,12 @@ def read_r_lazyload(rdx_path: Path) -> dict[str, object]:
     rdb = rdx_path.with_suffix(".rdb").read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata warns that a bare serialization has no RDS/RDA header
-        index = rdata.conversion.convert(rdata.parser.parse_data(_inflate_r(rdx_path.read_bytes(), str(rdx_path))))
+        index = rdata.conversion.convert(
+            rdata.parser.parse_data(_inflate_r(rdx_path.read_bytes(), str(rdx_path)))
+        )
         values = {}
         for name, (offset, length) in index["variables"].items():
-            raw = _inflate_r(rdb[int(offset):int(offset) + int(length)], f"{rdx_path} variable {name}")
+            raw = _inflate_r(rdb[int(offset) : int(offset) + int(length)], f"{rdx_path} variable {name}")
             values[str(name)] = rdata.conversion.convert(rdata.parser.parse_data(raw))
     return values
 

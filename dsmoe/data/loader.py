@@ -19,8 +19,10 @@ def read_index(data_dir: str | Path) -> dict[str, Any]:
     """The `index.json` that `dsmoe prepare` wrote into `data_dir`."""
     path = Path(data_dir) / "index.json"
     if not path.is_file():
-        raise DataError(f"{data_dir} has no index.json: it is not a prepared shard folder; run `dsmoe prepare "
-                        f"--out {data_dir} ...` first")
+        raise DataError(
+            f"{data_dir} has no index.json: it is not a prepared shard folder; run `dsmoe prepare "
+            f"--out {data_dir} ...` first"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
@@ -37,8 +39,17 @@ class TokenLoader:
     Iterating never ends: after the last full global batch of an epoch the next epoch starts.
     """
 
-    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, vocab_size: int | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        vocab_size: int | None = None,
+    ) -> None:
         if split not in SPLITS:
             raise DataError(f"split must be one of {', '.join(SPLITS)}, got '{split}'")
         if batch_size < 1 or seq_len < 1:
@@ -52,9 +63,11 @@ class TokenLoader:
         self.vocab_size = int(self.index["vocab_size"])
         self.model_vocab_size = vocab_size
         if vocab_size is not None and self.vocab_size > vocab_size:
-            raise DataError(f"shards in {self.data_dir} were tokenized with a vocabulary of {self.vocab_size} ids, "
-                            f"more than the model's vocab_size {vocab_size}; raise the model's vocab_size to at "
-                            f"least {self.vocab_size} or prepare the data with the model's tokenizer")
+            raise DataError(
+                f"shards in {self.data_dir} were tokenized with a vocabulary of {self.vocab_size} ids, "
+                f"more than the model's vocab_size {vocab_size}; raise the model's vocab_size to at "
+                f"least {self.vocab_size} or prepare the data with the model's tokenizer"
+            )
         self._shards = self._open_shards()
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
         self.total_tokens = int(self._starts[-1])
@@ -62,9 +75,11 @@ class TokenLoader:
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = self.windows_per_epoch // self.global_batch
         if self.batches_per_epoch == 0:
-            raise DataError(f"the {split} split of {self.data_dir} has {self.total_tokens} tokens, fewer than one "
-                            f"global batch needs ({self.global_batch} windows of {seq_len + 1} tokens); use a smaller "
-                            "batch_size or seq_len, or more data")
+            raise DataError(
+                f"the {split} split of {self.data_dir} has {self.total_tokens} tokens, fewer than one "
+                f"global batch needs ({self.global_batch} windows of {seq_len + 1} tokens); use a smaller "
+                "batch_size or seq_len, or more data"
+            )
         self.epoch, self.position = 0, 0
         self._order: np.ndarray | None = None
 
@@ -75,11 +90,15 @@ class TokenLoader:
             path = self.data_dir / entry["file"]
             expected = int(entry["tokens"]) * dtype.itemsize
             if not path.is_file():
-                raise DataError(f"shard {path} listed in index.json is missing; prepare {self.data_dir} again")
+                raise DataError(
+                    f"shard {path} listed in index.json is missing; prepare {self.data_dir} again"
+                )
             actual = path.stat().st_size
             if actual != expected:
-                raise DataError(f"shard {path} is {actual} bytes but index.json says {entry['tokens']} tokens "
-                                f"({expected} bytes): it is truncated or was modified; prepare {self.data_dir} again")
+                raise DataError(
+                    f"shard {path} is {actual} bytes but index.json says {entry['tokens']} tokens "
+                    f"({expected} bytes): it is truncated or was modified; prepare {self.data_dir} again"
+                )
             if entry["tokens"]:
                 shards.append(np.memmap(path, dtype=dtype, mode="r"))
         return shards
@@ -90,10 +109,10 @@ class TokenLoader:
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
         offset = start - int(self._starts[shard])
         if offset + length <= len(self._shards[shard]):
-            return self._shards[shard][offset:offset + length]
+            return self._shards[shard][offset : offset + length]
         parts, need = [], length
         while need:
-            piece = self._shards[shard][offset:offset + need]
+            piece = self._shards[shard][offset : offset + need]
             parts.append(piece)
             need -= len(piece)
             shard, offset = shard + 1, 0
@@ -104,10 +123,12 @@ class TokenLoader:
         limit = self.model_vocab_size or self.vocab_size
         if tokens.size and int(tokens.max()) >= limit:  # a shard edited or written by another tool
             window = int(window_ids[int(np.argmax(tokens.max(axis=1)))])
-            raise DataError(f"token id {int(tokens.max())} in the {self.split} shards of {self.data_dir} (window "
-                            f"{window}, tokens {window * self.seq_len}..{(window + 1) * self.seq_len}) is outside "
-                            f"the vocabulary of {limit}; the shards are corrupted or were tokenized with another "
-                            "tokenizer: prepare the data again")
+            raise DataError(
+                f"token id {int(tokens.max())} in the {self.split} shards of {self.data_dir} (window "
+                f"{window}, tokens {window * self.seq_len}..{(window + 1) * self.seq_len}) is outside "
+                f"the vocabulary of {limit}; the shards are corrupted or were tokenized with another "
+                "tokenizer: prepare the data again"
+            )
         tokens_t = torch.from_numpy(tokens)
         return tokens_t[:, :-1], tokens_t[:, 1:]
 
@@ -123,20 +144,27 @@ class TokenLoader:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         first = self.position * self.global_batch + self.rank * self.batch_size
-        window_ids = self._epoch_order()[first:first + self.batch_size]
+        window_ids = self._epoch_order()[first : first + self.batch_size]
         self.position += 1
         return self._batch(window_ids)
 
     def state_dict(self) -> dict[str, int]:
         """Where the loader is: load it into a loader built with the same arguments to continue exactly."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "global_batch": self.global_batch,
-                "seq_len": self.seq_len}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "seq_len": self.seq_len,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         for key in ("seed", "global_batch", "seq_len"):
             if key in state and state[key] != getattr(self, key):
-                raise DataError(f"loader state has {key}={state[key]} but this loader has {getattr(self, key)}; "
-                                f"resume with the same seed, seq_len and batch_size * world_size")
+                raise DataError(
+                    f"loader state has {key}={state[key]} but this loader has {getattr(self, key)}; "
+                    f"resume with the same seed, seq_len and batch_size * world_size"
+                )
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
     def iter_eval(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

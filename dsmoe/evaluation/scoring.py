@@ -27,11 +27,15 @@ class Score:
 def check_requests(requests: Sequence[Request], max_len: int) -> None:
     for i, (ids, n_scored) in enumerate(requests):
         if len(ids) < 2 or not 1 <= n_scored <= len(ids) - 1:
-            raise ValueError(f"request {i}: need at least one input token and 1 <= n_scored < len(ids), "
-                             f"got {len(ids)} ids and n_scored={n_scored}")
+            raise ValueError(
+                f"request {i}: need at least one input token and 1 <= n_scored < len(ids), "
+                f"got {len(ids)} ids and n_scored={n_scored}"
+            )
         if len(ids) - 1 > max_len:
-            raise ValueError(f"request {i}: {len(ids) - 1} input tokens exceed the model's max_seq_len={max_len}; "
-                             "truncate the context from the left first")
+            raise ValueError(
+                f"request {i}: {len(ids) - 1} input tokens exceed the model's max_seq_len={max_len}; "
+                "truncate the context from the left first"
+            )
 
 
 def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -39,13 +43,18 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
-def score_requests(model: nn.Module, requests: Sequence[Request], batch_size: int = 16,
-                   device: torch.device | str | None = None, pad_id: int = 0, progress: bool = False
-                   ) -> list[Score]:
+def score_requests(
+    model: nn.Module,
+    requests: Sequence[Request],
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    pad_id: int = 0,
+    progress: bool = False,
+) -> list[Score]:
     """Score every request (see the module docstring); ``batch_size`` sequences per forward pass."""
     from tqdm import tqdm
 
@@ -59,15 +68,17 @@ def score_requests(model: nn.Module, requests: Sequence[Request], batch_size: in
         real = torch.zeros(len(batch), width, dtype=torch.bool)
         for row, i in enumerate(batch):
             ids = requests[i][0]
-            inputs[row, :len(ids) - 1] = torch.as_tensor(ids[:-1])
-            real[row, :len(ids) - 1] = True
+            inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
+            real[row, : len(ids) - 1] = True
         logits = model(inputs.to(device), token_mask_BT=real.to(device)).logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         for row, i in enumerate(batch):
             ids, n_scored = requests[i]
             end = len(ids) - 1  # positions [end - n_scored, end) predict the last n_scored tokens
             target = torch.as_tensor(ids[-n_scored:], device=logprobs.device)
-            lp = logprobs[row, end - n_scored:end]
-            results[i] = Score(logprob=float(lp.gather(-1, target[:, None]).double().sum()),
-                               is_greedy=bool((lp.argmax(-1) == target).all()))
+            lp = logprobs[row, end - n_scored : end]
+            results[i] = Score(
+                logprob=float(lp.gather(-1, target[:, None]).double().sum()),
+                is_greedy=bool((lp.argmax(-1) == target).all()),
+            )
     return results  # type: ignore[return-value]

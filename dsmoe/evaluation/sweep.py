@@ -33,21 +33,32 @@ class GridPoint:
 
     @property
     def label(self) -> str:
-        return "dense" if self.strategy == "dense" else f"att {self.att.describe()}, mlp {self.mlp.describe()}"
+        return (
+            "dense" if self.strategy == "dense" else f"att {self.att.describe()}, mlp {self.mlp.describe()}"
+        )
 
 
-def sweep_grid(strategies: Sequence[str], thresholds: Sequence[float], ks: Sequence[int], n_mlp_experts: int,
-               att_dense: bool = False) -> list[GridPoint]:
+def sweep_grid(
+    strategies: Sequence[str],
+    thresholds: Sequence[float],
+    ks: Sequence[int],
+    n_mlp_experts: int,
+    att_dense: bool = False,
+) -> list[GridPoint]:
     dense = SparseSetting()
     points = [GridPoint("dense", dense, dense, None)]
     for strategy in strategies:
         if strategy not in SWEEP_STRATEGIES:
-            raise ConfigError(f"unknown sweep strategy '{strategy}': choose from {', '.join(SWEEP_STRATEGIES)}")
+            raise ConfigError(
+                f"unknown sweep strategy '{strategy}': choose from {', '.join(SWEEP_STRATEGIES)}"
+            )
         if strategy == "topk":
             bad = [k for k in ks if not 1 <= k <= n_mlp_experts]
             if bad:
                 raise ConfigError(f"--ks {bad} outside 1..{n_mlp_experts} (the model's MLP experts)")
-            points += [GridPoint("topk", dense, SparseSetting("topk", k=k), k) for k in sorted(ks, reverse=True)]
+            points += [
+                GridPoint("topk", dense, SparseSetting("topk", k=k), k) for k in sorted(ks, reverse=True)
+            ]
         else:
             for eps in sorted(thresholds):
                 setting = SparseSetting(strategy, threshold=eps)
@@ -55,9 +66,17 @@ def sweep_grid(strategies: Sequence[str], thresholds: Sequence[float], ks: Seque
     return points
 
 
-def run_sweep(model: nn.Module, tokenizer, documents: list[str], points: Sequence[GridPoint], *,
-              layer_threshold: float, batch_size: int = 16, max_len: int | None = None,
-              progress: bool = True) -> dict:
+def run_sweep(
+    model: nn.Module,
+    tokenizer,
+    documents: list[str],
+    points: Sequence[GridPoint],
+    *,
+    layer_threshold: float,
+    batch_size: int = 16,
+    max_len: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate every grid point, then the per-layer utilization at ``layer_threshold`` (threshold on both
     attention and MLP, as the paper's Figure 5)."""
     from tqdm import tqdm
@@ -66,26 +85,38 @@ def run_sweep(model: nn.Module, tokenizer, documents: list[str], points: Sequenc
 
     rows = []
     for point in tqdm(points, desc="sweep", unit="setting", disable=not progress):
-        result = evaluate_text(model, tokenizer, documents, point.att, point.mlp, batch_size=batch_size,
-                               max_len=max_len)
+        result = evaluate_text(
+            model, tokenizer, documents, point.att, point.mlp, batch_size=batch_size, max_len=max_len
+        )
         result.pop("layers")
         rows.append({"strategy": point.strategy, "value": point.value, "label": point.label, **result})
     setting = SparseSetting("threshold", threshold=layer_threshold)
-    utilization = evaluate_text(model, tokenizer, documents, setting, setting, batch_size=batch_size,
-                                max_len=max_len)
+    utilization = evaluate_text(
+        model, tokenizer, documents, setting, setting, batch_size=batch_size, max_len=max_len
+    )
     sparsify(model)
-    return {"points": rows, "layer_utilization": {"threshold": layer_threshold, "layers": utilization["layers"],
-                                                  "word_perplexity": utilization["word_perplexity"],
-                                                  "active_params": utilization["active_params"]}}
+    return {
+        "points": rows,
+        "layer_utilization": {
+            "threshold": layer_threshold,
+            "layers": utilization["layers"],
+            "word_perplexity": utilization["word_perplexity"],
+            "active_params": utilization["active_params"],
+        },
+    }
 
 
 def markdown_table(model_name: str, rows: Sequence[dict]) -> str:
     """Rows laid out like the paper's Table 3: model, perplexity, active parameters, active hidden."""
-    lines = ["| Model | Setting | Word PPL | Token PPL | Bits/byte | Active params | Active hidden |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| Model | Setting | Word PPL | Token PPL | Bits/byte | Active params | Active hidden |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {model_name} | {r['label']} | {r['word_perplexity']:.2f} | {r['token_perplexity']:.2f} | "
-                     f"{r['bits_per_byte']:.4f} | {format_params(r['active_params'])} | {r['active_hidden']:.1%} |")
+        lines.append(
+            f"| {model_name} | {r['label']} | {r['word_perplexity']:.2f} | {r['token_perplexity']:.2f} | "
+            f"{r['bits_per_byte']:.4f} | {format_params(r['active_params'])} | {r['active_hidden']:.1%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -110,8 +141,15 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
             ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=strategy)
     for r in rows:
         if r["strategy"] == "dense":
-            ax.plot(r["active_params"] / 1e6, r["word_perplexity"], marker="*", markersize=14, color="black",
-                    linestyle="none", label="dense (all experts)")
+            ax.plot(
+                r["active_params"] / 1e6,
+                r["word_perplexity"],
+                marker="*",
+                markersize=14,
+                color="black",
+                linestyle="none",
+                label="dense (all experts)",
+            )
     ax.set_xlabel("active non-embedding parameters (M)")
     ax.set_ylabel("word perplexity")
     ax.set_title(title)
@@ -159,8 +197,12 @@ def write_sweep(result: dict, out_dir: Path, model_name: str, settings: dict) ->
     """sweep.json, table.md and the two PNG plots in ``out_dir``; each file is written whole or not at all."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out_dir / "sweep.json", "table": out_dir / "table.md",
-             "tradeoff": out_dir / "perplexity_vs_active.png", "layers": out_dir / "layer_utilization.png"}
+    paths = {
+        "json": out_dir / "sweep.json",
+        "table": out_dir / "table.md",
+        "tradeoff": out_dir / "perplexity_vs_active.png",
+        "layers": out_dir / "layer_utilization.png",
+    }
     _write_text(paths["json"], json.dumps({"model": model_name, **settings, **result}, indent=2) + "\n")
     _write_text(paths["table"], markdown_table(model_name, result["points"]))
     plot_tradeoff(result["points"], paths["tradeoff"], f"{model_name}: sparsity vs perplexity")

@@ -13,9 +13,11 @@ from dsmoe.evaluation.perplexity import perplexity
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 
-WIKIPEDIA_NOTE = ("English Wikipedia articles from gensim's test dump (dsmoe source 'wikipedia'); this is not "
-                  "WikiText, which no package registry ships, so figures are not comparable to published WikiText "
-                  "perplexities")
+WIKIPEDIA_NOTE = (
+    "English Wikipedia articles from gensim's test dump (dsmoe source 'wikipedia'); this is not "
+    "WikiText, which no package registry ships, so figures are not comparable to published WikiText "
+    "perplexities"
+)
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,16 @@ class EvalText:
     description: dict  # where the documents came from, for the JSON output
 
 
-def load_eval_text(text: str | Path | None = None, dataset: str | None = None, source: str | None = None, *,
-                   field: str = "text", split: str = "test", max_docs: int | None = None,
-                   data_dir: str | Path | None = None) -> EvalText:
+def load_eval_text(
+    text: str | Path | None = None,
+    dataset: str | None = None,
+    source: str | None = None,
+    *,
+    field: str = "text",
+    split: str = "test",
+    max_docs: int | None = None,
+    data_dir: str | Path | None = None,
+) -> EvalText:
     """Documents from exactly one of: a text/JSONL file or folder, a Hugging Face dataset (save_to_disk folder or
     hub name), or a fetched dsmoe source such as 'wikipedia'. ``max_docs`` keeps the first N."""
     from itertools import islice
@@ -55,9 +64,17 @@ def load_eval_text(text: str | Path | None = None, dataset: str | None = None, s
     return EvalText(documents, description)
 
 
-def evaluate_text(model: nn.Module, tokenizer, documents: list[str], att: SparseSetting | None = None,
-                  mlp: SparseSetting | None = None, *, batch_size: int = 16, max_len: int | None = None,
-                  progress: bool = False) -> dict:
+def evaluate_text(
+    model: nn.Module,
+    tokenizer,
+    documents: list[str],
+    att: SparseSetting | None = None,
+    mlp: SparseSetting | None = None,
+    *,
+    batch_size: int = 16,
+    max_len: int | None = None,
+    progress: bool = False,
+) -> dict:
     """Perplexities (word, token, byte), bits per byte and the measured active parameters under (att, mlp).
 
     The model is left sparsified with the given settings; ``sparsify(model)`` restores its trained behaviour."""
@@ -69,10 +86,18 @@ def evaluate_text(model: nn.Module, tokenizer, documents: list[str], att: Sparse
         raise ConfigError(f"--max-len {max_len} must be in 1..{cfg.max_seq_len} (the model's max_seq_len)")
     meter = ActiveMeter(cfg)
     sparsify(model, att=att, mlp=mlp, meter=meter)
-    result = perplexity(model, tokenizer, documents, max_len, eos_id(tokenizer), progress=progress,
-                        batch_size=batch_size)
+    result = perplexity(
+        model, tokenizer, documents, max_len, eos_id(tokenizer), progress=progress, batch_size=batch_size
+    )
     summary = meter.summary()
-    return {**result, "active_params": summary["active_params"], "active_hidden": summary["active_hidden"],
-            "non_embedding_params": summary["non_embedding_params"], "layers": summary["layers"],
-            "att_strategy": att.describe() if att else "trained", "mlp_strategy": mlp.describe() if mlp else "trained",
-            "max_len": max_len, "batch_size": batch_size}
+    return {
+        **result,
+        "active_params": summary["active_params"],
+        "active_hidden": summary["active_hidden"],
+        "non_embedding_params": summary["non_embedding_params"],
+        "layers": summary["layers"],
+        "att_strategy": att.describe() if att else "trained",
+        "mlp_strategy": mlp.describe() if mlp else "trained",
+        "max_len": max_len,
+        "batch_size": batch_size,
+    }

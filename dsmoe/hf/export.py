@@ -22,9 +22,15 @@ from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.inference.routing import SparseSetting
 
 
-def export(checkpoint: str | Path, out: str | Path, *, att: SparseSetting | None = None,
-           mlp: SparseSetting | None = None, tokenizer_file: str | Path | None = None,
-           overwrite: bool = False) -> Path:
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    att: SparseSetting | None = None,
+    mlp: SparseSetting | None = None,
+    tokenizer_file: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write the Hugging Face folder ``out`` from the dsmoe checkpoint folder ``checkpoint``.
 
     ``att`` / ``mlp``: sparse-inference settings stored in config.json (None: the trained behaviour).
@@ -41,7 +47,9 @@ def export(checkpoint: str | Path, out: str | Path, *, att: SparseSetting | None
     if tokenizer_file is not None:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
     if tokenizer is None:
-        raise ConfigError(f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json")
+        raise ConfigError(
+            f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json"
+        )
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -69,8 +77,13 @@ def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: P
     bundle = _load_module(code_file)
     try:
         config = bundle.DSMoEConfig.from_model_config(
-            native.cfg, bos_token_id=eos, eos_token_id=eos, dtype=native.embed.weight.dtype,
-            **_sparse_fields("att", att), **_sparse_fields("mlp", mlp))
+            native.cfg,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            dtype=native.embed.weight.dtype,
+            **_sparse_fields("att", att),
+            **_sparse_fields("mlp", mlp),
+        )
         with torch.device("meta"):
             model = bundle.DSMoEForCausalLM(config)
         model.model.load_state_dict(native.state_dict(), strict=True, assign=True)
@@ -83,11 +96,18 @@ def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: P
     eos_token = tokenizer.id_to_token(eos)
     # Padding on the left with the end-of-text token: batched generate / pipeline over prompts of different lengths
     # then works out of the box (the model masks padding anywhere; see modeling.py).
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eos_token, eos_token=eos_token,
-                                           pad_token=eos_token, padding_side="left",
-                                           model_max_length=native.cfg.max_seq_len)
+    hf_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=eos_token,
+        eos_token=eos_token,
+        pad_token=eos_token,
+        padding_side="left",
+        model_max_length=native.cfg.max_seq_len,
+    )
     hf_tokenizer.save_pretrained(folder)
-    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False).save_pretrained(folder)
+    GenerationConfig(bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, do_sample=False).save_pretrained(
+        folder
+    )
 
 
 def _load_module(path: Path):
@@ -107,7 +127,11 @@ def _load_module(path: Path):
 def _sparse_fields(kind: str, setting: SparseSetting | None) -> dict:
     if setting is None:
         return {}
-    fields = {f"{kind}_strategy": setting.strategy, f"{kind}_k": setting.k, f"{kind}_threshold": setting.threshold}
+    fields = {
+        f"{kind}_strategy": setting.strategy,
+        f"{kind}_k": setting.k,
+        f"{kind}_threshold": setting.threshold,
+    }
     if setting.normalize:
         fields["normalize_weights"] = True
     return fields
@@ -120,8 +144,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     # The flags default to 'dense'; with no flag given, keep the trained behaviour (top-k for SMoE).
     att = None if args.att_strategy == "dense" else att
     mlp = None if args.strategy == "dense" else mlp
-    out = export(args.checkpoint, args.out, att=att, mlp=mlp, tokenizer_file=args.tokenizer,
-                 overwrite=args.overwrite)
+    out = export(
+        args.checkpoint, args.out, att=att, mlp=mlp, tokenizer_file=args.tokenizer, overwrite=args.overwrite
+    )
     print(f"exported {args.checkpoint} -> {out}")
     print(f"load with: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")
     return 0

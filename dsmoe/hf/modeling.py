@@ -26,7 +26,11 @@ from dsmoe.model.transformer import Transformer
 
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``; ``generate`` passes
 # and reads whichever name its release uses. We accept both names and return the cache under the output's own field.
-CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)} else "past_key_values"
+CACHE_FIELD = (
+    "cache"
+    if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
+    else "past_key_values"
+)
 
 
 class HFCacheAdapter:
@@ -39,8 +43,10 @@ class HFCacheAdapter:
     def update(self, layer: int, start: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
         held = self.cache.get_seq_length(layer)
         if held != start:
-            raise ValueError(f"cache of layer {layer} holds {held} positions but the input starts at {start}; "
-                             "pass the past_key_values returned by the previous call")
+            raise ValueError(
+                f"cache of layer {layer} holds {held} positions but the input starts at {start}; "
+                "pass the past_key_values returned by the previous call"
+            )
         return self.cache.update(k_BHTd, v_BHTd, layer)
 
 
@@ -82,7 +88,9 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         ``self.config``. ``meter``: an ``ActiveMeter`` to count active experts, or None."""
         unknown = sorted(set(settings) - set(SPARSE_KEYS))
         if unknown:
-            raise ConfigError(f"unknown sparse setting(s) {', '.join(unknown)}; choose from {', '.join(SPARSE_KEYS)}")
+            raise ConfigError(
+                f"unknown sparse setting(s) {', '.join(unknown)}; choose from {', '.join(SPARSE_KEYS)}"
+            )
         old = {key: getattr(self.config, key) for key in settings}
         for key, value in settings.items():
             setattr(self.config, key, value)
@@ -111,11 +119,20 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     # --- forward ----------------------------------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None, past_key_values: Cache | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, return_dict: bool | None = None,
-                cache: Cache | None = None, **kwargs) -> MoeCausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> MoeCausalLMOutputWithPast:
         """Logits [B, T, V]. ``labels`` as in transformers (shifted inside); ``loss`` is the LM cross-entropy and
         ``aux_loss`` the weighted router losses (train on their sum). ``position_ids`` are not read: the model derives
         the same positions from ``attention_mask`` (real tokens counted from 0), or from the cache length.
@@ -126,8 +143,10 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("pass the cache as `cache` or as `past_key_values`, not both")
         past_key_values = cache if cache is not None else past_key_values
         if past_key_values is not None and not isinstance(past_key_values, Cache):
-            raise TypeError(f"past_key_values must be a transformers Cache (e.g. DynamicCache), got "
-                            f"{type(past_key_values).__name__}; the legacy tuple format is not supported")
+            raise TypeError(
+                f"past_key_values must be a transformers Cache (e.g. DynamicCache), got "
+                f"{type(past_key_values).__name__}; the legacy tuple format is not supported"
+            )
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
@@ -137,13 +156,22 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
         last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and labels is None
         adapter = HFCacheAdapter(past_key_values) if past_key_values is not None else None
-        out = self.model(input_ids, targets, cache=adapter, start_pos=start, last_only=last_only,
-                         key_mask_BS=attention_mask)
+        out = self.model(
+            input_ids,
+            targets,
+            cache=adapter,
+            start_pos=start,
+            last_only=last_only,
+            key_mask_BS=attention_mask,
+        )
         logits = out.logits
         if not last_only and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = logits[:, keep]
         aux = None if out.loss is None else out.loss - out.lm_loss
-        return MoeCausalLMOutputWithPast(loss=out.lm_loss, aux_loss=aux, logits=logits,
-                                         **{CACHE_FIELD: past_key_values if use_cache else None})
-
+        return MoeCausalLMOutputWithPast(
+            loss=out.lm_loss,
+            aux_loss=aux,
+            logits=logits,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
+        )

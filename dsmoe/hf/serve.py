@@ -16,8 +16,13 @@ from pathlib import Path
 from dsmoe.config import ConfigError
 
 
-def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu",
-          log_level: str = "warning") -> None:
+def serve(
+    folder: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "cpu",
+    log_level: str = "warning",
+) -> None:
     """Serve ``folder`` (written by ``dsmoe export``) until interrupted."""
     folder = Path(folder)
     config_file = folder / "config.json"
@@ -35,8 +40,15 @@ def serve(folder: str | Path, host: str = "127.0.0.1", port: int = 8000, device:
         raise ConfigError("serving needs fastapi, uvicorn, pydantic and openai: pip install 'dsmoe[hf]'")
     if not hasattr(transformers, architecture):
         setattr(transformers, architecture, AutoModelForCausalLM)
-    Serve(force_model=str(folder.resolve()), trust_remote_code=True, device=device, dtype="auto", host=host,
-          port=port, log_level=log_level)
+    Serve(
+        force_model=str(folder.resolve()),
+        trust_remote_code=True,
+        device=device,
+        dtype="auto",
+        host=host,
+        port=port,
+        log_level=log_level,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

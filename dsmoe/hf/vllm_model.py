@@ -55,18 +55,27 @@ class DSMoEForVLLM(nn.Module):
     def __init__(self, *, vllm_config, prefix: str = ""):
         super().__init__()
         if vllm_config.parallel_config.tensor_parallel_size != 1:
-            raise NotImplementedError("dsmoe's vLLM model runs on one GPU per replica: use tensor_parallel_size=1 "
-                                      "(and data parallelism for more GPUs)")
+            raise NotImplementedError(
+                "dsmoe's vLLM model runs on one GPU per replica: use tensor_parallel_size=1 "
+                "(and data parallelism for more GPUs)"
+            )
         config = dsmoe_config(vllm_config.model_config.hf_config)
         self.cfg = config.model_config()
         self.model = Transformer(self.cfg)
         att, mlp = config.sparse_settings()
         sparsify(self.model, att=att, mlp=mlp)
         self.attn = nn.ModuleList(
-            Attention(self.cfg.n_query_heads, self.cfg.head_dim, self.cfg.head_dim ** -0.5,
-                      num_kv_heads=self.cfg.n_kv_heads, cache_config=vllm_config.cache_config,
-                      quant_config=vllm_config.quant_config, prefix=f"{prefix}attn.{i}")
-            for i in range(self.cfg.n_layers))
+            Attention(
+                self.cfg.n_query_heads,
+                self.cfg.head_dim,
+                self.cfg.head_dim**-0.5,
+                num_kv_heads=self.cfg.n_kv_heads,
+                cache_config=vllm_config.cache_config,
+                quant_config=vllm_config.quant_config,
+                prefix=f"{prefix}attn.{i}",
+            )
+            for i in range(self.cfg.n_layers)
+        )
         self.use_fused_experts = fused_experts is not None and self.cfg.activation == "swiglu"
 
     def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -74,8 +83,14 @@ class DSMoEForVLLM(nn.Module):
 
     embed_input_ids = get_input_embeddings
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Hidden states [T, D] of vLLM's flattened batch (the tokens of all scheduled sequences)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         for block, attn in zip(self.model.blocks, self.attn, strict=True):
@@ -92,7 +107,9 @@ class DSMoEForVLLM(nn.Module):
         cos, sin = self.model.rope_cos[positions_T][:, None], self.model.rope_sin[positions_T][:, None]
         q = apply_rope(F.linear(x_TD, att.wq.flatten(0, 1)).view(t, att.n_heads, att.head_dim), cos, sin)
         k = apply_rope(att.wk(x_TD).view(t, att.n_kv, att.head_dim), cos, sin)
-        o = attn(q.flatten(1), k.flatten(1), att.wv(x_TD)).view(t, att.n_experts, -1)  # map: all experts' heads
+        o = attn(q.flatten(1), k.flatten(1), att.wv(x_TD)).view(
+            t, att.n_experts, -1
+        )  # map: all experts' heads
         if att.router is not None:  # reduce: each expert's heads weighted by its router score
             o = o * _expert_weights(att, att.router(x_TD))[..., None].to(o.dtype)
         return o.flatten(1) @ att.wo.flatten(0, 1)
@@ -102,8 +119,9 @@ class DSMoEForVLLM(nn.Module):
             return mlp(x_TD, None, False)[0]
         routing = route(mlp.router(x_TD), mlp.sparse or mlp.train_setting)
         weights = (routing.weights * routing.mask).float()
-        return fused_experts(x_TD, mlp.experts.w_in, mlp.experts.w_out_EDF, weights,
-                             routing.indices.to(torch.int32))
+        return fused_experts(
+            x_TD, mlp.experts.w_in, mlp.experts.w_out_EDF, weights, routing.indices.to(torch.int32)
+        )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Weights of an exported folder, named as in DSMoEForCausalLM's state dict ("model.blocks.0.att.wq")."""
@@ -111,8 +129,10 @@ class DSMoEForVLLM(nn.Module):
         loaded = set()
         for name, tensor in weights:
             if name not in params:
-                raise KeyError(f"weight '{name}' is not part of the dsmoe model; export the folder with "
-                               "`dsmoe export` from a checkpoint of the same dsmoe version")
+                raise KeyError(
+                    f"weight '{name}' is not part of the dsmoe model; export the folder with "
+                    "`dsmoe export` from a checkpoint of the same dsmoe version"
+                )
             params[name].data.copy_(tensor)
             loaded.add(name)
         missing = sorted(set(params) - loaded)

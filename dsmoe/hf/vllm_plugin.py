@@ -10,6 +10,8 @@ def register() -> None:
     try:
         from vllm import ModelRegistry
     except ImportError as err:
-        raise ImportError("dsmoe's vLLM plugin needs vLLM: pip install vllm (on a machine with a GPU)") from err
+        raise ImportError(
+            "dsmoe's vLLM plugin needs vLLM: pip install vllm (on a machine with a GPU)"
+        ) from err
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, MODEL_CLASS)

@@ -6,24 +6,35 @@ import torch
 from torch import nn
 
 
-def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits_BV: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Greedy when temperature == 0, else temperature sampling restricted to the top-p nucleus."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
     probs = torch.softmax(logits_BV.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        outside = (
+            sorted_p.cumsum(dim=-1) - sorted_p > top_p
+        )  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.inference_mode()
-def generate(model: nn.Module, prompt_BT: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-             top_p: float = 1.0, eos_token_id: int | None = None, generator: torch.Generator | None = None,
-             prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+def generate(
+    model: nn.Module,
+    prompt_BT: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    prompt_mask_BT: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens``; returns prompt + generated ids. Prompts of different lengths
     are left-padded, with ``prompt_mask_BT`` False on the padding; each then continues exactly as it would alone.
     Runs under whatever sparse setting the model has (see ``dsmoe.sparsify``). Sequences that emit ``eos_token_id``
@@ -49,8 +60,8 @@ def generate(model: nn.Module, prompt_BT: torch.Tensor, max_new_tokens: int, *, 
             done |= token == eos_token_id
         out[:, pos] = token
         if pos + 1 == total or (eos_token_id is not None and bool(done.all())):
-            return out[:, :pos + 1]
+            return out[:, : pos + 1]
         if padded:
-            padded["key_mask_BS"] = key_mask[:, :pos + 1]
+            padded["key_mask_BS"] = key_mask[:, : pos + 1]
         logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True, **padded).logits[:, -1]
     return out

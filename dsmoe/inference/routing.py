@@ -34,17 +34,25 @@ class SparseSetting:
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
-            raise ConfigError(f"unknown sparse strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}")
+            raise ConfigError(
+                f"unknown sparse strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}"
+            )
         bad_k = self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
         if self.strategy == "topk" and bad_k:
             raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={self.k!r}); pass --k")
-        if self.strategy in ("threshold", "threshold_topk") and (self.threshold is None or not self.threshold > 0):
-            raise ConfigError(f"strategy '{self.strategy}' needs threshold > 0 (got {self.threshold!r}); "
-                              "the threshold compares S_i * N_experts, so 1.0 means 'above uniform'")
+        if self.strategy in ("threshold", "threshold_topk") and (
+            self.threshold is None or not self.threshold > 0
+        ):
+            raise ConfigError(
+                f"strategy '{self.strategy}' needs threshold > 0 (got {self.threshold!r}); "
+                "the threshold compares S_i * N_experts, so 1.0 means 'above uniform'"
+            )
 
     def check(self, n_experts: int, where: str) -> None:
         if self.strategy == "topk" and self.k > n_experts:  # type: ignore[operator]
-            raise ConfigError(f"k={self.k} is larger than the {n_experts} experts of {where}: use k <= {n_experts}")
+            raise ConfigError(
+                f"k={self.k} is larger than the {n_experts} experts of {where}: use k <= {n_experts}"
+            )
 
     def describe(self) -> str:
         if self.strategy == "topk":
@@ -71,7 +79,9 @@ class Routing:
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The valid (token, expert, weight) pairs sorted by expert, and tokens per expert [N]."""
-        tokens = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(self.indices)
+        tokens = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(
+            self.indices
+        )
         token_P, expert_P, weight_P = tokens[self.mask], self.indices[self.mask], self.weights[self.mask]
         order = torch.argsort(expert_P, stable=True)
         counts = torch.bincount(expert_P, minlength=self.n_experts)
@@ -101,5 +111,10 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
         mask = torch.ones_like(indices, dtype=torch.bool)
     if setting.normalize:
         weights = weights * mask / (weights * mask).sum(dim=-1, keepdim=True)
-    return Routing(indices=indices, weights=weights, mask=mask, n_experts=n_experts,
-                   all_valid=setting.strategy != "threshold")
+    return Routing(
+        indices=indices,
+        weights=weights,
+        mask=mask,
+        n_experts=n_experts,
+        all_valid=setting.strategy != "threshold",
+    )

@@ -18,8 +18,9 @@ def moe_layers(model: nn.Module, kind: str) -> list[nn.Module]:
     return [getattr(block, kind) for block in model.blocks]
 
 
-def sparsify(model: nn.Module, att: LayerSettings = None, mlp: LayerSettings = None,
-             meter: ActiveMeter | None = None) -> nn.Module:
+def sparsify(
+    model: nn.Module, att: LayerSettings = None, mlp: LayerSettings = None, meter: ActiveMeter | None = None
+) -> nn.Module:
     """Set the inference routing of every attention and MLP layer, in place, and return the model.
 
     ``att`` / ``mlp``: one SparseSetting for all layers, a list with one per layer, or None for the layer's trained
@@ -31,8 +32,10 @@ def sparsify(model: nn.Module, att: LayerSettings = None, mlp: LayerSettings = N
         if settings is None or isinstance(settings, SparseSetting):
             settings = [settings] * len(layers)
         if len(settings) != len(layers):
-            raise ConfigError(f"{kind} settings: got {len(settings)} for a model with {len(layers)} layers; "
-                              "give one setting for all layers or one per layer")
+            raise ConfigError(
+                f"{kind} settings: got {len(settings)} for a model with {len(layers)} layers; "
+                "give one setting for all layers or one per layer"
+            )
         for layer, setting in zip(layers, settings, strict=True):
             if layer.router is None:
                 setting = None  # a single expert is always active
@@ -75,7 +78,9 @@ class ActiveMeter:
     def mean_active(self, kind: str) -> list[float]:
         """Mean active experts per token in each layer."""
         if any(n == 0 for n in self.tokens[kind]):
-            raise RuntimeError("ActiveMeter has recorded no tokens yet: run the model after sparsify(..., meter=...)")
+            raise RuntimeError(
+                "ActiveMeter has recorded no tokens yet: run the model after sparsify(..., meter=...)"
+            )
         return [a / n for a, n in zip(self.active[kind], self.tokens[kind], strict=True)]
 
     @property
@@ -89,8 +94,16 @@ class ActiveMeter:
     def summary(self) -> dict:
         """Active parameters, active hidden share, and per-layer mean/min/max share of active experts."""
         n_exp = {"att": self.cfg.n_att_experts, "mlp": self.cfg.n_mlp_experts}
-        layers = {kind: [{"mean": m / n_exp[kind], "min": lo / n_exp[kind], "max": hi / n_exp[kind]}
-                         for m, lo, hi in zip(self.mean_active(kind), self.min[kind], self.max[kind], strict=True)]
-                  for kind in ("att", "mlp")}
-        return {"active_params": self.active_params, "active_hidden": self.active_hidden,
-                "non_embedding_params": self.cfg.non_embedding_params, "layers": layers}
+        layers = {
+            kind: [
+                {"mean": m / n_exp[kind], "min": lo / n_exp[kind], "max": hi / n_exp[kind]}
+                for m, lo, hi in zip(self.mean_active(kind), self.min[kind], self.max[kind], strict=True)
+            ]
+            for kind in ("att", "mlp")
+        }
+        return {
+            "active_params": self.active_params,
+            "active_hidden": self.active_hidden,
+            "non_embedding_params": self.cfg.non_embedding_params,
+            "layers": layers,
+        }

@@ -36,7 +36,7 @@ class SortedPairs:
         order = torch.argsort(expert_flat, stable=True)
         counts = torch.bincount(expert_flat, minlength=n + 1)[:n]
         self.offs_N = counts.cumsum(0).to(torch.int32)
-        order = order[:int(self.offs_N[-1])]
+        order = order[: int(self.offs_N[-1])]
         self.token_P = torch.div(order, routing.indices.shape[1], rounding_mode="floor")
         self.expert_P = expert_flat[order]
         self.weight_P = routing.weights.flatten()[order]
@@ -61,8 +61,11 @@ def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) ->
     Uses torch's grouped_mm when the strides allow it; otherwise (odd widths, never the case for real model shapes)
     a loop over the non-empty groups gives the same result. bf16 on the CPU with many rows per expert is computed
     in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT) and returned in bf16."""
-    if (a_PK.device.type == "cpu" and a_PK.dtype == torch.bfloat16
-            and a_PK.shape[0] >= BF16_UPCAST_ROWS_PER_EXPERT * b_NKM.shape[0]):
+    if (
+        a_PK.device.type == "cpu"
+        and a_PK.dtype == torch.bfloat16
+        and a_PK.shape[0] >= BF16_UPCAST_ROWS_PER_EXPERT * b_NKM.shape[0]
+    ):
         return _grouped_mm(a_PK.float(), b_NKM.float(), offs_N).to(torch.bfloat16)
     return _grouped_mm(a_PK, b_NKM, offs_N)
 
@@ -114,8 +117,9 @@ def expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing: Routing, activation: s
 LOOP_PAIRS_PER_EXPERT = 128
 
 
-def expert_mlp_cpu(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
-                   activation: str) -> torch.Tensor:
+def expert_mlp_cpu(
+    x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
     """Expert MLP on the CPU path that suits the token count; same contract as ``expert_mlp_reference``."""
     if x_TD.shape[0] == 1:
         return expert_mlp_one_token(x_TD, w_in_NFD, w_out_NFD, routing, activation)
@@ -126,8 +130,9 @@ def expert_mlp_cpu(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.
     return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, project_sorted)
 
 
-def expert_mlp_one_token(x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
-                         activation: str) -> torch.Tensor:
+def expert_mlp_one_token(
+    x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
     """Batch-1 decode: the selected experts' input rows gathered into one matrix-vector product, and the output as
     one weighted sum of W_out rows (``embedding_bag`` reads the selected rows in place). Only the selected experts'
     weights are read, with no sorting and a handful of operations: 0.29 vs 0.42 ms for the sorted path
@@ -144,13 +149,19 @@ def expert_mlp_one_token(x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
     h = w_in_NFD.index_select(0, experts).view(-1, d) @ x_1D.view(-1).to(w_in_NFD.dtype)
     h = activate(h.view(-1, f_in), activation) * weights[:, None].to(h.dtype)
     rows = (experts[:, None] * f + torch.arange(f, device=experts.device)).view(-1)
-    y = F.embedding_bag(rows, w_out_NFD.view(-1, d), rows.new_zeros(1), mode="sum",
-                        per_sample_weights=h.view(-1).to(w_out_NFD.dtype))
+    y = F.embedding_bag(
+        rows,
+        w_out_NFD.view(-1, d),
+        rows.new_zeros(1),
+        mode="sum",
+        per_sample_weights=h.view(-1).to(w_out_NFD.dtype),
+    )
     return y.to(x_1D.dtype)
 
 
-def expert_mlp_per_expert(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
-                          activation: str) -> torch.Tensor:
+def expert_mlp_per_expert(
+    x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
     """Long prefill: one expert at a time over the expert-sorted pairs (see LOOP_PAIRS_PER_EXPERT); bf16 is
     computed in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT)."""
     pairs = SortedPairs(routing)
@@ -172,19 +183,55 @@ def batch_major(batch_T: torch.Tensor, batch_size: int) -> bool:
     n = batch_T.shape[0]
     if batch_size == 0 or n % batch_size:
         return False
-    return torch.equal(batch_T, torch.arange(batch_size, device=batch_T.device).repeat_interleave(n // batch_size))
+    return torch.equal(
+        batch_T, torch.arange(batch_size, device=batch_T.device).repeat_interleave(n // batch_size)
+    )
 
 
-def moa_cpu(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
-            v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
-            cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, visible_TS: torch.Tensor | None = None) -> torch.Tensor:
+def moa_cpu(
+    x_TD: torch.Tensor,
+    wq_NED: torch.Tensor,
+    wo_NED: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    v_BHSd: torch.Tensor,
+    routing: Routing,
+    batch_T: torch.Tensor,
+    pos_T: torch.Tensor,
+    cos_Sd: torch.Tensor,
+    sin_Sd: torch.Tensor,
+    visible_TS: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Sparse mixture of attention heads; same contract as ``moa_reference``."""
-    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS,
-                      project_sorted)
+    return moa_sorted(
+        x_TD,
+        wq_NED,
+        wo_NED,
+        k_BHSd,
+        v_BHSd,
+        routing,
+        batch_T,
+        pos_T,
+        cos_Sd,
+        sin_Sd,
+        visible_TS,
+        project_sorted,
+    )
 
 
-def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS,
-               project) -> torch.Tensor:
+def moa_sorted(
+    x_TD,
+    wq_NED,
+    wo_NED,
+    k_BHSd,
+    v_BHSd,
+    routing: Routing,
+    batch_T,
+    pos_T,
+    cos_Sd,
+    sin_Sd,
+    visible_TS,
+    project,
+) -> torch.Tensor:
     """Sparse mixture of attention heads over any grouped ``project``.
 
     Only the selected experts' query rows and output rows are multiplied (grouped products over the sorted pairs).
@@ -193,7 +240,9 @@ def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, 
     """
     b, s = k_BHSd.shape[0], k_BHSd.shape[2]
     if not batch_major(batch_T, b):  # tokens not in MoA.forward's layout: the reference handles any layout
-        return moa_reference(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+        return moa_reference(
+            x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
+        )
     n_experts, width, _ = wq_NED.shape
     head_dim = k_BHSd.shape[-1]
     n_tokens = x_TD.shape[0]
@@ -211,7 +260,9 @@ def moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing: Routing, batch_T, 
     else:
         visible = visible_TS.view(b, t, s)
     gqa = q_BHtd.shape[1] != k_BHSd.shape[1]
-    o_BHtd = F.scaled_dot_product_attention(q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=gqa)
+    o_BHtd = F.scaled_dot_product_attention(
+        q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=gqa
+    )
     o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
     y_PD = project(_scale(o_TNE[pairs.token_P, pairs.expert_P], pairs), wo_NED, pairs, False)
     return _combine(y_PD, pairs, n_tokens, x_TD.dtype)

@@ -23,8 +23,9 @@ def activate(h: torch.Tensor, activation: str) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def expert_mlp_reference(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
-                         activation: str) -> torch.Tensor:
+def expert_mlp_reference(
+    x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
     """out[t] = sum over selected (t, e) of weight * act(x[t] W_in[e]^T) W_out[e].
 
     w_in_NFD: [N, F or 2F, D] (rows of expert e's input projection); w_out_NFD: [N, F, D].
@@ -35,7 +36,7 @@ def expert_mlp_reference(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        tokens, weights = token_P[start:start + n], weight_P[start:start + n]
+        tokens, weights = token_P[start : start + n], weight_P[start : start + n]
         start += n
         h = activate(F.linear(x_TD[tokens], w_in_NFD[e]), activation)
         y = (h @ w_out_NFD[e]) * weights[:, None].to(h.dtype)
@@ -43,9 +44,19 @@ def expert_mlp_reference(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: 
     return out_TD
 
 
-def moa_reference(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
-                  v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
-                  cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, visible_TS: torch.Tensor | None = None) -> torch.Tensor:
+def moa_reference(
+    x_TD: torch.Tensor,
+    wq_NED: torch.Tensor,
+    wo_NED: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    v_BHSd: torch.Tensor,
+    routing: Routing,
+    batch_T: torch.Tensor,
+    pos_T: torch.Tensor,
+    cos_Sd: torch.Tensor,
+    sin_Sd: torch.Tensor,
+    visible_TS: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mixture-of-attention-heads output for the selected (token, expert) pairs (paper eq. 7-8).
 
     Expert e owns query rows wq[e] ([E = N_head * head_dim, D]) and output rows wo[e] ([E, D]). Token t (batch row
@@ -64,7 +75,7 @@ def moa_reference(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor
     for e, n in enumerate(counts.tolist()):
         if n == 0:
             continue
-        tokens, weights = token_P[start:start + n], weight_P[start:start + n]
+        tokens, weights = token_P[start : start + n], weight_P[start : start + n]
         start += n
         kv_heads = torch.arange(e * n_head, (e + 1) * n_head, device=x_TD.device) // group
         q_MHd = F.linear(x_TD[tokens], wq_NED[e]).view(n, n_head, head_dim)

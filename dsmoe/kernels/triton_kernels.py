@@ -32,10 +32,28 @@ BLOCK_M = 16  # rows of one block; tl.dot needs >= 16
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _scatter2scatter_kernel(a_ptr, w_ptr, out_ptr, a_rows_ptr, block_expert_ptr, block_start_ptr, block_end_ptr,
-                                k_dim, m_dim, stride_am, stride_ak, stride_we, stride_wk, stride_wm,
-                                stride_om, stride_on, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                BLOCK_K: tl.constexpr, FP32_DOT: tl.constexpr):
+    def _scatter2scatter_kernel(
+        a_ptr,
+        w_ptr,
+        out_ptr,
+        a_rows_ptr,
+        block_expert_ptr,
+        block_start_ptr,
+        block_end_ptr,
+        k_dim,
+        m_dim,
+        stride_am,
+        stride_ak,
+        stride_we,
+        stride_wk,
+        stride_wm,
+        stride_om,
+        stride_on,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        FP32_DOT: tl.constexpr,
+    ):
         block = tl.program_id(0)
         expert = tl.load(block_expert_ptr + block)
         start = tl.load(block_start_ptr + block)
@@ -49,16 +67,25 @@ if TRITON_AVAILABLE:
         for k0 in range(0, k_dim, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k_dim
-            a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            a = tl.load(
+                a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + expert * stride_we + ks[:, None] * stride_wk + cols[None, :] * stride_wm,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             if FP32_DOT:
                 acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(a, w)
-        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        tl.store(
+            out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
 
 def _interpreting() -> bool:
@@ -69,10 +96,14 @@ def _interpreting() -> bool:
 
 def _require_triton() -> None:
     if not TRITON_AVAILABLE:
-        raise RuntimeError("the Triton kernels need the 'triton' package: pip install 'dsmoe[gpu]' (or triton)")
+        raise RuntimeError(
+            "the Triton kernels need the 'triton' package: pip install 'dsmoe[gpu]' (or triton)"
+        )
 
 
-def block_table(offs_N: torch.Tensor, block_m: int = BLOCK_M) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_table(
+    offs_N: torch.Tensor, block_m: int = BLOCK_M
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(expert, start, end) of every block of at most ``block_m`` sorted pairs; blocks never straddle experts and
     experts with no pairs get no block."""
     ends = offs_N.long()
@@ -99,23 +130,64 @@ def scatter2scatter(a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, ga
     block_k = min(64, max(16, triton.next_power_of_2(k_dim)))
     grid = (expert_B.shape[0], triton.cdiv(m_dim, block_n))
     w = w_NKM.to(a.dtype)
-    _scatter2scatter_kernel[grid](a, w, out, a_rows, expert_B, start_B, end_B, k_dim, m_dim,
-                                  a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                                  out.stride(0), out.stride(1), BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-                                  FP32_DOT=a.dtype == torch.float32 or _interpreting())
+    _scatter2scatter_kernel[grid](
+        a,
+        w,
+        out,
+        a_rows,
+        expert_B,
+        start_B,
+        end_B,
+        k_dim,
+        m_dim,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        FP32_DOT=a.dtype == torch.float32 or _interpreting(),
+    )
     return out
 
 
-def expert_mlp_triton(x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing,
-                      activation: str) -> torch.Tensor:
+def expert_mlp_triton(
+    x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
     """Expert MLP through the scatter-to-scatter kernel; same contract as ``expert_mlp_reference``."""
     return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, scatter2scatter)
 
 
-def moa_triton(x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, k_BHSd: torch.Tensor,
-               v_BHSd: torch.Tensor, routing: Routing, batch_T: torch.Tensor, pos_T: torch.Tensor,
-               cos_Sd: torch.Tensor, sin_Sd: torch.Tensor, visible_TS: torch.Tensor | None = None) -> torch.Tensor:
+def moa_triton(
+    x_TD: torch.Tensor,
+    wq_NED: torch.Tensor,
+    wo_NED: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    v_BHSd: torch.Tensor,
+    routing: Routing,
+    batch_T: torch.Tensor,
+    pos_T: torch.Tensor,
+    cos_Sd: torch.Tensor,
+    sin_Sd: torch.Tensor,
+    visible_TS: torch.Tensor | None = None,
+) -> torch.Tensor:
     """MoA with the query/output projections through the scatter-to-scatter kernel; same contract as
     ``moa_reference``."""
-    return moa_sorted(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS,
-                      scatter2scatter)
+    return moa_sorted(
+        x_TD,
+        wq_NED,
+        wo_NED,
+        k_BHSd,
+        v_BHSd,
+        routing,
+        batch_T,
+        pos_T,
+        cos_Sd,
+        sin_Sd,
+        visible_TS,
+        scatter2scatter,
+    )

@@ -58,10 +58,10 @@ class Padding:
     def from_key_mask(cls, key_mask_BS: torch.Tensor, t: int) -> Padding:
         """key_mask_BS: True for real tokens over every slot, cached and new (Hugging Face's attention_mask)."""
         s = key_mask_BS.shape[1]
-        positions = (key_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, s - t:]
+        positions = (key_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, s - t :]
         slots = torch.arange(s, device=key_mask_BS.device)
-        causal_TS = slots[None, :] <= slots[s - t:, None]
-        visible = (causal_TS[None] & key_mask_BS[:, None, :]) | (slots[None, :] == slots[s - t:, None])[None]
+        causal_TS = slots[None, :] <= slots[s - t :, None]
+        visible = (causal_TS[None] & key_mask_BS[:, None, :]) | (slots[None, :] == slots[s - t :, None])[None]
         return cls(positions, visible)
 
 
@@ -83,16 +83,31 @@ class MoA(nn.Module):
         self.sparse: SparseSetting | None = None
         self.meter = None
 
-    def forward(self, x_BTD, cos_Sd, sin_Sd, cache: KVCache | None, start_pos: int, mask_T, want_aux: bool,
-                padding: Padding | None = None):
+    def forward(
+        self,
+        x_BTD,
+        cos_Sd,
+        sin_Sd,
+        cache: KVCache | None,
+        start_pos: int,
+        mask_T,
+        want_aux: bool,
+        padding: Padding | None = None,
+    ):
         b, t, d = x_BTD.shape
         if padding is None:
-            cos, sin = cos_Sd[start_pos:start_pos + t, None], sin_Sd[start_pos:start_pos + t, None]  # [T, 1, d]
+            cos, sin = (
+                cos_Sd[start_pos : start_pos + t, None],
+                sin_Sd[start_pos : start_pos + t, None],
+            )  # [T, 1, d]
         else:
             pos_BT = padding.positions_BT
             cos, sin = cos_Sd[pos_BT][:, :, None], sin_Sd[pos_BT][:, :, None]  # [B, T, 1, d]
         k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos, sin)
-        k_BHSd, v_BHSd = k.transpose(1, 2), self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        k_BHSd, v_BHSd = (
+            k.transpose(1, 2),
+            self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
+        )
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(self.layer_idx, start_pos, k_BHSd, v_BHSd)
 
@@ -110,8 +125,9 @@ class MoA(nn.Module):
                 pos_T, visible_TS = torch.arange(start_pos, start_pos + t, device=x_TD.device).repeat(b), None
             else:
                 pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
-            return kernels.moa(x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd,
-                               visible_TS)
+            return kernels.moa(
+                x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
+            )
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:
@@ -127,11 +143,15 @@ def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int, padding: Padding | None = No
     t, s = q_BHTd.shape[2], k_BHSd.shape[2]
     gqa = q_BHTd.shape[1] != k_BHSd.shape[1]
     if padding is not None:
-        return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=padding.visible_BTS[:, None],
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q_BHTd, k_BHSd, v_BHSd, attn_mask=padding.visible_BTS[:, None], enable_gqa=gqa
+        )
     if t == s:  # no cached prefix: plain causal attention
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, is_causal=True, enable_gqa=gqa)
     if t == 1:  # one new token sees the whole cache
         return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, enable_gqa=gqa)
-    visible = torch.arange(s, device=q_BHTd.device)[None, :] <= start_pos + torch.arange(t, device=q_BHTd.device)[:, None]
+    visible = (
+        torch.arange(s, device=q_BHTd.device)[None, :]
+        <= start_pos + torch.arange(t, device=q_BHTd.device)[:, None]
+    )
     return F.scaled_dot_product_attention(q_BHTd, k_BHSd, v_BHSd, attn_mask=visible, enable_gqa=gqa)

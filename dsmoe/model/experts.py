@@ -70,7 +70,9 @@ def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn
     setting = layer.sparse or layer.train_setting
     if setting.strategy == "dense":
         if layer.meter is not None:
-            layer.meter.record_dense(layer.kind, layer.layer_idx, probs_TN.shape[-1], mask_T, probs_TN.shape[0])
+            layer.meter.record_dense(
+                layer.kind, layer.layer_idx, probs_TN.shape[-1], mask_T, probs_TN.shape[0]
+            )
         return dense_fn(x, probs_TN), None
     routing = route(probs_TN, setting, mask_T)
     if layer.meter is not None:
@@ -78,7 +80,9 @@ def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn
     return sparse_fn(x, routing), routing
 
 
-def router_aux(layer: nn.Module, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None):
+def router_aux(
+    layer: nn.Module, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None
+):
     """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE), with its detached probabilities over the
     counted tokens so that a trainer can compute statistics when it logs (not on every step)."""
     if layer.regime == "smoe":

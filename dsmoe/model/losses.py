@@ -33,7 +33,9 @@ def mutual_information_loss(probs_TN: torch.Tensor, mask_T: torch.Tensor | None 
     return -entropy(marginal_N) + conditional
 
 
-def switch_loss(probs_TN: torch.Tensor, indices_TK: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+def switch_loss(
+    probs_TN: torch.Tensor, indices_TK: torch.Tensor, mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch Transformer load-balancing loss for top-K routing (dMoE's form, no capacity):
 
         L = N * sum_i f_i * P_i

@@ -59,7 +59,9 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = False  # recompute each block in backward instead of keeping activations
+        self.activation_checkpointing = (
+            False  # recompute each block in backward instead of keeping activations
+        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -78,9 +80,17 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return KVCache(self.cfg, batch_size, max_len, dtype, self.embed.weight.device)
 
-    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None, *,
-                token_mask_BT: torch.Tensor | None = None, cache: KVCache | None = None, start_pos: int = 0,
-                last_only: bool = False, key_mask_BS: torch.Tensor | None = None) -> ModelOutput:
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        token_mask_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_only: bool = False,
+        key_mask_BS: torch.Tensor | None = None,
+    ) -> ModelOutput:
         """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
         True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
         target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding.
@@ -95,8 +105,10 @@ class Transformer(nn.Module):
         padding = None
         if key_mask_BS is not None and not bool(key_mask_BS.bool().all()):  # all real: nothing to mask
             if tuple(key_mask_BS.shape) != (b, start_pos + t):
-                raise ValueError(f"key_mask_BS has shape {tuple(key_mask_BS.shape)}; it must cover the cached and "
-                                 f"new tokens: ({b}, {start_pos + t})")
+                raise ValueError(
+                    f"key_mask_BS has shape {tuple(key_mask_BS.shape)}; it must cover the cached and "
+                    f"new tokens: ({b}, {start_pos + t})"
+                )
             key_mask_BS = key_mask_BS.bool()
             padding = Padding.from_key_mask(key_mask_BS, t)
             real_BT = key_mask_BS[:, start_pos:]

@@ -62,15 +62,24 @@ def versions() -> dict[str, str]:
     return {"dsmoe": dsmoe_version, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
-def write_checkpoint(path: Path, model_state: dict[str, torch.Tensor], model_cfg: ModelConfig, *,
-                     optimizer_state: dict | None = None, trainer_state: dict | None = None,
-                     train_cfg: dict | None = None, tokenizer_file: Path | None = None) -> Path:
+def write_checkpoint(
+    path: Path,
+    model_state: dict[str, torch.Tensor],
+    model_cfg: ModelConfig,
+    *,
+    optimizer_state: dict | None = None,
+    trainer_state: dict | None = None,
+    train_cfg: dict | None = None,
+    tokenizer_file: Path | None = None,
+) -> Path:
     """Write a complete checkpoint folder at ``path`` atomically (temporary sibling folder, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors")
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors"
+        )
         config = {"model": model_cfg.to_dict(), "train": train_cfg, "versions": versions()}
         (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         if optimizer_state is not None:
@@ -97,8 +106,10 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> None:
     path = Path(path)
     manifest = path / MANIFEST
     if not manifest.is_file():
-        raise CheckpointError(f"{path} is not a complete dsmoe checkpoint (no {MANIFEST}); "
-                              "point at a folder written by `dsmoe train` or `dsmoe export`")
+        raise CheckpointError(
+            f"{path} is not a complete dsmoe checkpoint (no {MANIFEST}); "
+            "point at a folder written by `dsmoe train` or `dsmoe export`"
+        )
     try:
         files = json.loads(manifest.read_text())
     except json.JSONDecodeError as err:
@@ -108,10 +119,14 @@ def verify_checkpoint(path: Path, check_hashes: bool = True) -> None:
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing; resume from an earlier checkpoint")
         if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"checkpoint file {f} is truncated ({f.stat().st_size} of {meta['bytes']} bytes);"
-                                  " resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint file {f} is truncated ({f.stat().st_size} of {meta['bytes']} bytes);"
+                " resume from an earlier checkpoint"
+            )
         if check_hashes and _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"checkpoint file {f} is corrupted (hash mismatch); resume from an earlier checkpoint")
+            raise CheckpointError(
+                f"checkpoint file {f} is corrupted (hash mismatch); resume from an earlier checkpoint"
+            )
 
 
 def step_dir(out_dir: Path, step: int) -> Path:

@@ -24,11 +24,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("train", help="train a model (torchrun --nproc_per_node=N -m dsmoe train ... for many)",
-                       description="Train Dense, SMoE or DS-MoE models. Overrides are dotted key=value pairs: "
-                                   "lr=1e-3, total_tokens=5e6, model.alpha_mlp=1e-3.")
+    p = sub.add_parser(
+        "train",
+        help="train a model (torchrun --nproc_per_node=N -m dsmoe train ... for many)",
+        description="Train Dense, SMoE or DS-MoE models. Overrides are dotted key=value pairs: "
+        "lr=1e-3, total_tokens=5e6, model.alpha_mlp=1e-3.",
+    )
     p.add_argument("--config", help="YAML run config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps in this call (with a checkpoint)")
+    p.add_argument(
+        "--max-steps", type=int, help="stop after this many steps in this call (with a checkpoint)"
+    )
     p.set_defaults(func=cmd_train)

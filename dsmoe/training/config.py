@@ -54,8 +54,15 @@ class TrainConfig:
     trainable: str = "all"  # all, or routers: every other parameter frozen (and left out of the optimizer)
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "micro_batch_size", "global_batch_tokens", "total_tokens", "log_every",
-                     "eval_batches", "keep_last"):
+        for name in (
+            "seq_len",
+            "micro_batch_size",
+            "global_batch_tokens",
+            "total_tokens",
+            "log_every",
+            "eval_batches",
+            "keep_last",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.dtype not in ("auto", "bf16", "fp32"):
@@ -67,18 +74,24 @@ class TrainConfig:
         if self.trainable not in TRAINABLE:
             raise ConfigError(f"trainable must be one of {', '.join(TRAINABLE)}, got '{self.trainable}'")
         if self.init_from is not None and not (Path(self.init_from) / "config.yaml").is_file():
-            raise ConfigError(f"init_from={self.init_from} is not a dsmoe checkpoint folder (no config.yaml): point it "
-                              "at a folder written by `dsmoe convert` or `dsmoe train`")
+            raise ConfigError(
+                f"init_from={self.init_from} is not a dsmoe checkpoint folder (no config.yaml): point it "
+                "at a folder written by `dsmoe convert` or `dsmoe train`"
+            )
         if self.trainable == "routers":
             model_cfg = self.model_config()
             if not (model_cfg.has_att_router or model_cfg.has_mlp_router):
-                raise ConfigError("trainable=routers, but the model has no routers (one expert per layer): "
-                                  "train with trainable=all or convert with more than one expert")
+                raise ConfigError(
+                    "trainable=routers, but the model has no routers (one expert per layer): "
+                    "train with trainable=all or convert with more than one expert"
+                )
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.seq_len > self.model_config().max_seq_len:
-            raise ConfigError(f"seq_len={self.seq_len} exceeds the model's max_seq_len="
-                              f"{self.model_config().max_seq_len}: lower seq_len or set model.max_seq_len")
+            raise ConfigError(
+                f"seq_len={self.seq_len} exceeds the model's max_seq_len="
+                f"{self.model_config().max_seq_len}: lower seq_len or set model.max_seq_len"
+            )
 
     def model_config(self) -> ModelConfig:
         values = dict(self.model)
@@ -87,8 +100,10 @@ class TrainConfig:
 
             fixed = sorted(set(values) - set(INIT_OVERRIDES))
             if fixed:
-                raise ConfigError(f"with init_from, the model config comes from {self.init_from}; model may only "
-                                  f"override {', '.join(INIT_OVERRIDES)}, not {', '.join(fixed)}")
+                raise ConfigError(
+                    f"with init_from, the model config comes from {self.init_from}; model may only "
+                    f"override {', '.join(INIT_OVERRIDES)}, not {', '.join(fixed)}"
+                )
             return read_model_config(self.init_from).replace(**values)
         name = values.pop("preset", None)
         return preset(name, **values) if name else ModelConfig.from_dict(values)
@@ -98,7 +113,8 @@ class TrainConfig:
         if self.global_batch_tokens % per_micro:
             raise ConfigError(
                 f"global_batch_tokens={self.global_batch_tokens} is not a multiple of micro_batch_size x seq_len x "
-                f"processes = {per_micro}: set global_batch_tokens to a multiple of {per_micro}")
+                f"processes = {per_micro}: set global_batch_tokens to a multiple of {per_micro}"
+            )
         return self.global_batch_tokens // per_micro
 
     @property
@@ -121,7 +137,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override '{item}' is not key=value (for example lr=1e-3 or model.alpha_mlp=1e-3)")
+            raise ConfigError(
+                f"override '{item}' is not key=value (for example lr=1e-3 or model.alpha_mlp=1e-3)"
+            )
         if key.startswith("model."):
             sub = key.removeprefix("model.")
             if sub not in model_keys:
@@ -130,7 +148,9 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
         elif key in train_keys:
             values[key] = _parse_value(raw)
         else:
-            raise unknown_key_error(key, train_keys + [f"model.{k}" for k in model_keys], "the training config")
+            raise unknown_key_error(
+                key, train_keys + [f"model.{k}" for k in model_keys], "the training config"
+            )
     return values
 
 

@@ -72,8 +72,9 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None, 
     return get_state_dict(model, optimizer if optimizer is not None else [], options=opts)
 
 
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state, optim_state,
-                          info: DistInfo) -> None:
+def load_full_state_dicts(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state, optim_state, info: DistInfo
+) -> None:
     if info.world_size == 1:
         model.load_state_dict(model_state)
         if optimizer is not None and optim_state is not None:
@@ -82,8 +83,13 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | N
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     opts = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=model_state,
-                   optim_state_dict=optim_state if optim_state is not None else {}, options=opts)
+    set_state_dict(
+        model,
+        optimizer if optimizer is not None else [],
+        model_state_dict=model_state,
+        optim_state_dict=optim_state if optim_state is not None else {},
+        options=opts,
+    )
 
 
 def cleanup() -> None:

@@ -52,7 +52,9 @@ def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
             p.requires_grad_(".router." in name)
     model.activation_checkpointing = cfg.activation_checkpointing
     if info.world_size > 1:
-        shard_model(model, info, torch.bfloat16 if use_bf16(cfg, info.device) and info.device.type == "cuda" else None)
+        shard_model(
+            model, info, torch.bfloat16 if use_bf16(cfg, info.device) and info.device.type == "cuda" else None
+        )
     if cfg.compile:
         for block in model.blocks:
             block.compile()
@@ -100,10 +102,23 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     out_dir = Path(cfg.out_dir)
     model_cfg = cfg.model_config()
     accum = cfg.accumulation_steps(info.world_size)
-    loader = TokenLoader(cfg.data, "train", cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, rank=info.rank,
-                         world_size=info.world_size, vocab_size=model_cfg.vocab_size)
-    val_loader = (TokenLoader(cfg.data, "val", cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed,
-                              vocab_size=model_cfg.vocab_size) if cfg.eval_every > 0 else None)
+    loader = TokenLoader(
+        cfg.data,
+        "train",
+        cfg.micro_batch_size,
+        cfg.seq_len,
+        seed=cfg.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        vocab_size=model_cfg.vocab_size,
+    )
+    val_loader = (
+        TokenLoader(
+            cfg.data, "val", cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, vocab_size=model_cfg.vocab_size
+        )
+        if cfg.eval_every > 0
+        else None
+    )
     model = build_model(cfg, info)
     optimizer = build_optimizer(model, cfg)
     step, tokens = 0, 0
@@ -112,37 +127,62 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     if cfg.init_from is not None:
         init_tokenizer = Path(cfg.init_from) / "tokenizer.json"
         if not _same_tokenizer(init_tokenizer, tokenizer_file):
-            raise ConfigError(f"the data ({tokenizer_file.parent}) was tokenized with another tokenizer than "
-                              f"init_from's ({init_tokenizer}): prepare the data with `dsmoe prepare --tokenizer "
-                              f"{init_tokenizer}`")
+            raise ConfigError(
+                f"the data ({tokenizer_file.parent}) was tokenized with another tokenizer than "
+                f"init_from's ({init_tokenizer}): prepare the data with `dsmoe prepare --tokenizer "
+                f"{init_tokenizer}`"
+            )
     if latest:
         if not _same_tokenizer(latest[0] / "tokenizer.json", tokenizer_file):
-            raise ConfigError(f"the tokenizer of the data ({tokenizer_file}) differs from the one the checkpoint was "
-                              f"trained with ({latest[0] / 'tokenizer.json'}): resume on data prepared with it")
+            raise ConfigError(
+                f"the tokenizer of the data ({tokenizer_file}) differs from the one the checkpoint was "
+                f"trained with ({latest[0] / 'tokenizer.json'}): resume on data prepared with it"
+            )
         state = torch.load(latest[0] / "trainer.pt", weights_only=False)
         ckpt.verify_checkpoint(latest[0])
         optim_state = torch.load(latest[0] / "optimizer.pt", weights_only=False)
-        load_full_state_dicts(model, optimizer, ckpt.load_model_state(latest[0], check_hashes=False), optim_state,
-                              info)
+        load_full_state_dicts(
+            model, optimizer, ckpt.load_model_state(latest[0], check_hashes=False), optim_state, info
+        )
         step, tokens = state["step"], state["tokens"]
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
     elif not resume and ckpt.list_checkpoints(out_dir):
-        raise ConfigError(f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
-                          "or choose another out_dir")
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another out_dir"
+        )
     logger = MetricsLogger(out_dir, enabled=info.is_main)
     if info.is_main and not latest:
-        logger.log(step, {"event": "start", "config": cfg.to_dict(), "model": model_cfg.to_dict(),
-                          "non_embedding_params": model_cfg.non_embedding_params, "accumulation": accum})
+        logger.log(
+            step,
+            {
+                "event": "start",
+                "config": cfg.to_dict(),
+                "model": model_cfg.to_dict(),
+                "non_embedding_params": model_cfg.non_embedding_params,
+                "accumulation": accum,
+            },
+        )
 
     def save(at_step: int) -> None:
         model_state, optim_state = full_state_dicts(model, optimizer, info)
         if info.is_main and not ckpt.step_dir(out_dir, at_step).exists():
-            trainer_state = {"step": at_step, "tokens": tokens, "loader": loader.state_dict(),
-                             "rng": ckpt.rng_state()}
-            ckpt.write_checkpoint(ckpt.step_dir(out_dir, at_step), model_state, model_cfg,
-                                  optimizer_state=optim_state, trainer_state=trainer_state, train_cfg=cfg.to_dict(),
-                                  tokenizer_file=tokenizer_file)
+            trainer_state = {
+                "step": at_step,
+                "tokens": tokens,
+                "loader": loader.state_dict(),
+                "rng": ckpt.rng_state(),
+            }
+            ckpt.write_checkpoint(
+                ckpt.step_dir(out_dir, at_step),
+                model_state,
+                model_cfg,
+                optimizer_state=optim_state,
+                trainer_state=trainer_state,
+                train_cfg=cfg.to_dict(),
+                tokenizer_file=tokenizer_file,
+            )
             ckpt.prune_checkpoints(out_dir, cfg.keep_last)
 
     model.train()
@@ -169,19 +209,24 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             parts = (out.loss, out.lm_loss, out.mi_att, out.mi_mlp, out.switch)
             values = torch.tensor([float(p.detach()) if p is not None else 0.0 for p in parts])
             if not torch.isfinite(values).all():
-                bad_batches.append(f"micro-batch {micro} (loader epoch {position['epoch']}, batch "
-                                   f"{position['position']})")
+                bad_batches.append(
+                    f"micro-batch {micro} (loader epoch {position['epoch']}, batch {position['position']})"
+                )
             sums += values / accum
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
             where = _nonfinite_culprit(model)
             bad = ", ".join(bad_batches) or "every micro-batch's loss was finite"
-            message = (f"non-finite loss or gradient at step {step + 1} (loss {float(sums[0])}, grad norm "
-                       f"{grad_norm}); batches: {bad}; first non-finite: {where}")
+            message = (
+                f"non-finite loss or gradient at step {step + 1} (loss {float(sums[0])}, grad norm "
+                f"{grad_norm}); batches: {bad}; first non-finite: {where}"
+            )
             optimizer.zero_grad(set_to_none=True)
             if cfg.nonfinite == "stop":
-                raise NonFiniteError(message + f"; the last good checkpoint in {out_dir / ckpt.CKPT_DIR} is kept")
+                raise NonFiniteError(
+                    message + f"; the last good checkpoint in {out_dir / ckpt.CKPT_DIR} is kept"
+                )
             if info.is_main:
                 bar.write(f"warning: {message}; step skipped")
             logger.log(step + 1, {"event": "skipped_step", "reason": message})
@@ -195,18 +240,28 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         if step % cfg.log_every == 0 or step == stop_at:
             sums = all_reduce_mean(sums, info)
             elapsed = time.perf_counter() - window_start
-            last = {"loss": float(sums[0]), "lm_loss": float(sums[1]), "lr": lr, "grad_norm": grad_norm,
-                    "tokens": tokens, "tokens_per_s": window_tokens / elapsed}
+            last = {
+                "loss": float(sums[0]),
+                "lm_loss": float(sums[1]),
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "tokens_per_s": window_tokens / elapsed,
+            }
             logged = {"dsmoe": ((2, "mi_att"), (3, "mi_mlp")), "smoe": ((4, "switch"),)}
             last.update({name: float(sums[i]) for i, name in logged.get(model_cfg.regime, ())})
             last.update(router_metrics(out.router_stats))
             for kind, layer, share in collapsed_routers(out.router_stats):
                 if (kind, layer) not in warned and info.is_main:
                     warned.add((kind, layer))
-                    bar.write(f"warning: router collapse in {kind} layer {layer}: one expert takes {share:.0%} of "
-                              f"the router probability (balanced: {1 / n_experts[kind]:.0%}); "
-                              "raise alpha (MI loss) or switch_loss_weight, or lower the learning rate")
-                    logger.log(step, {"event": "router_collapse", "kind": kind, "layer": layer, "share": share})
+                    bar.write(
+                        f"warning: router collapse in {kind} layer {layer}: one expert takes {share:.0%} of "
+                        f"the router probability (balanced: {1 / n_experts[kind]:.0%}); "
+                        "raise alpha (MI loss) or switch_loss_weight, or lower the learning rate"
+                    )
+                    logger.log(
+                        step, {"event": "router_collapse", "kind": kind, "layer": layer, "share": share}
+                    )
             logger.log(step, last)
             bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             window_start, window_tokens = time.perf_counter(), 0

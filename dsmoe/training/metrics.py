@@ -56,7 +56,9 @@ def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
         probs = [s["probs"] for s in router_stats if s["kind"] == kind]
         if probs:
             out[f"router_entropy_{kind}"] = float(torch.stack([entropy(p).mean() for p in probs]).mean())
-            top1 = [torch.bincount(p.argmax(-1), minlength=p.shape[-1]).max() / max(p.shape[0], 1) for p in probs]
+            top1 = [
+                torch.bincount(p.argmax(-1), minlength=p.shape[-1]).max() / max(p.shape[0], 1) for p in probs
+            ]
             out[f"max_load_{kind}"] = [round(float(t), 4) for t in top1]
     return out
 

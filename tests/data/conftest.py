@@ -2,8 +2,10 @@ import pytest
 
 from dsmoe.data.tokenizer import train_bpe
 
-SENTENCE = ("the quick brown fox jumps over the lazy dog while a small red hen sings about rivers, "
-            "mountains and the sea; numbers like 42 and 1999 appear too.")
+SENTENCE = (
+    "the quick brown fox jumps over the lazy dog while a small red hen sings about rivers, "
+    "mountains and the sea; numbers like 42 and 1999 appear too."
+)
 WORDS = SENTENCE.split(" ")
 
 

@@ -33,7 +33,9 @@ def test_jsonl_and_zst_with_a_chosen_field(tmp_path):
 
 def test_jsonl_missing_field_names_file_line_and_fix(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [{"text": "ok"}, {"content": "no text"}])
-    with pytest.raises(DataError, match=r"d.jsonl, line 2: no 'text' field \(found: content\).*--jsonl-field"):
+    with pytest.raises(
+        DataError, match=r"d.jsonl, line 2: no 'text' field \(found: content\).*--jsonl-field"
+    ):
         list(read_documents([path]))
 
 
@@ -50,7 +52,9 @@ def test_jsonl_bad_json_and_non_string(tmp_path):
 def test_undecodable_bytes_name_file_line_and_encoding(tmp_path):
     path = tmp_path / "cp.txt"
     path.write_bytes("line one\nsmart \u2019quote\n".encode("cp1252"))
-    with pytest.raises(DataError, match=r"cp.txt, line 2, column 7: byte 0x92 is not valid utf-8.*--encoding cp1252"):
+    with pytest.raises(
+        DataError, match=r"cp.txt, line 2, column 7: byte 0x92 is not valid utf-8.*--encoding cp1252"
+    ):
         list(read_documents([path]))
     assert list(read_documents([path], encoding="cp1252")) == ["line one\nsmart \u2019quote\n"]
     jsonl = tmp_path / "cp.jsonl"
@@ -74,12 +78,21 @@ def test_missing_and_empty_inputs(tmp_path):
 
 
 def test_hf_save_to_disk_folder(tmp_path, monkeypatch):
-    datasets = pytest.importorskip("datasets", reason="the datasets package is an optional dependency (dsmoe[data])")
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["x y", "z"], "n": [1, 2]}),
-                               "validation": datasets.Dataset.from_dict({"text": ["held"], "n": [3]})})
+    datasets = pytest.importorskip(
+        "datasets", reason="the datasets package is an optional dependency (dsmoe[data])"
+    )
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": ["x y", "z"], "n": [1, 2]}),
+            "validation": datasets.Dataset.from_dict({"text": ["held"], "n": [3]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     datasets.Dataset.from_dict({"content": ["solo"]}).save_to_disk(str(tmp_path / "single"))
-    assert list(read_documents([tmp_path / "dd"])) == ["x y", "z"]  # a datasets folder inside --input works too
+    assert list(read_documents([tmp_path / "dd"])) == [
+        "x y",
+        "z",
+    ]  # a datasets folder inside --input works too
     assert list(read_hf_dataset(tmp_path / "dd", split="validation")) == ["held"]
     assert list(read_documents(dataset=str(tmp_path / "single"), field="content")) == ["solo"]
     with pytest.raises(DataError, match="splits train, validation, not 'test'"):

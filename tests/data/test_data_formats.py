@@ -11,10 +11,13 @@ from dsmoe.data.errors import DataError
 
 
 def test_brown_tags_stripped_and_paragraphs_kept():
-    raw = ("\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, it/pps didn't/do* ./.\n"
-           "It/pps ended/vbd (/( at/in last/ap )/) ./.\n\n\n\tA/at new/jj paragraph/nn ?/.\n")
-    assert formats.brown_document(raw) == ('The jury said "no evidence", it didn\'t. It ended (at last).'
-                                           "\n\nA new paragraph?")
+    raw = (
+        "\n\n\tThe/at jury/nn said/vbd ``/`` no/at evidence/nn ''/'' ,/, it/pps didn't/do* ./.\n"
+        "It/pps ended/vbd (/( at/in last/ap )/) ./.\n\n\n\tA/at new/jj paragraph/nn ?/.\n"
+    )
+    assert formats.brown_document(raw) == (
+        'The jury said "no evidence", it didn\'t. It ended (at last).\n\nA new paragraph?'
+    )
 
 
 def write_sword_module(folder, stem, blocks, index_suffix="bzs"):
@@ -30,19 +33,23 @@ def write_sword_module(folder, stem, blocks, index_suffix="bzs"):
     return folder / f"{stem}.{index_suffix}"
 
 
-SWORD_BOOK = ('<div osisID="Gen" type="book" sID="g1"/><title type="main">Genesis</title>'
-              '<chapter n="1" osisID="Gen.1" sID="Gen.1"/><div sID="p1" type="x-p"/><w lemma="x">In</w> the '
-              'beginning<note placement="foot">a footnote</note> God created &amp; made. <div eID="p1" type="x-p"/>'
-              '<div sID="p2" type="x-p"/>Second paragraph here.<div eID="p2" type="x-p"/>'
-              '<chapter n="2" osisID="Gen.2" sID="Gen.2"/>Thus the heavens were finished, all of them.')
+SWORD_BOOK = (
+    '<div osisID="Gen" type="book" sID="g1"/><title type="main">Genesis</title>'
+    '<chapter n="1" osisID="Gen.1" sID="Gen.1"/><div sID="p1" type="x-p"/><w lemma="x">In</w> the '
+    'beginning<note placement="foot">a footnote</note> God created &amp; made. <div eID="p1" type="x-p"/>'
+    '<div sID="p2" type="x-p"/>Second paragraph here.<div eID="p2" type="x-p"/>'
+    '<chapter n="2" osisID="Gen.2" sID="Gen.2"/>Thus the heavens were finished, all of them.'
+)
 
 
 def test_sword_blocks_split_by_chapter_and_clean(tmp_path):
     index = write_sword_module(tmp_path, "ot", ['<milestone type="x-importer" n="stamp"/>', SWORD_BOOK])
     assert list(formats.read_sword_blocks(index))[1] == SWORD_BOOK
     docs = [d["text"] for d in formats.sword_documents(index)]
-    assert docs == ["Genesis\n\nIn the beginning God created & made.\n\nSecond paragraph here.",
-                    "Thus the heavens were finished, all of them."]
+    assert docs == [
+        "Genesis\n\nIn the beginning God created & made.\n\nSecond paragraph here.",
+        "Thus the heavens were finished, all of them.",
+    ]
 
 
 def test_sword_damaged_module_is_a_clear_error(tmp_path):
@@ -60,22 +67,46 @@ def test_r_lazyload_database_and_chapters(tmp_path):
     rdata = pytest.importorskip("rdata", reason="rdata is an optional dependency (dsmoe[data])")
 
     def serialize(value) -> bytes:
-        return rdata.unparser.unparse_data(rdata.conversion.convert_python_to_r_data(value), file_format="xdr",
-                                           file_type="rds")
+        return rdata.unparser.unparse_data(
+            rdata.conversion.convert_python_to_r_data(value), file_format="xdr", file_type="rds"
+        )
 
-    book = np.array(["EMMA", "", "By Jane Austen", "", "CHAPTER I", "", "Emma Woodhouse, handsome,", "clever.", "",
-                     "Second paragraph.", "", "CHAPTER II", "", "Mr. Weston was a native."])
+    book = np.array(
+        [
+            "EMMA",
+            "",
+            "By Jane Austen",
+            "",
+            "CHAPTER I",
+            "",
+            "Emma Woodhouse, handsome,",
+            "clever.",
+            "",
+            "Second paragraph.",
+            "",
+            "CHAPTER II",
+            "",
+            "Mr. Weston was a native.",
+        ]
+    )
     blob = serialize(book)
     entry = struct.pack(">I", len(blob)) + zlib.compress(blob)  # R's framing: length, then zlib
     (tmp_path / "Rdata.rdb").write_bytes(entry)
-    rdx = serialize({"variables": {"emma": np.array([0, len(entry)], dtype=np.int32)},
-                     "references": {}, "compressed": np.array([True])})
+    rdx = serialize(
+        {
+            "variables": {"emma": np.array([0, len(entry)], dtype=np.int32)},
+            "references": {},
+            "compressed": np.array([True]),
+        }
+    )
     (tmp_path / "Rdata.rdx").write_bytes(gzip.compress(rdx))
     values = formats.read_r_lazyload(tmp_path / "Rdata.rdx")
     assert list(values) == ["emma"]
     chapters = list(formats.chapters_from_lines([str(x) for x in values["emma"]]))
-    assert chapters == ["EMMA\n\nBy Jane Austen\n\nCHAPTER I\n\nEmma Woodhouse, handsome, clever.\n\nSecond paragraph.",
-                        "CHAPTER II\n\nMr. Weston was a native."]
+    assert chapters == [
+        "EMMA\n\nBy Jane Austen\n\nCHAPTER I\n\nEmma Woodhouse, handsome, clever.\n\nSecond paragraph.",
+        "CHAPTER II\n\nMr. Weston was a native.",
+    ]
 
 
 WIKI = """<mediawiki xmlns="http://www.mediawiki.org/xml/export-0.10/">
@@ -96,8 +127,12 @@ def test_wiki_dump_skips_redirects_and_strips_markup(tmp_path):
     dump = tmp_path / "wiki.xml.bz2"
     dump.write_bytes(bz2.compress(WIKI.encode("utf-8")))
     docs = list(formats.wiki_documents(dump))
-    assert docs == [{"title": "Albedo",
-                     "text": "Albedo is the reflected\nfraction of light.\n\nTerrestrial albedo\nSnow has a high albedo."}]
+    assert docs == [
+        {
+            "title": "Albedo",
+            "text": "Albedo is the reflected\nfraction of light.\n\nTerrestrial albedo\nSnow has a high albedo.",
+        }
+    ]
 
 
 def test_wiki_malformed_dump(tmp_path):

@@ -19,8 +19,14 @@ def write_shards(folder, sizes, vocab=1000, val_sizes=(50,)):
             (np.arange(start, start + n) % vocab).astype(np.uint16).tofile(folder / name)
             entries[split].append({"file": name, "tokens": n})
             start += n
-    index = {"format": 1, "dtype": "uint16", "vocab_size": vocab, "eos_id": 0, "shards": entries,
-             "tokens": {k: sum(e["tokens"] for e in v) for k, v in entries.items()}}
+    index = {
+        "format": 1,
+        "dtype": "uint16",
+        "vocab_size": vocab,
+        "eos_id": 0,
+        "shards": entries,
+        "tokens": {k: sum(e["tokens"] for e in v) for k, v in entries.items()},
+    }
     (folder / "index.json").write_text(json.dumps(index))
     return folder
 
@@ -61,7 +67,9 @@ def test_epochs_reshuffle_and_seeds_differ(tmp_path):
 def test_ranks_split_the_global_batch(tmp_path):
     data = write_shards(tmp_path / "d", [1000])
     whole = TokenLoader(data, "train", batch_size=6, seq_len=10, seed=3)
-    ranks = [TokenLoader(data, "train", batch_size=3, seq_len=10, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [
+        TokenLoader(data, "train", batch_size=3, seq_len=10, seed=3, rank=r, world_size=2) for r in (0, 1)
+    ]
     for _ in range(whole.batches_per_epoch + 2):  # into the second epoch too
         x, y = next(whole)
         parts = [next(r) for r in ranks]

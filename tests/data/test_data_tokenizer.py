@@ -61,7 +61,9 @@ def test_tokenizer_from_bpe_files_matches_the_trained_model(tmp_path, small_toke
     rebuilt = tokenizer_from_bpe_files(tmp_path / "encoder.json", tmp_path / "vocab.bpe")
     text = "the quick brown fox, 1999 rivers"
     assert rebuilt.encode(text).ids == small_tokenizer.encode(text).ids
-    assert load_tokenizer(tmp_path).encode(text).ids == small_tokenizer.encode(text).ids  # folder of BPE files
+    assert (
+        load_tokenizer(tmp_path).encode(text).ids == small_tokenizer.encode(text).ids
+    )  # folder of BPE files
 
 
 def test_codegen_whitespace_tokens_follow_the_base_vocab_longest_first(small_tokenizer):

@@ -16,19 +16,47 @@ def run_json(capsys, *argv):
 
 def test_eval_json_reports_perplexities_and_active_parameters(tiny_checkpoint, docs_file, capsys):
     dense = run_json(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--json")
-    for key in ("word_perplexity", "token_perplexity", "byte_perplexity", "bits_per_byte", "active_params",
-                "active_hidden", "att_strategy", "mlp_strategy"):
+    for key in (
+        "word_perplexity",
+        "token_perplexity",
+        "byte_perplexity",
+        "bits_per_byte",
+        "active_params",
+        "active_hidden",
+        "att_strategy",
+        "mlp_strategy",
+    ):
         assert key in dense
     assert dense["active_hidden"] == 1.0 and dense["active_params"] == dense["non_embedding_params"]
-    sparse = run_json(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--json",
-                      "--strategy", "topk", "--k", "2", "--att-strategy", "threshold", "--att-threshold", "1.0",
-                      "--batch-size", "3", "--max-docs", "5")
+    sparse = run_json(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--text",
+        str(docs_file),
+        "--json",
+        "--strategy",
+        "topk",
+        "--k",
+        "2",
+        "--att-strategy",
+        "threshold",
+        "--att-threshold",
+        "1.0",
+        "--batch-size",
+        "3",
+        "--max-docs",
+        "5",
+    )
     assert sparse["mlp_strategy"] == "topk(k=2)" and sparse["att_strategy"] == "threshold(eps=1.0)"
     assert sparse["active_params"] < dense["active_params"] and sparse["data"]["documents"] == 5
     assert [layer["mean"] for layer in sparse["layers"]["mlp"]] == [2 / 8, 2 / 8]
 
 
-def test_eval_on_the_wikipedia_source_says_it_is_not_wikitext(tiny_checkpoint, docs_file, capsys, monkeypatch):
+def test_eval_on_the_wikipedia_source_says_it_is_not_wikitext(
+    tiny_checkpoint, docs_file, capsys, monkeypatch
+):
     monkeypatch.setattr(sources, "fetch_corpus", lambda name, data_dir=None: [docs_file])
     out = run_json(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--source", "wikipedia", "--json")
     assert "not WikiText" in out["data"]["note"]
@@ -37,18 +65,48 @@ def test_eval_on_the_wikipedia_source_says_it_is_not_wikitext(tiny_checkpoint, d
 def test_eval_errors_name_the_problem(tiny_checkpoint, docs_file, tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "nothing"), "--text", str(docs_file)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--strategy", "topk"]) == 2
+    assert (
+        main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--strategy", "topk"])
+        == 2
+    )
     assert "needs k" in capsys.readouterr().err
 
 
 def test_sweep_writes_json_plots_and_table(tiny_checkpoint, docs_file, tmp_path, capsys):
     out = tmp_path / "sweep"
-    assert main(["sweep", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--out", str(out),
-                 "--thresholds", "0.5,1.5", "--ks", "8,2", "--layer-threshold", "0.9", "--max-docs", "6"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--text",
+                str(docs_file),
+                "--out",
+                str(out),
+                "--thresholds",
+                "0.5,1.5",
+                "--ks",
+                "8,2",
+                "--layer-threshold",
+                "0.9",
+                "--max-docs",
+                "6",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "sweep.json").read_text())
     points = {(p["strategy"], p["value"]): p for p in result["points"]}
-    assert set(points) == {("dense", None), ("threshold", 0.5), ("threshold", 1.5), ("topk", 8), ("topk", 2),
-                           ("threshold_topk", 0.5), ("threshold_topk", 1.5)}
+    assert set(points) == {
+        ("dense", None),
+        ("threshold", 0.5),
+        ("threshold", 1.5),
+        ("topk", 8),
+        ("topk", 2),
+        ("threshold_topk", 0.5),
+        ("threshold_topk", 1.5),
+    }
     dense = points[("dense", None)]
     # top-8 of 8 MLP experts is the dense computation through the sparse kernels
     assert points[("topk", 8)]["word_perplexity"] == pytest.approx(dense["word_perplexity"], rel=1e-5)
@@ -68,12 +126,22 @@ def test_sweep_grid_checks_its_values():
     from dsmoe.config import ConfigError
 
     grid = sweep_grid(["topk", "threshold"], [1.0], [1, 3], n_mlp_experts=4, att_dense=True)
-    assert [p.label for p in grid] == ["dense", "att dense, mlp topk(k=3)", "att dense, mlp topk(k=1)",
-                                       "att dense, mlp threshold(eps=1.0)"]
+    assert [p.label for p in grid] == [
+        "dense",
+        "att dense, mlp topk(k=3)",
+        "att dense, mlp topk(k=1)",
+        "att dense, mlp threshold(eps=1.0)",
+    ]
     with pytest.raises(ConfigError, match="outside"):
         sweep_grid(["topk"], [], [5], n_mlp_experts=4)
     with pytest.raises(ConfigError, match="unknown sweep strategy"):
         sweep_grid(["top2"], [], [], n_mlp_experts=4)
-    row = {"label": "dense", "word_perplexity": 12.345, "token_perplexity": 5.0, "bits_per_byte": 1.25,
-           "active_params": 2.5e9, "active_hidden": 0.5}
+    row = {
+        "label": "dense",
+        "word_perplexity": 12.345,
+        "token_perplexity": 5.0,
+        "bits_per_byte": 1.25,
+        "active_params": 2.5e9,
+        "active_hidden": 0.5,
+    }
     assert "| m | dense | 12.35 | 5.00 | 1.2500 | 2.50B | 50.0% |" in markdown_table("m", [row])

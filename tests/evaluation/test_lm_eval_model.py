@@ -18,9 +18,13 @@ from dsmoe.inference.sparsify import sparsify
 from dsmoe.training.checkpoint import load_pretrained
 
 FIXTURES = Path(__file__).with_name("fixtures")
-PAIRS = [("The cat sees", " the bridge."), ("A dog follows the", " long road. The river waits"),
-         ("My sister builds", " a red house."), ("", "The old man crosses the market."),
-         ("The committee remembers ", "the morning.")]
+PAIRS = [
+    ("The cat sees", " the bridge."),
+    ("A dog follows the", " long road. The river waits"),
+    ("My sister builds", " a red house."),
+    ("", "The old man crosses the market."),
+    ("The committee remembers ", "the morning."),
+]
 
 
 def requests(kind, args_list):
@@ -38,16 +42,19 @@ def direct_loglikelihood(model, tok, context, continuation):
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = tok.encode(context + continuation).ids
     ctx = tok.encode(context).ids if context else [eos_id(tok)]
-    cont = whole[len(ctx):] if context else whole
+    cont = whole[len(ctx) :] if context else whole
     ids = ctx + cont
     with torch.no_grad():
         logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1)
-    rows = logprobs[len(ctx) - 1:]
-    return float(rows.gather(1, torch.tensor(cont)[:, None]).sum()), bool((rows.argmax(-1) == torch.tensor(cont)).all())
+    rows = logprobs[len(ctx) - 1 :]
+    return float(rows.gather(1, torch.tensor(cont)[:, None]).sum()), bool(
+        (rows.argmax(-1) == torch.tensor(cont)).all()
+    )
 
 
-@pytest.mark.parametrize("strategy", [{}, {"strategy": "topk", "k": "3", "att_strategy": "threshold",
-                                           "att_threshold": "0.9"}])
+@pytest.mark.parametrize(
+    "strategy", [{}, {"strategy": "topk", "k": "3", "att_strategy": "threshold", "att_threshold": "0.9"}]
+)
 def test_loglikelihood_equals_direct_computation(tiny_checkpoint, strategy):
     model, tok = load_pretrained(tiny_checkpoint)
     att = SparseSetting(strategy["att_strategy"], threshold=0.9) if strategy else None
@@ -55,8 +62,9 @@ def test_loglikelihood_equals_direct_computation(tiny_checkpoint, strategy):
     sparsify(model, att=att, mlp=mlp)
     expected = [direct_loglikelihood(model, tok, c, x) for c, x in PAIRS]
     for batch_size in (1, 4):
-        got = lm(tiny_checkpoint, batch_size=batch_size, **strategy).loglikelihood(requests("loglikelihood", PAIRS),
-                                                                                   disable_tqdm=True)
+        got = lm(tiny_checkpoint, batch_size=batch_size, **strategy).loglikelihood(
+            requests("loglikelihood", PAIRS), disable_tqdm=True
+        )
         for (lp, greedy), (want_lp, want_greedy) in zip(got, expected, strict=True):
             assert lp == pytest.approx(want_lp, rel=1e-5, abs=1e-4)
             assert greedy == want_greedy
@@ -64,21 +72,29 @@ def test_loglikelihood_equals_direct_computation(tiny_checkpoint, strategy):
 
 def test_loglikelihood_rolling_equals_perplexity_module(tiny_checkpoint, eval_docs):
     model, tok = load_pretrained(tiny_checkpoint)
-    expected = rolling_loglikelihoods(model, [tok.encode(d).ids for d in eval_docs], eos_id(tok), 48, batch_size=1)
+    expected = rolling_loglikelihoods(
+        model, [tok.encode(d).ids for d in eval_docs], eos_id(tok), 48, batch_size=1
+    )
     docs = requests("loglikelihood_rolling", [(d,) for d in eval_docs])
     for batch_size in (1, 5):
         adapter = lm(tiny_checkpoint, batch_size=batch_size)
         assert adapter.loglikelihood_rolling(docs, disable_tqdm=True) == pytest.approx(expected, rel=1e-6)
         summary = adapter.active_summary()
-        assert summary["active_hidden"] == 1.0 and summary["active_params"] == adapter.cfg.non_embedding_params
+        assert (
+            summary["active_hidden"] == 1.0 and summary["active_params"] == adapter.cfg.non_embedding_params
+        )
 
 
 def test_active_parameters_accumulate_over_scored_tokens(tiny_checkpoint, eval_docs):
     adapter = lm(tiny_checkpoint, strategy="topk", k=2, att_strategy="topk", att_k=1, batch_size=3)
-    adapter.loglikelihood_rolling(requests("loglikelihood_rolling", [(d,) for d in eval_docs]), disable_tqdm=True)
+    adapter.loglikelihood_rolling(
+        requests("loglikelihood_rolling", [(d,) for d in eval_docs]), disable_tqdm=True
+    )
     cfg = adapter.cfg
     windows = [w for d in eval_docs for w in rolling_windows(adapter.tok_encode(d), adapter.eot_token_id, 48)]
-    assert adapter.meter.tokens["mlp"][0] == sum(len(ids) - 1 for ids, _ in windows)  # every input token, no padding
+    assert adapter.meter.tokens["mlp"][0] == sum(
+        len(ids) - 1 for ids, _ in windows
+    )  # every input token, no padding
     assert adapter.active_summary()["active_params"] == pytest.approx(cfg.active_params(1, 2))
     assert adapter.get_model_info()["dsmoe_active_params"] == pytest.approx(cfg.active_params(1, 2))
 
@@ -90,12 +106,13 @@ def test_generate_until_matches_generate(tiny_checkpoint):
     expected = []
     for p in prompts:
         out = generate_module.generate(model, torch.tensor([tok.encode(p).ids]), 6, eos_token_id=eos_id(tok))
-        new = out[0, len(tok.encode(p).ids):].tolist()
-        new = new[:new.index(eos_id(tok))] if eos_id(tok) in new else new
+        new = out[0, len(tok.encode(p).ids) :].tolist()
+        new = new[: new.index(eos_id(tok))] if eos_id(tok) in new else new
         expected.append(cut_at_stop(tok.decode(new), ["house"]))
     for batch_size in (1, 3):
         got = lm(tiny_checkpoint, batch_size=batch_size).generate_until(
-            requests("generate_until", [(p, gen) for p in prompts]), disable_tqdm=True)
+            requests("generate_until", [(p, gen) for p in prompts]), disable_tqdm=True
+        )
         assert got == expected
 
 
@@ -132,8 +149,13 @@ def test_lm_eval_end_to_end_offline(tiny_checkpoint, task_dir, eval_docs, monkey
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     results = lm_eval.simple_evaluate(
-        model="dsmoe", model_args=f"checkpoint={tiny_checkpoint},strategy=topk,k=4", device="cpu", batch_size=4,
-        tasks=["dsmoe_piqa", "tiny_rolling"], task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
+        model="dsmoe",
+        model_args=f"checkpoint={tiny_checkpoint},strategy=topk,k=4",
+        device="cpu",
+        batch_size=4,
+        tasks=["dsmoe_piqa", "tiny_rolling"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
     piqa, rolling = results["results"]["dsmoe_piqa"], results["results"]["tiny_rolling"]
     assert 0.0 <= piqa["acc,none"] <= 1.0 and 0.0 <= piqa["acc_norm,none"] <= 1.0
     assert results["n-samples"]["dsmoe_piqa"]["effective"] == 3

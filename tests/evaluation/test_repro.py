@@ -13,16 +13,37 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
     data = prepared_data(tmp_path / "corpus")
     wiki = tmp_path / "wiki"
     wiki.mkdir()
-    (wiki / "docs.jsonl").write_text("\n".join(json.dumps({"text": "The old man crosses the bridge. " * (i + 3)})
-                                               for i in range(3)) + "\n")
+    (wiki / "docs.jsonl").write_text(
+        "\n".join(json.dumps({"text": "The old man crosses the bridge. " * (i + 3)}) for i in range(3)) + "\n"
+    )
     configs = tmp_path / "configs"
     configs.mkdir()
-    common = dict(data=str(data), seq_len=32, micro_batch_size=4, global_batch_tokens=128, total_tokens=384,
-                  warmup_tokens=128, eval_every=0, ckpt_every=3, dtype="fp32")
+    common = dict(
+        data=str(data),
+        seq_len=32,
+        micro_batch_size=4,
+        global_batch_tokens=128,
+        total_tokens=384,
+        warmup_tokens=128,
+        eval_every=0,
+        ckpt_every=3,
+        dtype="fp32",
+    )
     for name, regime in (("dense", "dense"), ("ds-moe", "dsmoe")):
         (configs / f"{name}.yaml").write_text(yaml.safe_dump({**common, "model": tiny_model_dict(regime)}))
-    args = Namespace(configs=str(configs), out=str(tmp_path / "out"), corpus="unused", vocab=384, eval_docs=3, eval_text=str(wiki / "docs.jsonl"),
-                     thresholds=[0.5, 1.5], ks=[2], task_limit=0, batch_size=4, overrides=[])
+    args = Namespace(
+        configs=str(configs),
+        out=str(tmp_path / "out"),
+        corpus="unused",
+        vocab=384,
+        eval_docs=3,
+        eval_text=str(wiki / "docs.jsonl"),
+        thresholds=[0.5, 1.5],
+        ks=[2],
+        task_limit=0,
+        batch_size=4,
+        overrides=[],
+    )
     results = run_repro(args)
     assert set(results) == {"dense", "ds-moe"}
     assert results["dense"]["trained"]["active_hidden"] == 1.0 and "sweep" not in results["dense"]

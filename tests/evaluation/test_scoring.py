@@ -114,11 +114,13 @@ def test_perplexity_batched_equals_unbatched(tiny_checkpoint, eval_docs):
     for key in ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert many[key] == pytest.approx(one[key], rel=1e-6)
     per_doc = [loglikelihood_rolling(model, tok.encode(d).ids, eos, 48) for d in eval_docs]
-    assert rolling_loglikelihoods(model, [tok.encode(d).ids for d in eval_docs], eos, 48, batch_size=6) == \
-        pytest.approx(per_doc, rel=1e-6)
+    assert rolling_loglikelihoods(
+        model, [tok.encode(d).ids for d in eval_docs], eos, 48, batch_size=6
+    ) == pytest.approx(per_doc, rel=1e-6)
     assert one["word_perplexity"] == pytest.approx(math.exp(-sum(per_doc) / sum(map(count_words, eval_docs))))
-    assert one["bits_per_byte"] == pytest.approx(-sum(per_doc) / sum(len(d.encode()) for d in eval_docs)
-                                                 / math.log(2))
+    assert one["bits_per_byte"] == pytest.approx(
+        -sum(per_doc) / sum(len(d.encode()) for d in eval_docs) / math.log(2)
+    )
 
 
 def test_count_words_follows_lm_eval():

@@ -15,12 +15,14 @@ from dsmoe.evaluation.zero_shot import GROUP, PLACEHOLDER, TASKS, TEMPLATES, ren
 FIXTURES = Path(__file__).with_name("fixtures")
 STOCK = Path(lm_eval.__file__).parent / "tasks"
 # our task -> (lm-eval's stock YAML, the split both score)
-STOCK_TASKS = {"dsmoe_piqa": ("piqa/piqa.yaml", "validation"),
-               "dsmoe_hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
-               "dsmoe_winogrande": ("winogrande/default.yaml", "validation"),
-               "dsmoe_sciq": ("sciq/sciq.yaml", "validation"),
-               "dsmoe_arc_easy": ("arc/arc_easy.yaml", "test"),
-               "dsmoe_arc_challenge": ("arc/arc_easy.yaml", "test")}
+STOCK_TASKS = {
+    "dsmoe_piqa": ("piqa/piqa.yaml", "validation"),
+    "dsmoe_hellaswag": ("hellaswag/hellaswag.yaml", "validation"),
+    "dsmoe_winogrande": ("winogrande/default.yaml", "validation"),
+    "dsmoe_sciq": ("sciq/sciq.yaml", "validation"),
+    "dsmoe_arc_easy": ("arc/arc_easy.yaml", "test"),
+    "dsmoe_arc_challenge": ("arc/arc_easy.yaml", "test"),
+}
 
 
 def read_jsonl(path):
@@ -33,7 +35,9 @@ def items(tmp_path_factory):
     root = tmp_path_factory.mktemp("items")
     shutil.copytree(FIXTURES / "items", root, dirs_exist_ok=True)
     raw = read_jsonl(root / "hellaswag" / "raw.jsonl")
-    (root / "hellaswag" / "validation.jsonl").write_text("".join(json.dumps(hellaswag_doc(d)) + "\n" for d in raw))
+    (root / "hellaswag" / "validation.jsonl").write_text(
+        "".join(json.dumps(hellaswag_doc(d)) + "\n" for d in raw)
+    )
     return root
 
 
@@ -50,10 +54,21 @@ def stock_task(stock_yaml, items, task_dir, split):
     config = load_yaml(STOCK / stock_yaml)
     config.pop("include", None)
     config.pop("tag", None)
-    folder = {"piqa": "piqa", "hellaswag": "hellaswag", "default": "winogrande", "sciq": "sciq",
-              "arc_easy": task_dir}[Path(stock_yaml).stem]
-    config.update(dataset_path="json", dataset_name=None, training_split=None, validation_split=None,
-                  test_split=None, dataset_kwargs={"data_files": {split: str(items / folder / f"{split}.jsonl")}})
+    folder = {
+        "piqa": "piqa",
+        "hellaswag": "hellaswag",
+        "default": "winogrande",
+        "sciq": "sciq",
+        "arc_easy": task_dir,
+    }[Path(stock_yaml).stem]
+    config.update(
+        dataset_path="json",
+        dataset_name=None,
+        training_split=None,
+        validation_split=None,
+        test_split=None,
+        dataset_kwargs={"data_files": {split: str(items / folder / f"{split}.jsonl")}},
+    )
     config[f"{split}_split"] = split
     if Path(stock_yaml).stem == "hellaswag":  # stock process_docs reads the raw fields
         config["dataset_kwargs"]["data_files"][split] = str(items / "hellaswag" / "raw.jsonl")
@@ -101,8 +116,11 @@ def test_hellaswag_fields_match_lm_eval_process_docs(items):
     raw = read_jsonl(items / "hellaswag" / "raw.jsonl")
     theirs = process_docs(datasets.Dataset.from_list(raw))
     for ours, expected in zip(map(hellaswag_doc, raw), theirs, strict=True):
-        assert (ours["query"], ours["choices"], ours["gold"]) == (expected["query"], expected["choices"],
-                                                                   expected["gold"])
+        assert (ours["query"], ours["choices"], ours["gold"]) == (
+            expected["query"],
+            expected["choices"],
+            expected["gold"],
+        )
 
 
 def _request(doc_id, doc):
@@ -110,16 +128,30 @@ def _request(doc_id, doc):
 
 
 def test_arc_test_items_rebuilt_from_requests(tmp_path):
-    doc = {"id": "X1", "query": "Question: Which one floats?\nAnswer:", "choices": ["stone", "cork", "nail"], "gold": 1}
+    doc = {
+        "id": "X1",
+        "query": "Question: Which one floats?\nAnswer:",
+        "choices": ["stone", "cork", "nail"],
+        "gold": 1,
+    }
     other = {"id": "X2", "query": "Question: Two plus two?\nAnswer:", "choices": ["3", "4"], "gold": 1}
     path = tmp_path / "requests.jsonl.gz"
     with gzip.open(path, "wt") as f:
         f.write(_request(1, other) + _request(0, doc) + _request(0, doc) + _request(1_000_000, doc))
     assert arc_test_docs(path) == [
-        {"id": "X1", "question": "Which one floats?", "choices": {"text": ["stone", "cork", "nail"],
-                                                                  "label": ["A", "B", "C"]}, "answerKey": "B"},
-        {"id": "X2", "question": "Two plus two?", "choices": {"text": ["3", "4"], "label": ["A", "B"]},
-         "answerKey": "B"}]
+        {
+            "id": "X1",
+            "question": "Which one floats?",
+            "choices": {"text": ["stone", "cork", "nail"], "label": ["A", "B", "C"]},
+            "answerKey": "B",
+        },
+        {
+            "id": "X2",
+            "question": "Two plus two?",
+            "choices": {"text": ["3", "4"], "label": ["A", "B"]},
+            "answerKey": "B",
+        },
+    ]
     with gzip.open(path, "wt") as f:
         f.write(_request(0, {**doc, "query": "Which one floats?"}))
     with pytest.raises(DataError, match="query"):

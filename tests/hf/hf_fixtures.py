@@ -22,7 +22,9 @@ def make_checkpoint(root: Path, regime: str = "dsmoe", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tokenizer_file = save_tokenizer(train_bpe(synthetic_corpus(), VOCAB), root / "tokenizer")
     cfg = small_config(regime, vocab_size=VOCAB)
-    return write_checkpoint(root / "checkpoint", Transformer(cfg).state_dict(), cfg, tokenizer_file=tokenizer_file)
+    return write_checkpoint(
+        root / "checkpoint", Transformer(cfg).state_dict(), cfg, tokenizer_file=tokenizer_file
+    )
 
 
 def isolated_python(script: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -30,10 +32,22 @@ def isolated_python(script: str, cwd: Path, timeout: float = 120) -> subprocess.
     folder on sys.path), a working folder outside the repository, and ``dsmoe`` blocked in sys.modules because the
     venv has it installed in editable mode."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MODULES_CACHE=str(cwd / "hf_modules"),
-               TOKENIZERS_PARALLELISM="false")
-    guard = ("import sys\nsys.modules['dsmoe'] = None\n"
-             "try:\n    import dsmoe\nexcept ImportError:\n    pass\n"
-             "else:\n    raise SystemExit('dsmoe is importable in the isolated child')\n")
-    return subprocess.run([sys.executable, "-I", "-c", guard + script], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_MODULES_CACHE=str(cwd / "hf_modules"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    guard = (
+        "import sys\nsys.modules['dsmoe'] = None\n"
+        "try:\n    import dsmoe\nexcept ImportError:\n    pass\n"
+        "else:\n    raise SystemExit('dsmoe is importable in the isolated child')\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-I", "-c", guard + script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

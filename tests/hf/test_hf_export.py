@@ -54,7 +54,7 @@ def test_exported_folder_loads_without_dsmoe_and_matches_native(exported, tmp_pa
     eos = tokenizer.token_to_id("<|endoftext|>")
     expected = generate(native, ids, 12, eos_token_id=eos)[0].tolist()
     assert result["generated"][0] == expected
-    assert result["pipeline_text"] == tokenizer.decode(expected[ids.shape[1]:])
+    assert result["pipeline_text"] == tokenizer.decode(expected[ids.shape[1] :])
     assert result["batched"] == result["alone"]
 
 
@@ -62,8 +62,10 @@ def test_exported_code_is_generated_from_the_package(exported):
     _, folder = exported
     assert (folder / MODELING_FILE).read_text() == bundle_source()
     config = json.loads((folder / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "modeling_dsmoe.DSMoEConfig",
-                                  "AutoModelForCausalLM": "modeling_dsmoe.DSMoEForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_dsmoe.DSMoEConfig",
+        "AutoModelForCausalLM": "modeling_dsmoe.DSMoEForCausalLM",
+    }
     assert not [p for p in folder.parent.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -10,10 +10,21 @@ from dsmoe.inference.sparsify import sparsify
 from dsmoe.training.checkpoint import load_pretrained
 
 DOCS = [
-    {"context": "The old man crosses the bridge. A dog", "choices": ["sees the market.", "waits for the river."],
-     "label": 0},
-    {"context": "My sister builds", "choices": ["a red house.", "the long road.", "an open door."], "label": 1},
-    {"context": "The committee remembers the morning. The cat", "choices": ["sings to the bridge."], "label": 0},
+    {
+        "context": "The old man crosses the bridge. A dog",
+        "choices": ["sees the market.", "waits for the river."],
+        "label": 0,
+    },
+    {
+        "context": "My sister builds",
+        "choices": ["a red house.", "the long road.", "an open door."],
+        "label": 1,
+    },
+    {
+        "context": "The committee remembers the morning. The cat",
+        "choices": ["sings to the bridge."],
+        "label": 0,
+    },
 ]
 
 TASK = """task: dsmoe_tiny_choice
@@ -41,7 +52,7 @@ def native_loglikelihood(model, tokenizer, context: str, continuation: str) -> f
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids[:, :-1]).logits.double(), dim=-1)[0]
     targets = ids[0, n_context:]
-    return float(logprobs[n_context - 1:].gather(-1, targets[:, None]).sum())
+    return float(logprobs[n_context - 1 :].gather(-1, targets[:, None]).sum())
 
 
 def test_lm_eval_hf_model_type_on_exported_folder(exported, tmp_path, monkeypatch):
@@ -57,8 +68,14 @@ def test_lm_eval_hf_model_type_on_exported_folder(exported, tmp_path, monkeypatc
     (data.parent / "tiny.yaml").write_text(TASK.format(data=data))
 
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32", tasks=["dsmoe_tiny_choice"],
-        task_manager=TaskManager(include_path=str(data.parent), include_defaults=False), device="cpu", batch_size=2, log_samples=True)
+        model="hf",
+        model_args=f"pretrained={folder},trust_remote_code=True,dtype=float32",
+        tasks=["dsmoe_tiny_choice"],
+        task_manager=TaskManager(include_path=str(data.parent), include_defaults=False),
+        device="cpu",
+        batch_size=2,
+        log_samples=True,
+    )
 
     native, tokenizer = load_pretrained(checkpoint)
     sparsify(native, mlp=SparseSetting("topk", k=3))  # the setting the export stored in config.json

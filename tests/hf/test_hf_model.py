@@ -14,10 +14,16 @@ from dsmoe.model.transformer import Transformer
 
 SPARSE = {
     "trained": ({}, None, None),
-    "topk": ({"mlp_strategy": "topk", "mlp_k": 3, "att_strategy": "topk", "att_k": 2},
-             SparseSetting("topk", k=2), SparseSetting("topk", k=3)),
-    "threshold": ({"mlp_strategy": "threshold", "mlp_threshold": 1.0},
-                  None, SparseSetting("threshold", threshold=1.0)),
+    "topk": (
+        {"mlp_strategy": "topk", "mlp_k": 3, "att_strategy": "topk", "att_k": 2},
+        SparseSetting("topk", k=2),
+        SparseSetting("topk", k=3),
+    ),
+    "threshold": (
+        {"mlp_strategy": "threshold", "mlp_threshold": 1.0},
+        None,
+        SparseSetting("threshold", threshold=1.0),
+    ),
 }
 
 
@@ -51,9 +57,9 @@ def test_dynamic_cache_decoding_and_greedy_generate_match_native():
     cache = DynamicCache(config=wrapped.config)
     with torch.no_grad():
         steps = [wrapped(idx[:, :5], past_key_values=cache).logits[:, -1]]
-        steps += [wrapped(idx[:, p:p + 1], past_key_values=cache).logits[:, -1] for p in range(5, 9)]
+        steps += [wrapped(idx[:, p : p + 1], past_key_values=cache).logits[:, -1] for p in range(5, 9)]
         for p, logits in zip(range(4, 9), steps, strict=True):
-            torch.testing.assert_close(logits, native(idx[:, :p + 1]).logits[:, -1], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(logits, native(idx[:, : p + 1]).logits[:, -1], rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 9
     prompt = idx[:, :4]
     hf = wrapped.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
@@ -92,11 +98,11 @@ def test_batched_generate_over_left_padded_prompts_equals_one_at_a_time(name):
     batch = torch.zeros(3, 7, dtype=torch.long)
     mask = torch.zeros(3, 7, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        batch[row, 7 - len(prompt):], mask[row, 7 - len(prompt):] = prompt, 1
+        batch[row, 7 - len(prompt) :], mask[row, 7 - len(prompt) :] = prompt, 1
     together = wrapped.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for row, prompt in enumerate(prompts):
         alone = wrapped.generate(prompt[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(together[row, 7:], alone[0, len(prompt):]), f"prompt {row} differs when batched"
+        assert torch.equal(together[row, 7:], alone[0, len(prompt) :]), f"prompt {row} differs when batched"
 
 
 def test_attention_mask_must_cover_the_cache():
@@ -116,10 +122,13 @@ def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):
     assert isinstance(loaded, DSMoEForCausalLM)
     assert [b.mlp.sparse for b in loaded.model.blocks] == [SparseSetting("topk", k=4)] * 2
     assert all(b.att.sparse is None for b in loaded.model.blocks)
-    per_layer = AutoModelForCausalLM.from_pretrained(tmp_path, mlp_strategy=["topk", "threshold"], mlp_k=[1, None],
-                                                     mlp_threshold=[None, 1.5])
-    assert [b.mlp.sparse for b in per_layer.model.blocks] == [SparseSetting("topk", k=1),
-                                                             SparseSetting("threshold", threshold=1.5)]
+    per_layer = AutoModelForCausalLM.from_pretrained(
+        tmp_path, mlp_strategy=["topk", "threshold"], mlp_k=[1, None], mlp_threshold=[None, 1.5]
+    )
+    assert [b.mlp.sparse for b in per_layer.model.blocks] == [
+        SparseSetting("topk", k=1),
+        SparseSetting("threshold", threshold=1.5),
+    ]
     meter = ActiveMeter(loaded.model.cfg)
     with loaded.sparse(meter=meter, mlp_k=1), torch.no_grad():
         loaded(torch.randint(0, 97, (1, 6)))
@@ -136,7 +145,10 @@ def test_config_validates_and_round_trips(tmp_path):
     cfg = DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=2)
     cfg.save_pretrained(tmp_path)
     again = DSMoEConfig.from_pretrained(tmp_path)
-    assert again.model_config() == small_config() and again.sparse_settings() == (None, SparseSetting("topk", k=2))
+    assert again.model_config() == small_config() and again.sparse_settings() == (
+        None,
+        SparseSetting("topk", k=2),
+    )
     assert again.num_hidden_layers == 2 and again.hidden_size == 32 and again.num_attention_heads == 8
     with pytest.raises(ConfigError, match="mlp_k has 3 entries for a model with 2 layers"):
         DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=[1, 2, 3])

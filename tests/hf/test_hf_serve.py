@@ -45,11 +45,19 @@ def test_openai_completion_on_loopback(exported, tmp_path):
     checkpoint, folder = exported
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path)}
-    server = subprocess.Popen([sys.executable, "-m", "dsmoe", "serve", "--model", str(folder), "--port", str(port)],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dsmoe", "serve", "--model", str(folder), "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}/health", server, timeout=120)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0
+        )
         prompt = "The old man crosses the bridge. A dog"
         answer = client.completions.create(model=str(folder.resolve()), prompt=prompt, max_tokens=8)
     finally:
@@ -63,7 +71,9 @@ def test_openai_completion_on_loopback(exported, tmp_path):
     native, tokenizer = load_pretrained(checkpoint)
     sparsify(native, mlp=SparseSetting("topk", k=3))  # the setting the export stored in config.json
     ids = torch.tensor([tokenizer.encode(prompt).ids])
-    expected = generate(native, ids, 8, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))[0, ids.shape[1]:]
+    expected = generate(native, ids, 8, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))[
+        0, ids.shape[1] :
+    ]
     assert answer.choices[0].text == tokenizer.decode(expected.tolist())
     assert answer.usage.completion_tokens == len(expected)
 

@@ -33,9 +33,14 @@ class SingleSequenceAttention(nn.Module):
         keys, values = torch.cat(self.keys), torch.cat(self.values)
         s = keys.shape[0]
         visible = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
-        o = F.scaled_dot_product_attention(q.view(t, self.h, self.d).transpose(0, 1), keys.transpose(0, 1),
-                                           values.transpose(0, 1), attn_mask=visible, scale=self.scale,
-                                           enable_gqa=True)
+        o = F.scaled_dot_product_attention(
+            q.view(t, self.h, self.d).transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=visible,
+            scale=self.scale,
+            enable_gqa=True,
+        )
         return o.transpose(0, 1).reshape(t, -1)
 
 
@@ -51,10 +56,13 @@ def fused_experts(x, w1, w2, topk_weights, topk_ids):
 
 @pytest.fixture
 def vllm_model_module(monkeypatch):
-    fake = {"vllm": types.ModuleType("vllm"), "vllm.attention": types.ModuleType("vllm.attention"),
-            "vllm.model_executor": types.ModuleType("vllm.model_executor"),
-            "vllm.model_executor.layers": types.ModuleType("vllm.model_executor.layers"),
-            "vllm.model_executor.layers.fused_moe": types.ModuleType("vllm.model_executor.layers.fused_moe")}
+    fake = {
+        "vllm": types.ModuleType("vllm"),
+        "vllm.attention": types.ModuleType("vllm.attention"),
+        "vllm.model_executor": types.ModuleType("vllm.model_executor"),
+        "vllm.model_executor.layers": types.ModuleType("vllm.model_executor.layers"),
+        "vllm.model_executor.layers.fused_moe": types.ModuleType("vllm.model_executor.layers.fused_moe"),
+    }
     fake["vllm.attention"].Attention = SingleSequenceAttention
     fake["vllm.model_executor.layers.fused_moe"].fused_experts = fused_experts
     for name, module in fake.items():
@@ -70,11 +78,15 @@ def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activat
     native = Transformer(cfg).eval()
     att, mlp = SparseSetting("topk", k=2), SparseSetting("threshold", threshold=1.0)
     sparsify(native, att=att, mlp=mlp)
-    hf_config = DSMoEConfig.from_model_config(cfg, att_strategy="topk", att_k=2, mlp_strategy="threshold",
-                                              mlp_threshold=1.0)
-    vllm_config = types.SimpleNamespace(model_config=types.SimpleNamespace(hf_config=hf_config), cache_config=None,
-                                        quant_config=None,
-                                        parallel_config=types.SimpleNamespace(tensor_parallel_size=1))
+    hf_config = DSMoEConfig.from_model_config(
+        cfg, att_strategy="topk", att_k=2, mlp_strategy="threshold", mlp_threshold=1.0
+    )
+    vllm_config = types.SimpleNamespace(
+        model_config=types.SimpleNamespace(hf_config=hf_config),
+        cache_config=None,
+        quant_config=None,
+        parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
+    )
     model = vllm_model_module.DSMoEForVLLM(vllm_config=vllm_config).eval()
     state = {f"model.{k}": v for k, v in native.state_dict().items()}
     assert model.load_weights(iter(state.items())) == set(state)
@@ -83,7 +95,7 @@ def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activat
     idx = torch.randint(0, 97, (9,))
     with torch.no_grad():
         prefill = model.compute_logits(model(idx[:6], torch.arange(6)))
-        decode = [model.compute_logits(model(idx[p:p + 1], torch.tensor([p]))) for p in range(6, 9)]
+        decode = [model.compute_logits(model(idx[p : p + 1], torch.tensor([p]))) for p in range(6, 9)]
         reference = native(idx[None]).logits[0]
     torch.testing.assert_close(prefill, reference[:6], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(decode), reference[6:], rtol=1e-5, atol=1e-5)
@@ -99,8 +111,10 @@ def test_vllm_plugin_is_harmless_without_vllm(monkeypatch):
 
 def test_vllm_plugin_registers_the_architecture_lazily(monkeypatch):
     registered = {}
-    registry = types.SimpleNamespace(get_supported_archs=lambda: list(registered),
-                                     register_model=lambda arch, cls: registered.setdefault(arch, cls))
+    registry = types.SimpleNamespace(
+        get_supported_archs=lambda: list(registered),
+        register_model=lambda arch, cls: registered.setdefault(arch, cls),
+    )
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(ModelRegistry=registry))
     from dsmoe.hf import vllm_plugin
 

@@ -1,17 +1,35 @@
-# `make demo` and `make test` work on a fresh machine: they build .venv first (torch CPU wheel before anything else,
-# so pip never pulls a multi-GB CUDA build), then reuse it.
+# `make demo` and `make test` work on a fresh machine: they build .venv from the lock first (torch CPU wheel before
+# anything else, so pip never pulls a multi-GB CUDA build), then reuse it.
+#
+#   make lock          resolve the newest releases again and rewrite requirements.lock and requirements-oldest.lock
+#   make test-latest   the whole suite on the newest release of every dependency (drift from the lock printed first)
+#   make test-oldest   the whole suite on the lowest transformers and lm-eval that pyproject.toml declares
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
+OLDEST_LOCK := requirements-oldest.lock
+# The declared lower bounds of the integrations (keep in step with pyproject.toml).
+OLDEST := transformers==5.4.0 lm-eval==0.4.12
+# Held in every venv: PyPI's Linux torch is a multi-GB CUDA build; this CPU build lies on local disk.
+TORCH := torch==2.13.0
+PIP := -m pip install --quiet --disable-pip-version-check
+TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+LINTED := dsmoe tests benchmarks tools
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest clean
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[all]"
+# locked_venv(dir, lock): a venv holding exactly the lock's versions (pip and setuptools included)
+define locked_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python $(PIP) -c $(2) --upgrade pip setuptools
+	$(1)/bin/python $(PIP) -c $(2) $(TORCH)
+	$(1)/bin/python $(PIP) -c $(2) -e ".[all]"
+endef
+
+$(STAMP): pyproject.toml $(LOCK)
+	$(call locked_venv,$(VENV),$(LOCK))
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -19,14 +37,43 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dsmoe demo
 
-test: $(STAMP)
-	$(PY) -m ruff check dsmoe tests
-	$(PY) -m pytest -q
+test: lint pytest
+
+pytest: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check dsmoe tests
-	$(PY) -m ruff format --check dsmoe tests
+	$(PY) -m ruff check $(LINTED)
+	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
 
+# A new venv with the newest release of everything but torch: no lock, nothing cached from an earlier resolve.
+venv-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	echo "$(TORCH)" > .venv-latest/hold.txt
+	.venv-latest/bin/python $(PIP) --upgrade pip setuptools
+	.venv-latest/bin/python $(PIP) -c .venv-latest/hold.txt $(TORCH)
+	.venv-latest/bin/python $(PIP) -c .venv-latest/hold.txt -e ".[all]"
+
+lock: venv-latest
+	$(PYTHON) tools/lock.py freeze .venv-latest/bin/python $(LOCK)
+	rm -rf .venv-oldest-lock && $(PYTHON) -m venv .venv-oldest-lock
+	.venv-oldest-lock/bin/python $(PIP) --upgrade pip setuptools
+	.venv-oldest-lock/bin/python $(PIP) -c .venv-latest/hold.txt $(TORCH)
+	.venv-oldest-lock/bin/python $(PIP) -c .venv-latest/hold.txt -e ".[all]" $(OLDEST)
+	$(PYTHON) tools/lock.py freeze .venv-oldest-lock/bin/python $(OLDEST_LOCK)
+	rm -rf .venv-oldest-lock
+
+test-latest: venv-latest
+	$(PYTHON) tools/lock.py drift $(LOCK) .venv-latest/bin/python
+	$(TEST_ENV) .venv-latest/bin/python -m pytest -q
+
+.venv-oldest/.installed: pyproject.toml $(OLDEST_LOCK)
+	$(call locked_venv,.venv-oldest,$(OLDEST_LOCK))
+	touch $@
+
+test-oldest: .venv-oldest/.installed
+	$(TEST_ENV) .venv-oldest/bin/python -m pytest -q
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from dsmoe.config import ConfigError
 from dsmoe.hf import DSMoEConfig, DSMoEForCausalLM
+from dsmoe.hf.modeling import CACHE_FIELD
 from dsmoe.inference.generate import generate
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
@@ -64,6 +65,21 @@ def test_dynamic_cache_decoding_and_greedy_generate_match_native():
     prompt = idx[:, :4]
     hf = wrapped.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
     assert torch.equal(hf, generate(native, prompt, 10))
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_cache_goes_by_either_name_and_comes_back_in_the_output(name):
+    # transformers >= 5.24 passes and reads `cache`; earlier releases `past_key_values`.
+    native, wrapped = pair()
+    idx = torch.randint(0, 97, (2, 6))
+    cache = DynamicCache(config=wrapped.config)
+    with torch.no_grad():
+        first = wrapped(idx[:, :5], **{name: cache})
+        step = wrapped(idx[:, 5:], attention_mask=torch.ones_like(idx), **{name: cache})
+        torch.testing.assert_close(step.logits[:, -1], native(idx).logits[:, -1], rtol=1e-5, atol=1e-5)
+    assert first[CACHE_FIELD] is cache and cache.get_seq_length() == 6
+    with pytest.raises(ValueError, match="not both"):
+        wrapped(idx, cache=cache, past_key_values=cache)
 
 
 def test_labels_give_the_native_losses():

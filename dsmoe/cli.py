@@ -73,6 +73,8 @@ def _nominal_active(setting: SparseSetting, n_experts: int) -> float | None:
     if n_experts == 1 or setting.strategy == "dense":
         return float(n_experts)
     if setting.strategy == "topk":
+        if setting.k is None:  # SparseSetting.__post_init__ rules this out
+            raise ConfigError("strategy 'topk' needs k")
         return float(setting.k)
     return None
 

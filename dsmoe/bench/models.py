@@ -11,6 +11,7 @@ The same scaling (width, depth, vocabulary) is applied to all three.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.inference.routing import SparseSetting
@@ -35,7 +36,7 @@ def bench_models(
     if att_k is not None and not 1 <= att_k <= 8:
         raise ConfigError(f"--att-k must be between 1 and the 8 attention experts of DS-MoE, got {att_k}")
     ffn = 4 * d_model
-    shared = dict(
+    shared: dict[str, Any] = dict(  # the ModelConfig fields all three models share
         d_model=d_model,
         n_layers=n_layers,
         head_dim=d_model // 32,

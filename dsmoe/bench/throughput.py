@@ -225,9 +225,10 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
     gen = torch.Generator().manual_seed(s.seed + 1)
     dtype = DTYPES[s.dtype]
     x = torch.randn(s.mlp_tokens, s.d_model, generator=gen).to(device=s.device, dtype=dtype)
-    jobs, flops = {}, {}
+    jobs: dict[str, Callable[[], float | None]] = {}
+    flops: dict[str, int] = {}
     for e in entries:
-        mlp = models[e.name].blocks[0].mlp
+        mlp = models[e.name].block_list()[0].mlp
         w_in, w_out = mlp.experts.w_in, mlp.experts.w_out
         per_pair = 2 * s.d_model * (w_in.shape[1] + w_out.shape[1])
         if mlp.router is None:

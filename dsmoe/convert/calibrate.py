@@ -13,14 +13,19 @@ Calibrated routers change the dense model's output (expert e is weighted S_e * N
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.reference import activate
 from dsmoe.model.attention import _attend
 from dsmoe.model.rope import apply_rope
+
+if TYPE_CHECKING:
+    from dsmoe.model.attention import MoA
+    from dsmoe.model.experts import MoEMLP
+    from dsmoe.model.transformer import Transformer
 
 
 class _NormalEquations:
@@ -50,8 +55,10 @@ class _NormalEquations:
         return torch.linalg.solve(self.xtx + lam * torch.eye(d, dtype=torch.float64), self.xtz).T
 
 
-def mlp_importance(layer: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
+def mlp_importance(layer: MoEMLP, x_TD: torch.Tensor) -> torch.Tensor:
     """|S_e * expert_e(x)| for every MLP expert under the layer's current (dense) router: [T, N]."""
+    if layer.router is None:
+        raise ValueError(f"mlp layer {layer.layer_idx} has no router: there is nothing to calibrate")
     experts = layer.experts
     h_TNF = activate(torch.einsum("td,nfd->tnf", x_TD, experts.w_in), experts.activation)
     probs_TN = layer.router(x_TD)
@@ -59,9 +66,11 @@ def mlp_importance(layer: nn.Module, x_TD: torch.Tensor) -> torch.Tensor:
 
 
 def attention_importance(
-    layer: nn.Module, x_BTD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor
+    layer: MoA, x_BTD: torch.Tensor, cos_Sd: torch.Tensor, sin_Sd: torch.Tensor
 ) -> torch.Tensor:
     """|S_e * (heads of e) W_o[e]| for every attention expert of a full causal pass (no cache): [B*T, N]."""
+    if layer.router is None:
+        raise ValueError(f"att layer {layer.layer_idx} has no router: there is nothing to calibrate")
     b, t, _ = x_BTD.shape
     cos, sin = cos_Sd[:t, None], sin_Sd[:t, None]
     k = apply_rope(layer.wk(x_BTD).view(b, t, layer.n_kv, layer.head_dim), cos, sin).transpose(1, 2)
@@ -74,7 +83,7 @@ def attention_importance(
 
 @torch.no_grad()
 def calibrate_routers(
-    model: nn.Module, batches: Iterable[torch.Tensor], *, ridge: float = 1e-2, sharpness: float = 0.1
+    model: Transformer, batches: Iterable[torch.Tensor], *, ridge: float = 1e-2, sharpness: float = 0.1
 ) -> dict:
     """Fit every router of ``model`` (in place) on the token batches [B, T]; returns per-router fit statistics
     (tokens seen and the R^2 of the log-importance fit)."""
@@ -86,7 +95,7 @@ def calibrate_routers(
     cfg = model.cfg
     fits: dict[tuple[str, int], _NormalEquations] = {}
     handles = []
-    for block in model.blocks:
+    for block in model.block_list():
         for layer in (block.att, block.mlp):
             if layer.router is None:
                 continue

@@ -78,8 +78,10 @@ def convert(
             from dsmoe.data.sources import fetch_corpus
 
             docs = read_documents(fetch_corpus(calibrate, data_dir), field="text")
-        else:
+        elif calibration_text is not None:
             docs = read_documents([calibration_text], field="text")
+        else:  # ruled out by the test above (a Path is never falsy)
+            raise ConfigError("give --calibrate SOURCE or --calibration-text FILE")
         batches = calibration_batches(
             tokenizer, docs, calibration_tokens, min(calibration_seq_len, cfg.max_seq_len)
         )

@@ -231,7 +231,7 @@ class DSMoELM(TemplateLM):
         }
 
     def get_model_info(self) -> dict:
-        info = {
+        info: dict[str, str | float] = {
             "dsmoe_checkpoint": self.checkpoint,
             "dsmoe_att_strategy": self.att_setting.describe(),
             "dsmoe_mlp_strategy": self.mlp_setting.describe(),

@@ -7,11 +7,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from dsmoe.evaluation.scoring import Request, score_requests
+
+if TYPE_CHECKING:
+    from dsmoe.model.transformer import Transformer
 
 
 def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> Iterator[tuple[list[int], int]]:
@@ -34,7 +37,7 @@ def rolling_windows(tokens: list[int], prefix_token: int, max_len: int) -> Itera
 
 
 def rolling_loglikelihoods(
-    model: nn.Module,
+    model: Transformer,
     documents_tokens: list[list[int]],
     prefix_token: int,
     max_len: int,
@@ -59,7 +62,7 @@ def rolling_loglikelihoods(
 
 
 def loglikelihood_rolling(
-    model: nn.Module,
+    model: Transformer,
     tokens: list[int],
     prefix_token: int,
     max_len: int,
@@ -92,7 +95,7 @@ def perplexity_from_totals(loglik: float, n_tokens: int, n_words: int, n_bytes: 
 
 
 def perplexity(
-    model: nn.Module,
+    model: Transformer,
     tokenizer,
     documents: Iterable[str],
     max_len: int,

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from dsmoe.model.transformer import Transformer
 
 Request = tuple[Sequence[int], int]
 
@@ -48,7 +51,7 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
 
 @torch.no_grad()
 def score_requests(
-    model: nn.Module,
+    model: Transformer,
     requests: Sequence[Request],
     batch_size: int = 16,
     device: torch.device | str | None = None,

@@ -14,12 +14,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.inference.routing import SparseSetting
+
+if TYPE_CHECKING:
+    from dsmoe.model.transformer import Transformer
 
 SWEEP_STRATEGIES = ("threshold", "topk", "threshold_topk")
 
@@ -67,7 +69,7 @@ def sweep_grid(
 
 
 def run_sweep(
-    model: nn.Module,
+    model: Transformer,
     tokenizer,
     documents: list[str],
     points: Sequence[GridPoint],

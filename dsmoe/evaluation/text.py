@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import perplexity
 from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+
+if TYPE_CHECKING:
+    from dsmoe.model.transformer import Transformer
 
 WIKIPEDIA_NOTE = (
     "English Wikipedia articles from gensim's test dump (dsmoe source 'wikipedia'); this is not "
@@ -46,6 +48,7 @@ def load_eval_text(
         raise ConfigError("give exactly one of --text FILE, --dataset NAME or --source NAME")
     if max_docs is not None and max_docs < 1:
         raise ConfigError(f"--max-docs must be >= 1, got {max_docs}")
+    description: dict[str, str | int]
     if source is not None:
         from dsmoe.data.sources import fetch_corpus
 
@@ -65,7 +68,7 @@ def load_eval_text(
 
 
 def evaluate_text(
-    model: nn.Module,
+    model: Transformer,
     tokenizer,
     documents: list[str],
     att: SparseSetting | None = None,

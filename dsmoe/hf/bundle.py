@@ -85,6 +85,8 @@ def bundle_source(modules: tuple[str, ...] = BUNDLED_MODULES) -> str:
         end = 0
         for i, node in enumerate(tree.body):
             # A statement's text runs from the end of the previous one: decorators and comments come with it.
+            if node.end_lineno is None:  # ast.parse sets it on every statement
+                raise BundleError(f"{name}: statement at line {node.lineno} has no end line")
             start, end = end, node.end_lineno
             text = "".join(lines[start:end]).strip("\n")
             if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):

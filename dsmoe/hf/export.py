@@ -114,6 +114,8 @@ def _load_module(path: Path):
     """Import the generated file as module ``modeling_dsmoe`` (the name transformers records in auto_map)."""
     name = path.stem
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and inspect.getfile look the module up by name
     try:
@@ -140,6 +142,8 @@ def _sparse_fields(kind: str, setting: SparseSetting | None) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     from dsmoe.cli import sparse_settings
 
+    att: SparseSetting | None
+    mlp: SparseSetting | None
     att, mlp = sparse_settings(args)
     # The flags default to 'dense'; with no flag given, keep the trained behaviour (top-k for SMoE).
     att = None if args.att_strategy == "dense" else att

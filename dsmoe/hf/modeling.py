@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
@@ -169,9 +170,6 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = logits[:, keep]
         aux = None if out.loss is None else out.loss - out.lm_loss
-        return MoeCausalLMOutputWithPast(
-            loss=out.lm_loss,
-            aux_loss=aux,
-            logits=logits,
-            **{CACHE_FIELD: past_key_values if use_cache else None},
-        )
+        # The cache field's name depends on the transformers release, so its type is only known at run time.
+        cache_output: dict[str, Any] = {CACHE_FIELD: past_key_values if use_cache else None}
+        return MoeCausalLMOutputWithPast(loss=out.lm_loss, aux_loss=aux, logits=logits, **cache_output)

@@ -93,7 +93,7 @@ class DSMoEForVLLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, D] of vLLM's flattened batch (the tokens of all scheduled sequences)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        for block, attn in zip(self.model.blocks, self.attn, strict=True):
+        for block, attn in zip(self.model.block_list(), self.attn, strict=True):
             x = x + self._attention(block.att, attn, block.att_norm(x), positions)
             x = x + self._mlp(block.mlp, block.mlp_norm(x))
         return self.model.final_norm(x)
@@ -139,7 +139,7 @@ class DSMoEForVLLM(nn.Module):
         if missing:
             raise KeyError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}; re-export it")
         if self.use_fused_experts:
-            for block in self.model.blocks:
+            for block in self.model.block_list():
                 _to_fused_layout(block.mlp.experts)
         return loaded
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import nn
+
+if TYPE_CHECKING:
+    from dsmoe.model.transformer import Transformer
 
 
 def sample_next(
@@ -25,7 +29,7 @@ def sample_next(
 
 @torch.inference_mode()
 def generate(
-    model: nn.Module,
+    model: Transformer,
     prompt_BT: torch.Tensor,
     max_new_tokens: int,
     *,

@@ -97,6 +97,8 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
     elif setting.strategy == "topk":
         k = setting.k  # type: ignore[assignment]
     else:
+        if setting.threshold is None:  # SparseSetting.__post_init__ rules this out
+            raise ConfigError(f"strategy '{setting.strategy}' needs a threshold")
         keep_TN = probs_TN * n_experts > setting.threshold
         counts_T = keep_TN.sum(dim=-1).clamp_min(1)  # at least one expert per token
         real_T = counts_T if mask_T is None else counts_T[mask_T]

@@ -5,22 +5,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.inference.routing import SparseSetting
+from dsmoe.model.attention import MoA
+from dsmoe.model.experts import MoEMLP
+from dsmoe.model.transformer import Transformer
 
 LayerSettings = SparseSetting | Sequence[SparseSetting | None] | None
 
 
-def moe_layers(model: nn.Module, kind: str) -> list[nn.Module]:
+def moe_layers(model: Transformer, kind: str) -> list[MoA | MoEMLP]:
     """The attention ('att') or MLP ('mlp') layers of a Transformer, in depth order."""
     return [getattr(block, kind) for block in model.blocks]
 
 
 def sparsify(
-    model: nn.Module, att: LayerSettings = None, mlp: LayerSettings = None, meter: ActiveMeter | None = None
-) -> nn.Module:
+    model: Transformer, att: LayerSettings = None, mlp: LayerSettings = None, meter: ActiveMeter | None = None
+) -> Transformer:
     """Set the inference routing of every attention and MLP layer, in place, and return the model.
 
     ``att`` / ``mlp``: one SparseSetting for all layers, a list with one per layer, or None for the layer's trained
@@ -57,8 +59,8 @@ class ActiveMeter:
         n = self.cfg.n_layers
         self.tokens = {k: [0] * n for k in ("att", "mlp")}
         self.active = {k: [0] * n for k in ("att", "mlp")}
-        self.min = {k: [None] * n for k in ("att", "mlp")}
-        self.max = {k: [None] * n for k in ("att", "mlp")}
+        self.min: dict[str, list[int | None]] = {k: [None] * n for k in ("att", "mlp")}
+        self.max: dict[str, list[int | None]] = {k: [None] * n for k in ("att", "mlp")}
 
     def record(self, kind: str, layer: int, counts_T: torch.Tensor, mask_T: torch.Tensor | None) -> None:
         if mask_T is not None:
@@ -83,6 +85,18 @@ class ActiveMeter:
             )
         return [a / n for a, n in zip(self.active[kind], self.tokens[kind], strict=True)]
 
+    def _extremes(self, kind: str) -> list[tuple[int, int]]:
+        """Fewest and most active experts of a token in each layer."""
+        out = []
+        for layer, (lo, hi) in enumerate(zip(self.min[kind], self.max[kind], strict=True)):
+            if lo is None or hi is None:
+                raise RuntimeError(
+                    f"ActiveMeter has recorded no tokens in {kind} layer {layer}: run the model after "
+                    "sparsify(..., meter=...)"
+                )
+            out.append((lo, hi))
+        return out
+
     @property
     def active_params(self) -> float:
         return self.cfg.active_params(self.mean_active("att"), self.mean_active("mlp"))
@@ -97,7 +111,7 @@ class ActiveMeter:
         layers = {
             kind: [
                 {"mean": m / n_exp[kind], "min": lo / n_exp[kind], "max": hi / n_exp[kind]}
-                for m, lo, hi in zip(self.mean_active(kind), self.min[kind], self.max[kind], strict=True)
+                for m, (lo, hi) in zip(self.mean_active(kind), self._extremes(kind), strict=True)
             ]
             for kind in ("att", "mlp")
         }

@@ -17,7 +17,7 @@ from torch import nn
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
 from dsmoe.inference.routing import DENSE, Routing, SparseSetting
-from dsmoe.model.experts import mix_experts, router_aux
+from dsmoe.model.experts import ExpertMeter, mix_experts, router_aux
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
 
@@ -81,7 +81,7 @@ class MoA(nn.Module):
         self.router = Router(d, self.n_experts) if cfg.has_att_router else None
         self.train_setting = SparseSetting("topk", k=cfg.smoe_top_k) if cfg.regime == "smoe" else DENSE
         self.sparse: SparseSetting | None = None
-        self.meter = None
+        self.meter: ExpertMeter | None = None
 
     def forward(
         self,

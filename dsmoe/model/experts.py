@@ -6,6 +6,8 @@ at once is one matrix product of width N * F: exactly the cost of a dense FFN of
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,27 @@ from dsmoe.inference.routing import DENSE, Routing, SparseSetting, route
 from dsmoe.kernels.reference import activate
 from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.router import Router
+
+
+class ExpertMeter(Protocol):
+    """Where a layer reports how many experts each token used (``dsmoe.inference.sparsify.ActiveMeter``)."""
+
+    def record(self, kind: str, layer: int, counts_T: torch.Tensor, mask_T: torch.Tensor | None) -> None: ...
+
+    def record_dense(
+        self, kind: str, layer: int, n_experts: int, mask_T: torch.Tensor | None, n_tokens: int
+    ) -> None: ...
+
+
+class RoutedLayer(Protocol):
+    """What ``mix_experts`` and ``router_aux`` read of a layer: the MLP and the attention layers both have it."""
+
+    kind: str
+    layer_idx: int
+    regime: str
+    train_setting: SparseSetting
+    sparse: SparseSetting | None
+    meter: ExpertMeter | None
 
 
 class MLPExperts(nn.Module):
@@ -53,7 +76,7 @@ class MoEMLP(nn.Module):
         self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
         self.train_setting = SparseSetting("topk", k=cfg.smoe_top_k) if cfg.regime == "smoe" else DENSE
         self.sparse: SparseSetting | None = None  # inference override
-        self.meter = None
+        self.meter: ExpertMeter | None = None
 
     def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, want_aux: bool):
         if self.router is None:
@@ -65,7 +88,7 @@ class MoEMLP(nn.Module):
         return out, router_aux(self, probs_TN, routing, mask_T) if want_aux else None
 
 
-def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn, mask_T):
+def mix_experts(layer: RoutedLayer, probs_TN: torch.Tensor, x, dense_fn, sparse_fn, mask_T):
     """Run ``layer``'s experts under its active setting; shared by the MLP and attention layers."""
     setting = layer.sparse or layer.train_setting
     if setting.strategy == "dense":
@@ -81,12 +104,18 @@ def mix_experts(layer: nn.Module, probs_TN: torch.Tensor, x, dense_fn, sparse_fn
 
 
 def router_aux(
-    layer: nn.Module, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None
+    layer: RoutedLayer, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None
 ):
     """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE), with its detached probabilities over the
     counted tokens so that a trainer can compute statistics when it logs (not on every step)."""
     if layer.regime == "smoe":
-        indices = routing.indices if routing is not None else probs_TN.topk(layer.train_setting.k, -1).indices
+        if routing is not None:
+            indices = routing.indices
+        else:  # a dense inference setting: the loss still takes the trained top-k
+            k = layer.train_setting.k
+            if k is None:
+                raise RuntimeError(f"SMoE {layer.kind} layer {layer.layer_idx} has no top-k training setting")
+            indices = probs_TN.topk(k, -1).indices
         loss = switch_loss(probs_TN, indices, mask_T)
     else:
         loss = mutual_information_loss(probs_TN, mask_T)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,9 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # buffers (register_buffer): declared for type checkers
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -75,6 +79,10 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std / math.sqrt(2 * self.cfg.n_layers))
             else:
                 p.normal_(0.0, std)
+
+    def block_list(self) -> list[Block]:
+        """The blocks in depth order, typed as Blocks (iterating an nn.ModuleList gives plain Modules)."""
+        return [cast(Block, block) for block in self.blocks]
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         dtype = dtype or self.embed.weight.dtype

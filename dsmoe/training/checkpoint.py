@@ -133,7 +133,7 @@ def step_dir(out_dir: Path, step: int) -> Path:
     return Path(out_dir) / CKPT_DIR / f"step-{step:08d}"
 
 
-def list_checkpoints(out_dir: Path) -> list[Path]:
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders of interrupted writes are ignored)."""
     root = Path(out_dir) / CKPT_DIR
     if not root.is_dir():
@@ -158,7 +158,7 @@ def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def read_model_config(path: Path) -> ModelConfig:
+def read_model_config(path: str | Path) -> ModelConfig:
     config = yaml.safe_load((Path(path) / "config.yaml").read_text())
     return ModelConfig.from_dict(config["model"])
 

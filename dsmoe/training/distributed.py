@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:
+    from dsmoe.model.transformer import Transformer
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> nn.Module:
+def shard_model(model: Transformer, info: DistInfo, param_dtype: torch.dtype | None) -> Transformer:
     """FSDP2: each block is one all-gather unit; the root takes the embeddings and the head."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -48,7 +52,7 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     # Mixed precision through FSDP on GPUs; on CPUs autocast does it (gloo reduces in the parameters' dtype).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
+    kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}
     for block in model.blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

@@ -6,7 +6,7 @@ import contextlib
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm import tqdm
@@ -26,6 +26,9 @@ from dsmoe.training.distributed import (
 )
 from dsmoe.training.metrics import MetricsLogger, collapsed_routers, router_metrics
 from dsmoe.training.optim import build_optimizer, lr_at, set_lr
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 
 class NonFiniteError(RuntimeError):
@@ -201,8 +204,9 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         for micro in range(accum):
             position = loader.state_dict()
             x, y = next(batches)
-            if info.world_size > 1 and hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
+            if info.world_size > 1 and hasattr(model, "set_requires_gradient_sync"):  # sharded by FSDP2
+                sharded = cast("FSDPModule", model)
+                sharded.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
             with _autocast(cfg, info.device):
                 out = model(x.to(info.device), y.to(info.device))
             (out.loss / accum).backward()
@@ -213,8 +217,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                     f"micro-batch {micro} (loader epoch {position['epoch']}, batch {position['position']})"
                 )
             sums += values / accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
             where = _nonfinite_culprit(model)
             bad = ", ".join(bad_batches) or "every micro-batch's loss was finite"

@@ -36,8 +36,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    # auto: bf16 autocast on CUDA, fp32 on CPUs (bf16 matmuls on CPUs without AVX512-BF16/AMX run ~100x slower
-    # than fp32: 1.1 vs 100 GFLOP/s measured on this project's 2-core AVX2 machines). bf16 or fp32 force one.
+    # auto: bf16 autocast on CUDA, fp32 on CPUs (bf16 matmuls on CPUs without AVX512-BF16/AMX run ~75x slower
+    # than fp32: 1.0 vs 78 GFLOP/s on one thread, benchmarks/throughput.md). bf16 or fp32 force one.
     dtype: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False

@@ -43,7 +43,10 @@ def frozen(python: str) -> list[str]:
 
 def freeze(python: str, out: str) -> None:
     version = subprocess.run(
-        [python, "-c", "import platform; print(platform.python_version())"], check=True, capture_output=True, text=True
+        [python, "-c", "import platform; print(platform.python_version())"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     header = [
         f"# Exact versions from a real resolve on {datetime.date.today()}, Python {version} (written by `make lock`).",

@@ -2,8 +2,8 @@
 
 from dsmoe.config import PRESETS, ConfigError, ModelConfig, preset
 from dsmoe.inference.generate import generate
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import ModelOutput, Transformer
 
 __all__ = [

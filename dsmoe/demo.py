@@ -21,8 +21,8 @@ from dsmoe.data.sources import fetch
 from dsmoe.data.tokenizer import eos_id, train_bpe
 from dsmoe.evaluation.perplexity import perplexity
 from dsmoe.inference.generate import generate
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.training import checkpoint as ckpt
 from dsmoe.training.config import TrainConfig, apply_overrides
 from dsmoe.training.loop import train

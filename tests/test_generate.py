@@ -9,8 +9,8 @@ from helpers import small_config
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import generate, sample_next
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 SETTINGS = {

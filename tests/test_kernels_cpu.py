@@ -5,10 +5,10 @@ import torch
 from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_inputs, moa_inputs, tolerances
 
 from dsmoe import kernels
-from dsmoe.inference.routing import Routing, SparseSetting
 from dsmoe.kernels import cpu
 from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_cpu
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
+from dsmoe.model.routing import Routing, SparseSetting
 
 DTYPES = [torch.float32, torch.bfloat16]
 

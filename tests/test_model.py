@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from helpers import small_config
 
-from dsmoe.inference.routing import SparseSetting, route
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.rope import apply_rope
+from dsmoe.model.routing import SparseSetting, route
 from dsmoe.model.transformer import Transformer
 
 

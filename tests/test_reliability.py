@@ -21,7 +21,7 @@ from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.data.corpus import read_documents
 from dsmoe.data.errors import DataError
 from dsmoe.data.loader import TokenLoader
-from dsmoe.inference.routing import STRATEGIES, SparseSetting, route
+from dsmoe.model.routing import STRATEGIES, SparseSetting, route
 from dsmoe.training import checkpoint as ckpt
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.loop import NonFiniteError, train

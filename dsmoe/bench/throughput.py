@@ -24,8 +24,8 @@ import torch
 from dsmoe.bench.models import BenchModel, bench_models
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import generate
-from dsmoe.inference.routing import route
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -50,8 +50,8 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from dsmoe.cli import sparse_settings
     from dsmoe.evaluation.text import evaluate_text
+    from dsmoe.inference.arguments import sparse_settings
 
     model, tokenizer, text = _load(args)
     att, mlp = sparse_settings(args)
@@ -148,7 +148,7 @@ def _split_list(kind):
 
 
 def add_commands(sub) -> None:
-    from dsmoe.cli import add_sparse_args
+    from dsmoe.inference.arguments import add_sparse_args
 
     p = sub.add_parser("eval", help="perplexity and active parameters of a checkpoint on held-out text")
     _add_text_args(p)

@@ -25,10 +25,12 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from dsmoe import ActiveMeter, SparseSetting, generate, sparsify
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import rolling_loglikelihoods
 from dsmoe.evaluation.scoring import score_requests
+from dsmoe.inference.generate import generate
+from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 
 log = logging.getLogger(__name__)
 

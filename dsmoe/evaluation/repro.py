@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsmoe.inference.routing import SparseSetting
+from dsmoe.model.routing import SparseSetting
 
 TASK_COLUMNS = (
     ("dsmoe_hellaswag", "HS"),

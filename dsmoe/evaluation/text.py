@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import perplexity
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer

@@ -13,11 +13,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import dsmoe
-
 BUNDLED_MODULES = (
     "dsmoe.config",
-    "dsmoe.inference.routing",
+    "dsmoe.model.routing",
     "dsmoe.model.rope",
     "dsmoe.kernels.reference",
     "dsmoe.kernels.cpu",
@@ -40,7 +38,7 @@ class BundleError(RuntimeError):
 
 
 def module_path(name: str) -> Path:
-    root = Path(dsmoe.__file__).parent.parent
+    root = Path(__file__).resolve().parents[2]  # the folder that holds the dsmoe package
     path = root / Path(*name.split("."))
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 

@@ -19,7 +19,7 @@ import torch
 
 from dsmoe.config import ConfigError
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
-from dsmoe.inference.routing import SparseSetting
+from dsmoe.model.routing import SparseSetting
 
 
 def export(
@@ -140,7 +140,7 @@ def _sparse_fields(kind: str, setting: SparseSetting | None) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dsmoe.cli import sparse_settings
+    from dsmoe.inference.arguments import sparse_settings
 
     att: SparseSetting | None
     mlp: SparseSetting | None
@@ -157,7 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from dsmoe.cli import add_sparse_args
+    from dsmoe.inference.arguments import add_sparse_args
 
     p = sub.add_parser("export", help="write a Hugging Face folder (trust_remote_code) from a checkpoint")
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `dsmoe train`")

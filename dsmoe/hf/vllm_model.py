@@ -29,9 +29,9 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
-from dsmoe.inference.routing import route
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.rope import apply_rope
+from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
 
 try:

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsmoe.inference.routing import Routing
 from dsmoe.kernels.reference import activate, moa_reference
 from dsmoe.model.rope import apply_rope
+from dsmoe.model.routing import Routing
 
 
 class SortedPairs:

@@ -11,8 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dsmoe.inference.routing import Routing
 from dsmoe.model.rope import apply_rope
+from dsmoe.model.routing import Routing
 
 
 def activate(h: torch.Tensor, activation: str) -> torch.Tensor:

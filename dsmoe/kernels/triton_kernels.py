@@ -17,8 +17,8 @@ import os
 
 import torch
 
-from dsmoe.inference.routing import Routing
 from dsmoe.kernels.cpu import SortedPairs, expert_mlp_sorted, moa_sorted
+from dsmoe.model.routing import Routing
 
 try:
     import triton

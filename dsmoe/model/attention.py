@@ -16,10 +16,10 @@ from torch import nn
 
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
-from dsmoe.inference.routing import DENSE, Routing, SparseSetting
 from dsmoe.model.experts import ExpertMeter, mix_experts, router_aux
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
+from dsmoe.model.routing import DENSE, Routing, SparseSetting
 
 
 class KVCache:

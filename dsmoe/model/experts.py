@@ -14,10 +14,10 @@ from torch import nn
 
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
-from dsmoe.inference.routing import DENSE, Routing, SparseSetting, route
 from dsmoe.kernels.reference import activate
 from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.router import Router
+from dsmoe.model.routing import DENSE, Routing, SparseSetting, route
 
 
 class ExpertMeter(Protocol):

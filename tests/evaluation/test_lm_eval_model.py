@@ -13,8 +13,8 @@ from dsmoe.evaluation.lm_eval_model import DSMoELM, cut_at_stop
 from dsmoe.evaluation.perplexity import perplexity, rolling_loglikelihoods, rolling_windows
 from dsmoe.evaluation.zero_shot import render_tasks
 from dsmoe.inference import generate as generate_module
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 FIXTURES = Path(__file__).with_name("fixtures")

@@ -14,8 +14,8 @@ from dsmoe.evaluation.perplexity import (
     rolling_windows,
 )
 from dsmoe.evaluation.scoring import score_requests
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 SETTINGS = {

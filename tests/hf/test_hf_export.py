@@ -10,8 +10,8 @@ from hf_fixtures import isolated_python
 from dsmoe.cli import main
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.inference.generate import generate
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 CHILD = """

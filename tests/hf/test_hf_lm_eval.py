@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 DOCS = [

@@ -9,8 +9,8 @@ from dsmoe.config import ConfigError
 from dsmoe.hf import DSMoEConfig, DSMoEForCausalLM
 from dsmoe.hf.modeling import CACHE_FIELD
 from dsmoe.inference.generate import generate
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 SPARSE = {

@@ -13,8 +13,8 @@ from helpers import small_config
 from torch import nn
 
 from dsmoe.hf.configuration import DSMoEConfig
-from dsmoe.inference.routing import SparseSetting
 from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 

@@ -9,14 +9,20 @@ import sys
 
 from dsmoe.config import PRESETS, ConfigError, preset
 from dsmoe.inference.arguments import add_sparse_args, sparse_settings
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.routing import DENSE, SparseSetting, trained_setting
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
     att, mlp = sparse_settings(args)
-    att.check(cfg.n_att_experts, "attention")
-    mlp.check(cfg.n_mlp_experts, "the MLP")
+    if att is not None:
+        att.check(cfg.n_att_experts, "attention")
+    if mlp is not None:
+        mlp.check(cfg.n_mlp_experts, "the MLP")
+    # None given: as trained (a layer of one expert has no router and always runs it)
+    trained = trained_setting(cfg.regime, cfg.smoe_top_k)
+    att = att or (trained if cfg.n_att_experts > 1 else DENSE)
+    mlp = mlp or (trained if cfg.n_mlp_experts > 1 else DENSE)
     att_active = _nominal_active(att, cfg.n_att_experts)
     mlp_active = _nominal_active(mlp, cfg.n_mlp_experts)
     info = {

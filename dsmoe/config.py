@@ -64,7 +64,7 @@ class ModelConfig:
     alpha_att: float = 0.0  # MI-loss weight for attention routers (DS-MoE)
     alpha_mlp: float = 0.0  # MI-loss weight for MLP routers (DS-MoE)
     smoe_top_k: int = 2  # experts per token for SMoE, in training and inference
-    switch_loss_weight: float = 0.01  # SMoE load-balancing weight (Switch Transformer's value)
+    switch_loss_weight: float = 0.01  # SMoE load-balancing weight on the mean over layers (dMoE: 0.01 too)
     activation: str = "gelu"
     norm: str = "layernorm"
     norm_eps: float = 1e-5

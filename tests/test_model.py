@@ -227,3 +227,38 @@ def test_threshold_topk_batch_mean_ignores_padding():
     assert route(probs, setting).indices.shape[1] == 2  # mean of 1,1,1,3,3,3
     real = torch.tensor([True, True, True, False, False, False])
     assert route(probs, setting, real).indices.shape[1] == 1  # only the real tokens' counts
+
+
+# Router rows over 4 experts keeping 1, 2 or 3 experts above eps = 1.0 (probability above 1/4).
+ROWS_BY_COUNT = {1: [0.96, 0.02, 0.01, 0.01], 2: [0.45, 0.45, 0.05, 0.05], 3: [0.3, 0.3, 0.3, 0.1]}
+
+
+@pytest.mark.parametrize("counts, k", [((2, 3), 3), ((1, 2), 2), ((2, 3, 3, 2), 3), ((1, 1, 2), 1)])
+def test_threshold_topk_rounds_the_batch_mean_half_up(counts, k):
+    probs = torch.tensor([ROWS_BY_COUNT[c] for c in counts])
+    assert (probs * 4 > 1.0).sum(-1).tolist() == list(counts)
+    routing = route(probs, SparseSetting("threshold_topk", threshold=1.0))
+    assert routing.indices.shape[1] == k  # 2.5 -> 3 and 1.5 -> 2 (half up; Python's round gives 2 and 2)
+
+
+def test_router_probabilities_are_computed_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    model = Transformer(small_config())
+    router = model.blocks[0].mlp.router
+    x = torch.randn(64, model.cfg.d_model)
+    reference = torch.softmax(x @ router.weight.T, dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs = router(x)
+    assert probs.dtype == torch.float32
+    torch.testing.assert_close(probs, reference, rtol=1e-6, atol=1e-7)
+
+
+def test_switch_loss_is_averaged_over_layers_as_in_dmoe():
+    torch.manual_seed(0)
+    cfg = small_config("smoe", n_layers=3)
+    model = Transformer(cfg)
+    idx = torch.randint(0, 97, (2, 8))
+    out = model(idx[:, :-1], idx[:, 1:])
+    per_router = [r["loss"] for r in out.router_stats]
+    torch.testing.assert_close(out.switch, torch.stack(per_router).sum() / cfg.n_layers)
+    torch.testing.assert_close(out.loss, out.lm_loss + cfg.switch_loss_weight * out.switch)

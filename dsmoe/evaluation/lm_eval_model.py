@@ -30,7 +30,7 @@ from dsmoe.evaluation.perplexity import rolling_loglikelihoods
 from dsmoe.evaluation.scoring import score_requests
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.routing import SparseSetting, describe_setting
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,33 @@ def resolve_batch_size(batch_size: int | str | None, max_batch_size: int | None)
     return size
 
 
+def _setting(prefix: str, strategy, k, threshold, normalize: bool) -> SparseSetting | None:
+    """One router kind's setting from ``--model_args``; None (no strategy) runs the layers as trained."""
+    if strategy in (None, ""):
+        if k is not None or threshold is not None:
+            raise ConfigError(
+                f"{prefix}k / {prefix}threshold need {prefix}strategy=topk|threshold|threshold_topk in --model_args"
+            )
+        return None
+    return SparseSetting(
+        str(strategy), k=_optional(k, int), threshold=_optional(threshold, float), normalize=normalize
+    )
+
+
 @register_model("dsmoe")
 class DSMoELM(TemplateLM):
     """A dsmoe checkpoint as an lm-eval ``LM``. Sparse settings mirror ``dsmoe eval``'s flags: ``strategy``, ``k``,
     ``threshold`` for the MLP routers and ``att_strategy``, ``att_k``, ``att_threshold`` for attention;
-    ``normalize`` rescales selected scores to sum to one."""
+    ``normalize`` rescales selected scores to sum to one. Without a strategy the layers run as trained (an SMoE
+    its top-k); ``strategy=dense`` runs every expert."""
 
     def __init__(
         self,
         checkpoint: str,
-        strategy: str = "dense",
+        strategy: str | None = None,
         k: int | None = None,
         threshold: float | None = None,
-        att_strategy: str = "dense",
+        att_strategy: str | None = None,
         att_k: int | None = None,
         att_threshold: float | None = None,
         normalize: bool = False,
@@ -108,15 +122,8 @@ class DSMoELM(TemplateLM):
             )
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = resolve_batch_size(batch_size, _optional(max_batch_size, int))
-        self.att_setting = SparseSetting(
-            att_strategy,
-            k=_optional(att_k, int),
-            threshold=_optional(att_threshold, float),
-            normalize=bool(normalize),
-        )
-        self.mlp_setting = SparseSetting(
-            strategy, k=_optional(k, int), threshold=_optional(threshold, float), normalize=bool(normalize)
-        )
+        self.att_setting = _setting("att_", att_strategy, att_k, att_threshold, bool(normalize))
+        self.mlp_setting = _setting("", strategy, k, threshold, bool(normalize))
         self.meter = ActiveMeter(self.cfg)
         sparsify(self.model, att=self.att_setting, mlp=self.mlp_setting, meter=self.meter)
         self.checkpoint = str(checkpoint)
@@ -227,16 +234,16 @@ class DSMoELM(TemplateLM):
     def active_summary(self) -> dict:
         """Active parameters and active hidden share over every token scored or generated so far."""
         return {
-            "att_strategy": self.att_setting.describe(),
-            "mlp_strategy": self.mlp_setting.describe(),
+            "att_strategy": describe_setting(self.att_setting),
+            "mlp_strategy": describe_setting(self.mlp_setting),
             **self.meter.summary(),
         }
 
     def get_model_info(self) -> dict:
         info: dict[str, str | float] = {
             "dsmoe_checkpoint": self.checkpoint,
-            "dsmoe_att_strategy": self.att_setting.describe(),
-            "dsmoe_mlp_strategy": self.mlp_setting.describe(),
+            "dsmoe_att_strategy": describe_setting(self.att_setting),
+            "dsmoe_mlp_strategy": describe_setting(self.mlp_setting),
         }
         if all(n > 0 for kind in ("att", "mlp") for n in self.meter.tokens[kind]):
             info.update(

@@ -47,9 +47,10 @@ def mlp_active_share(layers: dict) -> float:
 
 
 def zero_shot(
-    checkpoint: Path, att: SparseSetting, mlp: SparseSetting, limit: int | None, batch_size: int
+    checkpoint: Path, att: SparseSetting | None, mlp: SparseSetting | None, limit: int | None, batch_size: int
 ) -> dict[str, float]:
-    """acc_norm where lm-eval reports it (HellaSwag, PIQA, ARC), else acc; percent, per task."""
+    """acc_norm where lm-eval reports it (HellaSwag, PIQA, ARC), else acc; percent, per task. A setting of None
+    runs those layers as trained (an SMoE its top-k)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -58,12 +59,8 @@ def zero_shot(
 
     lm = DSMoELM(
         str(checkpoint),
-        strategy=mlp.strategy,
-        k=mlp.k,
-        threshold=mlp.threshold,
-        att_strategy=att.strategy,
-        att_k=att.k,
-        att_threshold=att.threshold,
+        **_model_args("", mlp),
+        **_model_args("att_", att),
         batch_size=batch_size,
     )
     manager = TaskManager(include_path=str(task_include_path()), include_defaults=False)
@@ -75,6 +72,16 @@ def zero_shot(
         metrics = results[task]
         scores[task] = 100 * metrics.get("acc_norm,none", metrics["acc,none"])
     return scores
+
+
+def _model_args(prefix: str, setting: SparseSetting | None) -> dict[str, Any]:
+    if setting is None:
+        return {}
+    return {
+        f"{prefix}strategy": setting.strategy,
+        f"{prefix}k": setting.k,
+        f"{prefix}threshold": setting.threshold,
+    }
 
 
 def evaluate_model(
@@ -91,7 +98,7 @@ def evaluate_model(
         "non_embedding_params": model.cfg.non_embedding_params,
         "trained": _row(dense),
     }
-    operating = (SparseSetting(), SparseSetting())
+    operating: tuple[SparseSetting | None, SparseSetting | None] = (None, None)  # as trained
     if model.cfg.regime == "dsmoe":
         entry["sweep"] = []
         for eps in thresholds:

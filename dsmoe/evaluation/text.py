@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import perplexity
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.routing import SparseSetting, describe_setting
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer
@@ -99,8 +99,8 @@ def evaluate_text(
         "active_hidden": summary["active_hidden"],
         "non_embedding_params": summary["non_embedding_params"],
         "layers": summary["layers"],
-        "att_strategy": att.describe() if att else "trained",
-        "mlp_strategy": mlp.describe() if mlp else "trained",
+        "att_strategy": describe_setting(att),
+        "mlp_strategy": describe_setting(mlp),
         "max_len": max_len,
         "batch_size": batch_size,
     }

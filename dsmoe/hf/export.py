@@ -142,12 +142,7 @@ def _sparse_fields(kind: str, setting: SparseSetting | None) -> dict:
 def cmd_export(args: argparse.Namespace) -> int:
     from dsmoe.inference.arguments import sparse_settings
 
-    att: SparseSetting | None
-    mlp: SparseSetting | None
-    att, mlp = sparse_settings(args)
-    # The flags default to 'dense'; with no flag given, keep the trained behaviour (top-k for SMoE).
-    att = None if args.att_strategy == "dense" else att
-    mlp = None if args.strategy == "dense" else mlp
+    att, mlp = sparse_settings(args)  # None: the layer keeps its trained behaviour
     out = export(
         args.checkpoint, args.out, att=att, mlp=mlp, tokenizer_file=args.tokenizer, overwrite=args.overwrite
     )

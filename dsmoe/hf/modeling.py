@@ -51,6 +51,17 @@ class HFCacheAdapter:
         return self.cache.update(k_BHTd, v_BHTd, layer)
 
 
+@dataclasses.dataclass
+class DSMoECausalLMOutput(MoeCausalLMOutputWithPast):
+    """transformers' MoE output plus the parts of ``loss``: ``loss = lm_loss + aux_loss``, where ``aux_loss`` is
+    ``alpha_att * mi_att + alpha_mlp * mi_mlp`` (DS-MoE) or ``switch_loss_weight * switch`` (SMoE)."""
+
+    lm_loss: torch.Tensor | None = None
+    mi_att: torch.Tensor | None = None
+    mi_mlp: torch.Tensor | None = None
+    switch: torch.Tensor | None = None
+
+
 class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = DSMoEConfig
     base_model_prefix = "model"
@@ -134,8 +145,9 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
-        """Logits [B, T, V]. ``labels`` as in transformers (shifted inside); ``loss`` is the LM cross-entropy and
-        ``aux_loss`` the weighted router losses (train on their sum). ``position_ids`` are not read: the model derives
+        """Logits [B, T, V]. ``labels`` as in transformers (shifted inside). ``loss`` is what to train on, as in
+        Mixtral: the LM cross-entropy plus the weighted router losses (``aux_loss``), so ``Trainer`` trains the
+        routers too; ``lm_loss``, ``mi_att``, ``mi_mlp`` and ``switch`` are the unweighted parts. ``position_ids`` are not read: the model derives
         the same positions from ``attention_mask`` (real tokens counted from 0), or from the cache length.
         ``cache`` and ``past_key_values`` are two names for the same argument (transformers >= 5.24 passes ``cache``)."""
         if inputs_embeds is not None or input_ids is None:
@@ -169,7 +181,16 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         if not last_only and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = logits[:, keep]
-        aux = None if out.loss is None else out.loss - out.lm_loss
+        aux = None if out.loss is None or out.lm_loss is None else out.loss - out.lm_loss
         # The cache field's name depends on the transformers release, so its type is only known at run time.
         cache_output: dict[str, Any] = {CACHE_FIELD: past_key_values if use_cache else None}
-        return MoeCausalLMOutputWithPast(loss=out.lm_loss, aux_loss=aux, logits=logits, **cache_output)
+        return DSMoECausalLMOutput(
+            loss=out.loss,
+            aux_loss=aux,
+            logits=logits,
+            lm_loss=out.lm_loss,
+            mi_att=out.mi_att,
+            mi_mlp=out.mi_mlp,
+            switch=out.switch,
+            **cache_output,
+        )

@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import argparse
 
+from dsmoe.config import ConfigError
 from dsmoe.model.routing import STRATEGIES, SparseSetting
+
+AS_TRAINED = "as trained (Dense, DS-MoE: every expert; SMoE: its trained top-k); 'dense' runs every expert"
 
 
 def add_sparse_args(parser: argparse.ArgumentParser) -> None:
-    """--strategy/--k/--threshold for MLP routers, --att-* for attention routers (default: attention dense)."""
+    """--strategy/--k/--threshold for MLP routers, --att-* for attention routers. Without a strategy a layer runs
+    as it was trained."""
     g = parser.add_argument_group("sparse inference")
-    g.add_argument("--strategy", choices=STRATEGIES, default="dense", help="MLP expert selection")
+    g.add_argument("--strategy", choices=STRATEGIES, help=f"MLP expert selection; default: {AS_TRAINED}")
     g.add_argument("--k", type=int, help="experts per token for topk")
     g.add_argument("--threshold", type=float, help="eps for threshold strategies (compares S_i * N)")
-    g.add_argument("--att-strategy", choices=STRATEGIES, default="dense", help="attention expert selection")
+    g.add_argument(
+        "--att-strategy", choices=STRATEGIES, help="attention expert selection; default: as trained"
+    )
     g.add_argument("--att-k", type=int)
     g.add_argument("--att-threshold", type=float)
 
 
-def sparse_settings(args: argparse.Namespace) -> tuple[SparseSetting, SparseSetting]:
-    """(attention, MLP) settings from add_sparse_args' flags."""
-    att = SparseSetting(args.att_strategy, k=args.att_k, threshold=args.att_threshold)
-    mlp = SparseSetting(args.strategy, k=args.k, threshold=args.threshold)
-    return att, mlp
+def sparse_settings(args: argparse.Namespace) -> tuple[SparseSetting | None, SparseSetting | None]:
+    """(attention, MLP) settings from add_sparse_args' flags; None where no strategy was given (as trained)."""
+    return (
+        _setting(args.att_strategy, args.att_k, args.att_threshold, "--att-"),
+        _setting(args.strategy, args.k, args.threshold, "--"),
+    )
+
+
+def _setting(strategy: str | None, k: int | None, threshold: float | None, flag: str) -> SparseSetting | None:
+    if strategy is None:
+        if k is not None or threshold is not None:
+            given = f"{flag}k" if k is not None else f"{flag}threshold"
+            raise ConfigError(f"{given} needs {flag}strategy (topk, threshold or threshold_topk) to apply to")
+        return None
+    return SparseSetting(strategy, k=k, threshold=threshold)

@@ -19,7 +19,7 @@ from dsmoe.config import ModelConfig
 from dsmoe.model.experts import ExpertMeter, mix_experts, router_aux
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
-from dsmoe.model.routing import DENSE, Routing, SparseSetting
+from dsmoe.model.routing import Routing, SparseSetting, trained_setting
 
 
 class KVCache:
@@ -79,7 +79,7 @@ class MoA(nn.Module):
         self.wk = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.router = Router(d, self.n_experts) if cfg.has_att_router else None
-        self.train_setting = SparseSetting("topk", k=cfg.smoe_top_k) if cfg.regime == "smoe" else DENSE
+        self.train_setting = trained_setting(cfg.regime, cfg.smoe_top_k)
         self.sparse: SparseSetting | None = None
         self.meter: ExpertMeter | None = None
 

@@ -17,7 +17,7 @@ from dsmoe.config import ModelConfig
 from dsmoe.kernels.reference import activate
 from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.router import Router
-from dsmoe.model.routing import DENSE, Routing, SparseSetting, route
+from dsmoe.model.routing import Routing, SparseSetting, route, trained_setting
 
 
 class ExpertMeter(Protocol):
@@ -74,7 +74,7 @@ class MoEMLP(nn.Module):
         self.layer_idx, self.regime = layer_idx, cfg.regime
         self.router = Router(cfg.d_model, cfg.n_mlp_experts) if cfg.has_mlp_router else None
         self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
-        self.train_setting = SparseSetting("topk", k=cfg.smoe_top_k) if cfg.regime == "smoe" else DENSE
+        self.train_setting = trained_setting(cfg.regime, cfg.smoe_top_k)
         self.sparse: SparseSetting | None = None  # inference override
         self.meter: ExpertMeter | None = None
 

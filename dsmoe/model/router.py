@@ -13,5 +13,8 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts, d_model))  # W_r, one row per expert
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        # Probabilities in fp32 even under bf16 autocast: the MI loss takes their logs and thresholds compare them.
-        return torch.softmax(F.linear(x_TD, self.weight).float(), dim=-1)
+        # The product itself in fp32, even under bf16 autocast: thresholds compare these probabilities and the MI
+        # loss takes their logs, so bf16-rounded logits would shift both.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits_TN = F.linear(x_TD.float(), self.weight.float())
+        return torch.softmax(logits_TN, dim=-1)

@@ -7,6 +7,7 @@ dispatch path: kernels only ever see the valid (token, expert, weight) pairs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ class SparseSetting:
     dense: every expert, weighted by its score (what dense training computes).
     topk: the ``k`` highest-scoring experts.
     threshold: experts whose normalized probability S_i * N exceeds ``threshold`` (at least the top one).
-    threshold_topk: the threshold gives a count per token; its mean over the batch, rounded, becomes K.
+    threshold_topk: the threshold gives a count per token; its mean over the batch, rounded half up, becomes K.
     normalize: rescale the selected scores to sum to one (off by default, as in the paper).
     """
 
@@ -63,6 +64,17 @@ class SparseSetting:
 
 
 DENSE = SparseSetting()
+
+
+def trained_setting(regime: str, smoe_top_k: int) -> SparseSetting:
+    """How a layer routes as trained: an SMoE its top-k, Dense and DS-MoE every expert. This is what every entry
+    point runs when no sparse setting is given."""
+    return SparseSetting("topk", k=smoe_top_k) if regime == "smoe" else DENSE
+
+
+def describe_setting(setting: SparseSetting | None) -> str:
+    """A setting's label; None (no setting given) is "trained"."""
+    return setting.describe() if setting is not None else "trained"
 
 
 @dataclass
@@ -105,7 +117,12 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
         if setting.strategy == "threshold":
             k = int(counts_T.max()) if counts_T.numel() else 1
         else:
-            k = max(1, min(n_experts, round(float(real_T.float().mean())))) if real_T.numel() else 1
+            # The batch mean rounds half up (2.5 -> 3, 3.5 -> 4), not to even as Python's round() would.
+            k = (
+                max(1, min(n_experts, math.floor(float(real_T.float().mean()) + 0.5)))
+                if real_T.numel()
+                else 1
+            )
     weights, indices = torch.topk(probs_TN, k, dim=-1, sorted=True)
     if setting.strategy == "threshold":
         mask = torch.arange(k, device=probs_TN.device)[None, :] < counts_T[:, None]

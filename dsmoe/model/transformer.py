@@ -45,7 +45,7 @@ class ModelOutput:
     lm_loss: torch.Tensor | None = None
     mi_att: torch.Tensor | None = None  # sum over layers of the attention routers' MI loss
     mi_mlp: torch.Tensor | None = None  # sum over layers of the MLP routers' MI loss
-    switch: torch.Tensor | None = None  # sum over layers of the SMoE switch loss
+    switch: torch.Tensor | None = None  # mean over layers of the SMoE switch loss (dMoE's definition)
     router_stats: list[dict] = field(default_factory=list)  # per router: kind, layer, loss, probs [T, N]
 
 
@@ -141,8 +141,8 @@ class Transformer(nn.Module):
         out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
         out.loss = out.lm_loss
         losses = {kind: [a["loss"] for a in aux if a["kind"] == kind] for kind in ("att", "mlp")}
-        if self.cfg.regime == "smoe":  # switch loss of every router, summed over layers
-            out.switch = torch.stack(losses["att"] + losses["mlp"]).sum()
+        if self.cfg.regime == "smoe":  # as dMoE (MegaBlocks): the routers' switch losses averaged over layers
+            out.switch = torch.stack(losses["att"] + losses["mlp"]).sum() / self.cfg.n_layers
             out.loss = out.loss + self.cfg.switch_loss_weight * out.switch
         else:  # DS-MoE: MI loss per router, summed over layers, weighted separately for attention and MLP
             if losses["att"]:

@@ -13,18 +13,27 @@ from dsmoe.training.checkpoint import write_checkpoint
 VOCAB = 300
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """Untrained weights are enough here: every check compares two computations of the same model. The BPE has
-    fewer ids than VOCAB, so the embedding covers every token id."""
-    root = tmp_path_factory.mktemp("ckpt")
+def _checkpoint(tmp_path_factory, regime):
+    root = tmp_path_factory.mktemp(f"ckpt-{regime}")
     tokenizer = train_bpe(synthetic_corpus(), VOCAB)
     assert tokenizer.get_vocab_size() <= VOCAB
     tok_file = save_tokenizer(tokenizer, root / "tok")
     torch.manual_seed(1)
-    cfg = small_config("dsmoe", vocab_size=VOCAB, max_seq_len=48)
-    model = Transformer(cfg)
-    return write_checkpoint(root / "tiny", model.state_dict(), cfg, tokenizer_file=tok_file)
+    cfg = small_config(regime, vocab_size=VOCAB, max_seq_len=48)
+    return write_checkpoint(root / "tiny", Transformer(cfg).state_dict(), cfg, tokenizer_file=tok_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_smoe_checkpoint(tmp_path_factory):
+    """An SMoE (top-2 of 8 MLP experts) to check that every entry point runs it as trained."""
+    return _checkpoint(tmp_path_factory, "smoe")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Untrained weights are enough here: every check compares two computations of the same model. The BPE has
+    fewer ids than VOCAB, so the embedding covers every token id."""
+    return _checkpoint(tmp_path_factory, "dsmoe")
 
 
 @pytest.fixture(scope="session")

@@ -145,3 +145,35 @@ def test_sweep_grid_checks_its_values():
         "active_hidden": 0.5,
     }
     assert "| m | dense | 12.35 | 5.00 | 1.2500 | 2.50B | 50.0% |" in markdown_table("m", [row])
+
+
+def test_an_smoe_is_scored_as_trained_unless_every_expert_is_asked_for(
+    tiny_smoe_checkpoint, docs_file, capsys
+):
+    from dsmoe.evaluation.lm_eval_model import DSMoELM
+
+    base = [
+        "eval",
+        "--checkpoint",
+        str(tiny_smoe_checkpoint),
+        "--text",
+        str(docs_file),
+        "--json",
+        "--max-docs",
+        "4",
+    ]
+    trained = run_json(capsys, *base)
+    assert trained["mlp_strategy"] == "trained"
+    assert [layer["mean"] for layer in trained["layers"]["mlp"]] == [2 / 8, 2 / 8]  # its top-2 of 8
+    everything = run_json(capsys, *base, "--strategy", "dense")
+    assert [layer["mean"] for layer in everything["layers"]["mlp"]] == [1.0, 1.0]
+    assert everything["token_perplexity"] != trained["token_perplexity"]
+    lm = DSMoELM(checkpoint=str(tiny_smoe_checkpoint), device="cpu")
+    assert lm.mlp_setting is None and lm.att_setting is None  # lm-eval runs it as trained too
+    info = run_json(capsys, "info", "--preset", "tiny-smoe", "--json")
+    assert info["mlp_strategy"].startswith("topk(k=") and info["active_params"] < info["non_embedding_params"]
+
+
+def test_k_or_threshold_without_a_strategy_is_an_error(tiny_checkpoint, docs_file, capsys):
+    code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--k", "2"])
+    assert code == 2 and "--k needs --strategy" in capsys.readouterr().err

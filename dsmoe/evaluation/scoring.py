@@ -49,6 +49,21 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def score_positions(
+    model: Transformer, hidden_PD: torch.Tensor, target_P: torch.Tensor, chunk: int = 256
+) -> Score:
+    """Log-probability of ``target_P`` after each hidden state, through the LM head ``chunk`` positions at a time:
+    only scored positions get logits, never the whole [B, T, V] batch (13 GB at 16 x 2048 x 51200 in fp32)."""
+    logprob = torch.zeros((), dtype=torch.float64, device=hidden_PD.device)
+    greedy = True
+    for start in range(0, len(target_P), chunk):
+        logprobs = torch.log_softmax(model.head(hidden_PD[start : start + chunk]).float(), dim=-1)
+        target = target_P[start : start + chunk]
+        logprob += logprobs.gather(-1, target[:, None]).double().sum()
+        greedy = greedy and bool((logprobs.argmax(-1) == target).all())
+    return Score(logprob=float(logprob), is_greedy=greedy)
+
+
 @torch.no_grad()
 def score_requests(
     model: Transformer,
@@ -73,15 +88,10 @@ def score_requests(
             ids = requests[i][0]
             inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
             real[row, : len(ids) - 1] = True
-        logits = model(inputs.to(device), token_mask_BT=real.to(device)).logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1)
+        hidden_BTD, _ = model.hidden(inputs.to(device), token_mask_BT=real.to(device))
         for row, i in enumerate(batch):
             ids, n_scored = requests[i]
             end = len(ids) - 1  # positions [end - n_scored, end) predict the last n_scored tokens
-            target = torch.as_tensor(ids[-n_scored:], device=logprobs.device)
-            lp = logprobs[row, end - n_scored : end]
-            results[i] = Score(
-                logprob=float(lp.gather(-1, target[:, None]).double().sum()),
-                is_greedy=bool((lp.argmax(-1) == target).all()),
-            )
+            target = torch.as_tensor(ids[-n_scored:], device=hidden_BTD.device)
+            results[i] = score_positions(model, hidden_BTD[row, end - n_scored : end], target)
     return results  # type: ignore[return-value]

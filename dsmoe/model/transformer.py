@@ -88,7 +88,7 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return KVCache(self.cfg, batch_size, max_len, dtype, self.embed.weight.device)
 
-    def forward(
+    def hidden(
         self,
         idx_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
@@ -98,13 +98,16 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         last_only: bool = False,
         key_mask_BS: torch.Tensor | None = None,
-    ) -> ModelOutput:
+    ) -> tuple[torch.Tensor, list[dict]]:
         """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
         True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
         target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding.
         last_only: logits of the last position. key_mask_BS: True for real tokens in every slot, cached and new
         ([B, start_pos + T], Hugging Face's attention_mask); padding anywhere, e.g. left-padded prompts of different
-        lengths, is then never attended to and does not advance the rotary positions."""
+        lengths, is then never attended to and does not advance the rotary positions.
+
+        Returns the final-normed hidden states [B, T, D] (or [B, 1, D]) before the LM head, and the router records;
+        ``forward`` applies ``head``. Routers' auxiliary losses are computed when ``targets_BT`` is given."""
         b, t = idx_BT.shape
         if start_pos + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -133,8 +136,34 @@ class Transformer(nn.Module):
             else:
                 x, block_aux = block(*args)
             aux.extend(block_aux)
-        x = self.final_norm(x[:, -1:] if last_only else x)
-        logits = F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
+        return self.final_norm(x[:, -1:] if last_only else x), aux
+
+    def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The LM head: logits over the vocabulary (tied to the embedding when ``tie_embeddings``)."""
+        return F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
+
+    def forward(
+        self,
+        idx_BT: torch.Tensor,
+        targets_BT: torch.Tensor | None = None,
+        *,
+        token_mask_BT: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        last_only: bool = False,
+        key_mask_BS: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """Logits [B, T, V] and, with ``targets_BT``, the losses; the arguments are those of ``hidden``."""
+        x, aux = self.hidden(
+            idx_BT,
+            targets_BT,
+            token_mask_BT=token_mask_BT,
+            cache=cache,
+            start_pos=start_pos,
+            last_only=last_only,
+            key_mask_BS=key_mask_BS,
+        )
+        logits = self.head(x)
         out = ModelOutput(logits=logits, router_stats=aux)
         if targets_BT is None:
             return out

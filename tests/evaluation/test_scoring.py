@@ -13,7 +13,7 @@ from dsmoe.evaluation.perplexity import (
     rolling_loglikelihoods,
     rolling_windows,
 )
-from dsmoe.evaluation.scoring import score_requests
+from dsmoe.evaluation.scoring import score_positions, score_requests
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import Transformer
@@ -61,6 +61,23 @@ def test_batched_scores_equal_one_sequence_at_a_time(model, name):
         assert b.logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
         assert s.logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
         assert b.is_greedy == s.is_greedy == greedy
+
+
+def test_only_scored_positions_get_logits_a_chunk_at_a_time(model, monkeypatch):
+    requests = random_requests(9, seed=4)
+    expected = score_requests(model, requests, batch_size=3)
+    rows = []
+    head = model.head
+    monkeypatch.setattr(model, "head", lambda x: rows.append(x.shape[0]) or head(x))
+    assert score_requests(model, requests, batch_size=3) == expected
+    assert sum(rows) == sum(n for _, n in requests) and max(rows) <= 256  # never the [B, T, V] batch
+    x, _ = model.hidden(torch.tensor([requests[0][0]]))
+    target = torch.tensor(requests[0][0][1:])
+    whole, chunked = (
+        score_positions(model, x[0, :-1], target),
+        score_positions(model, x[0, :-1], target, chunk=3),
+    )
+    assert chunked.logprob == pytest.approx(whole.logprob, rel=1e-7) and chunked.is_greedy == whole.is_greedy
 
 
 def test_padding_is_not_metered(model):

@@ -49,6 +49,7 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+@torch.no_grad()
 def score_positions(
     model: Transformer, hidden_PD: torch.Tensor, target_P: torch.Tensor, chunk: int = 256
 ) -> Score:

@@ -147,14 +147,14 @@ def plot(results: dict, path: Path) -> None:
     for label, points in lines.items():
         points.sort()
         ax.plot([100 * a for a, _ in points], [p for _, p in points], "o-", label=label)
-    oracle = path.with_name("oracle.json")
-    if oracle.is_file():
-        rows = [r for r in json.loads(oracle.read_text()).values() if r.get("experts") == 16]
+    heuristic = path.with_name("largest_contribution.json")
+    if heuristic.is_file():
+        rows = [r for r in json.loads(heuristic.read_text()).values() if r.get("experts") == 16]
         ax.plot(
             [100 * r["keep"] for r in rows],
             [r["token_perplexity"] for r in rows],
             "k--",
-            label="oracle router (bound, 16 experts)",
+            label="largest-contribution heuristic (16 experts)",
         )
     ax.axhline(
         results["perplexity"]["zero router | dense"]["token_perplexity"],

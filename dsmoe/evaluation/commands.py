@@ -221,7 +221,12 @@ def add_commands(sub) -> None:
         "--corpus", default="prose", help="fetched training corpus when the configs' data is missing"
     )
     p.add_argument("--vocab", type=int, default=8192, help="BPE size trained on the corpus when preparing it")
-    p.add_argument("--eval-docs", type=int, default=40, help="held-out documents scored (Wikipedia: of 106)")
+    p.add_argument(
+        "--eval-docs",
+        type=int,
+        default=80,
+        help="held-out documents (Wikipedia: of 106), alternated into dev (choosing) and test (reported) halves",
+    )
     p.add_argument("--eval-text", help="held-out text file or folder instead of the Wikipedia articles")
     p.add_argument(
         "--thresholds",

@@ -2,7 +2,8 @@
 
 Trains the Table-1-matched micro models of ``configs/repro/`` on the same corpus and schedule, then evaluates each
 on held-out Wikipedia articles (perplexity, active parameters, active hidden) and on the six zero-shot tasks, sweeps
-the DS-MoE models' sparsity, and writes ``table.md`` (Table 3), ``ablation.md`` (Table 4), ``perplexity_vs_active.png``
+the DS-MoE models' sparsity (the articles alternate into a dev split, where the operating point is chosen, and a
+test split, which is what the tables report), and writes ``table.md`` (Table 3), ``ablation.md`` (Table 4), ``perplexity_vs_active.png``
 (Figures 3-4) and ``results.json``. Every step skips work already done, so a killed run is simply started again.
 """
 
@@ -84,44 +85,78 @@ def _model_args(prefix: str, setting: SparseSetting | None) -> dict[str, Any]:
     }
 
 
+def split_dev_test(docs: list[str]) -> tuple[list[str], list[str]]:
+    """Alternate documents into a dev split (the operating point is chosen on it) and a test split (reported;
+    never used for choosing)."""
+    if len(docs) < 2:
+        from dsmoe.config import ConfigError
+
+        raise ConfigError(f"need at least 2 held-out documents for a dev and a test split, got {len(docs)}")
+    return docs[0::2], docs[1::2]
+
+
+def evaluation_key(checkpoint: Path, args) -> str:
+    """Every setting that changes a model's evaluation: results cached under another key are recomputed."""
+    import hashlib
+
+    settings = {
+        "checkpoint": str(checkpoint),
+        "held_out": args.eval_text or "wikipedia",
+        "eval_docs": args.eval_docs,
+        "split": "alternate dev/test",
+        "thresholds": list(args.thresholds),
+        "ks": list(args.ks),
+        "task_limit": args.task_limit,
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def evaluate_model(
-    name: str, checkpoint: Path, docs: list[str], thresholds: list[float], args
+    name: str, checkpoint: Path, dev: list[str], test: list[str], thresholds: list[float], args
 ) -> dict[str, Any]:
+    """Perplexity and active parameters on the test split (dense and over the sparsity sweep), the operating point
+    chosen on the dev split, and zero-shot accuracy there."""
     from dsmoe.evaluation.text import evaluate_text
     from dsmoe.training.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(checkpoint)
-    dense = evaluate_text(model, tokenizer, docs, batch_size=args.batch_size)
+
+    def rows(att: SparseSetting | None, mlp: SparseSetting | None) -> tuple[dict, dict]:
+        dev_row, test_row = (
+            _row(evaluate_text(model, tokenizer, docs, att, mlp, batch_size=args.batch_size))
+            for docs in (dev, test)
+        )
+        return dev_row, test_row
+
+    dev_trained, test_trained = rows(None, None)
     entry: dict[str, Any] = {
         "checkpoint": str(checkpoint),
+        "eval_key": evaluation_key(checkpoint, args),
         "regime": model.cfg.regime,
         "non_embedding_params": model.cfg.non_embedding_params,
-        "trained": _row(dense),
+        "trained": test_trained,
+        "dev": {"documents": len(dev), "trained": dev_trained},
+        "test_documents": len(test),
     }
     operating: tuple[SparseSetting | None, SparseSetting | None] = (None, None)  # as trained
     if model.cfg.regime == "dsmoe":
-        entry["sweep"] = []
-        for eps in thresholds:
-            setting = SparseSetting("threshold", threshold=eps)
-            row = _row(evaluate_text(model, tokenizer, docs, setting, setting, batch_size=args.batch_size))
-            entry["sweep"].append({"threshold": eps, **row})
+        entry["sweep"], entry["dev"]["sweep"] = [], []
+        points = [({"threshold": eps}, SparseSetting("threshold", threshold=eps)) for eps in thresholds]
+        for label, setting in points:
+            dev_row, test_row = rows(setting, setting)
+            entry["dev"]["sweep"].append({**label, **dev_row})
+            entry["sweep"].append({**label, **test_row})
         for k in args.ks:
-            row = _row(
-                evaluate_text(
-                    model, tokenizer, docs, None, SparseSetting("topk", k=k), batch_size=args.batch_size
-                )
-            )
-            entry["sweep"].append({"topk": k, **row})
-        # The operating point, as Table 3 picks it: the sparsest threshold within 3% of this model's dense
-        # perplexity (falling back to the least sparse one).
-        within = [
-            r
-            for r in entry["sweep"]
-            if "threshold" in r and r["word_perplexity"] <= 1.03 * entry["trained"]["word_perplexity"]
-        ]
-        best = min(within, key=lambda r: r["active_params"]) if within else entry["sweep"][0]
-        entry["sparse"] = best
+            dev_row, test_row = rows(None, SparseSetting("topk", k=k))
+            entry["dev"]["sweep"].append({"topk": k, **dev_row})
+            entry["sweep"].append({"topk": k, **test_row})
+        # The operating point, as Table 3 picks it, chosen on dev: the sparsest threshold within 3% of this model's
+        # dense dev perplexity (falling back to the least sparse one). Reported: the same threshold on test.
+        limit = 1.03 * dev_trained["word_perplexity"]
+        within = [r for r in entry["dev"]["sweep"] if "threshold" in r and r["word_perplexity"] <= limit]
+        best = min(within, key=lambda r: r["active_params"]) if within else entry["dev"]["sweep"][0]
         eps = best["threshold"]
+        entry["sparse"] = next(r for r in entry["sweep"] if r.get("threshold") == eps)
         operating = (SparseSetting("threshold", threshold=eps), SparseSetting("threshold", threshold=eps))
     if args.task_limit != 0:
         entry["zero_shot"] = zero_shot(checkpoint, *operating, args.task_limit, args.batch_size)
@@ -225,12 +260,12 @@ def run_repro(args) -> dict[str, Any]:
         timings[name] = time.perf_counter() - start
         runs[name] = (cfg, list_checkpoints(cfg.out_dir)[-1])
     held_out = {"text": args.eval_text} if args.eval_text else {"source": "wikipedia"}
-    docs = load_eval_text(**held_out, max_docs=args.eval_docs).documents
+    dev, test = split_dev_test(load_eval_text(**held_out, max_docs=args.eval_docs).documents)
     results_path = out / "results.json"
     results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name, (cfg, checkpoint) in runs.items():
-        if results.get(name, {}).get("checkpoint") != str(checkpoint):
-            results[name] = evaluate_model(name, checkpoint, docs, args.thresholds, args)
+        if results.get(name, {}).get("eval_key") != evaluation_key(checkpoint, args):
+            results[name] = evaluate_model(name, checkpoint, dev, test, args.thresholds, args)
             results[name]["alpha_mlp"] = cfg.model_config().alpha_mlp
             _write(results_path, json.dumps(results, indent=1))
     ds = [(n, r["alpha_mlp"]) for n, r in results.items() if r["regime"] == "dsmoe"]

@@ -14,7 +14,7 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
     wiki = tmp_path / "wiki"
     wiki.mkdir()
     (wiki / "docs.jsonl").write_text(
-        "\n".join(json.dumps({"text": "The old man crosses the bridge. " * (i + 3)}) for i in range(3)) + "\n"
+        "\n".join(json.dumps({"text": "The old man crosses the bridge. " * (i + 3)}) for i in range(4)) + "\n"
     )
     configs = tmp_path / "configs"
     configs.mkdir()
@@ -36,7 +36,7 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
         out=str(tmp_path / "out"),
         corpus="unused",
         vocab=384,
-        eval_docs=3,
+        eval_docs=4,
         eval_text=str(wiki / "docs.jsonl"),
         thresholds=[0.5, 1.5],
         ks=[2],
@@ -58,3 +58,13 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
     before = (out / "results.json").read_text()
     run_repro(args)  # everything done: nothing retrained or re-evaluated
     assert (out / "results.json").read_text() == before
+    # chosen on dev, reported on test: two disjoint halves of the held-out documents
+    ds = results["ds-moe"]
+    assert ds["dev"]["documents"] == ds["test_documents"] == 2
+    chosen = ds["sparse"]["threshold"]
+    assert any(r.get("threshold") == chosen for r in ds["dev"]["sweep"])
+    assert ds["dev"]["trained"] != ds["trained"]
+    # a changed evaluation setting is recomputed, not served from the cache
+    run_repro(Namespace(**{**vars(args), "thresholds": [0.5]}))
+    again = json.loads((out / "results.json").read_text())
+    assert [r.get("threshold", r.get("topk")) for r in again["ds-moe"]["sweep"]] == [0.5, 2]

@@ -147,8 +147,9 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> MoeCausalLMOutputWithPast:
         """Logits [B, T, V]. ``labels`` as in transformers (shifted inside). ``loss`` is what to train on, as in
         Mixtral: the LM cross-entropy plus the weighted router losses (``aux_loss``), so ``Trainer`` trains the
-        routers too; ``lm_loss``, ``mi_att``, ``mi_mlp`` and ``switch`` are the unweighted parts. ``position_ids`` are not read: the model derives
-        the same positions from ``attention_mask`` (real tokens counted from 0), or from the cache length.
+        routers too; ``lm_loss``, ``mi_att``, ``mi_mlp`` and ``switch`` are the unweighted parts. ``position_ids``
+        are not read: the model derives the same positions from ``attention_mask`` (real tokens counted from 0), or
+        from the cache length.
         ``cache`` and ``past_key_values`` are two names for the same argument (transformers >= 5.24 passes ``cache``)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("DSMoEForCausalLM takes input_ids; inputs_embeds is not supported")

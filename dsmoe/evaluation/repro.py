@@ -3,8 +3,8 @@
 Trains the Table-1-matched micro models of ``configs/repro/`` on the same corpus and schedule, then evaluates each
 on held-out Wikipedia articles (perplexity, active parameters, active hidden) and on the six zero-shot tasks, sweeps
 the DS-MoE models' sparsity (the articles alternate into a dev split, where the operating point is chosen, and a
-test split, which is what the tables report), and writes ``table.md`` (Table 3), ``ablation.md`` (Table 4), ``perplexity_vs_active.png``
-(Figures 3-4) and ``results.json``. Every step skips work already done, so a killed run is simply started again.
+test split, which is what the tables report), and writes ``table.md`` (Table 3), ``ablation.md`` (Table 4),
+``perplexity_vs_active.png`` (Figures 3-4) and ``results.json``. Every step skips work already done, so a killed run is simply started again.
 """
 
 from __future__ import annotations

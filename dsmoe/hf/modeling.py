@@ -150,7 +150,7 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         routers too; ``lm_loss``, ``mi_att``, ``mi_mlp`` and ``switch`` are the unweighted parts. ``position_ids``
         are not read: the model derives the same positions from ``attention_mask`` (real tokens counted from 0), or
         from the cache length.
-        ``cache`` and ``past_key_values`` are two names for the same argument (transformers >= 5.24 passes ``cache``)."""
+        ``cache`` and ``past_key_values`` are two names for one argument (transformers >= 5.24 passes ``cache``)."""
         if inputs_embeds is not None or input_ids is None:
             raise ValueError("DSMoEForCausalLM takes input_ids; inputs_embeds is not supported")
         if cache is not None and past_key_values is not None:

@@ -12,12 +12,12 @@ import argparse
 import importlib.util
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dsmoe.config import ConfigError
+from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.model.routing import SparseSetting
 
@@ -51,14 +51,14 @@ def export(
             f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json"
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         code = tmp / ".code"
         code.mkdir()
         (code / MODELING_FILE).write_text(bundle_source())
         _save_through_bundle(code / MODELING_FILE, native, tokenizer, att, mlp, tmp)
         shutil.rmtree(code)
+        apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

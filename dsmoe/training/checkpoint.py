@@ -10,7 +10,6 @@ import os
 import platform
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dsmoe.config import ConfigError, ModelConfig
+from dsmoe.files import apply_umask, temp_folder
 
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -74,8 +74,7 @@ def write_checkpoint(
 ) -> Path:
     """Write a complete checkpoint folder at ``path`` atomically (temporary sibling folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_folder(path)
     try:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors"
@@ -90,6 +89,7 @@ def write_checkpoint(
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(files, indent=1))
+        apply_umask(tmp)
         for f in tmp.iterdir():  # flush file contents before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -38,18 +38,24 @@ def export(
     """
     from tokenizers import Tokenizer
 
-    from dsmoe.training.checkpoint import load_pretrained
+    from dsmoe.inference.arguments import check_settings
+    from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give the path of a folder to write")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    native, tokenizer = load_pretrained(checkpoint)
-    if tokenizer_file is not None:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    if tokenizer is None:
+    check_settings(checkpoint_config(checkpoint), att, mlp)
+    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
+        raise ConfigError(f"--tokenizer {tokenizer_file} is not a file; pass a tokenizer.json")
+    if tokenizer_file is None and not (Path(checkpoint) / "tokenizer.json").is_file():
         raise ConfigError(
             f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json"
         )
+    native, tokenizer = load_pretrained(checkpoint)
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
 
     tmp = temp_folder(out)
     try:

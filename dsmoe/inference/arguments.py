@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.model.routing import STRATEGIES, SparseSetting
 
 
@@ -18,8 +19,27 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--att-threshold", type=float)
 
 
+def sparse_setting(
+    strategy: str, k: int | None, threshold: float | None, *, give_k: str, normalize: bool = False
+) -> SparseSetting:
+    """A SparseSetting whose error for a missing k says how to give it where it is read from (``give_k``: 'pass
+    --att-k N', 'add k=N to --model_args')."""
+    if strategy == "topk" and (k is None or k < 1):
+        raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={k!r}); {give_k}")
+    return SparseSetting(strategy, k=k, threshold=threshold, normalize=normalize)
+
+
 def sparse_settings(args: argparse.Namespace) -> tuple[SparseSetting, SparseSetting]:
     """(attention, MLP) settings from add_sparse_args' flags."""
-    att = SparseSetting(args.att_strategy, k=args.att_k, threshold=args.att_threshold)
-    mlp = SparseSetting(args.strategy, k=args.k, threshold=args.threshold)
+    att = sparse_setting(args.att_strategy, args.att_k, args.att_threshold, give_k="pass --att-k N")
+    mlp = sparse_setting(args.strategy, args.k, args.threshold, give_k="pass --k N")
     return att, mlp
+
+
+def check_settings(cfg: ModelConfig, att: SparseSetting | None, mlp: SparseSetting | None) -> None:
+    """Raise the ConfigError that sparsify() would once the weights are loaded: k above a layer's experts. Layers
+    with one expert have no router and ignore their setting."""
+    if att is not None and cfg.has_att_router:
+        att.check(cfg.n_att_experts, "attention")
+    if mlp is not None and cfg.has_mlp_router:
+        mlp.check(cfg.n_mlp_experts, "the MLP")

@@ -9,6 +9,7 @@ PACKAGE = pathlib.Path(dsmoe.__file__).parent
 # Lower number = lower layer. A module may import its own package and any package of a lower layer.
 LAYER = {
     "config": 0,
+    "files": 0,
     "model": 1,
     "kernels": 1,
     "data": 1,

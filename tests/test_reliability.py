@@ -188,7 +188,7 @@ def test_non_finite_loss_is_caught_and_named(data_dir, tmp_path, mode):
 
 
 def test_router_collapse_is_reported(data_dir, tmp_path, capsys):
-    cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256, eval_every=0)
+    cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256, warmup_tokens=0, eval_every=0)
     from dsmoe.model import router
 
     original = router.Router.forward

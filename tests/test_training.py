@@ -4,6 +4,8 @@ import json
 import os
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +104,18 @@ def test_lr_schedule_warms_up_then_decays_to_min(data_dir, tmp_path):
     assert lr_at(10_000, cfg) == pytest.approx(cfg.min_lr)
 
 
+def test_warmup_longer_than_the_run_is_cut_to_a_tenth_with_a_warning(tmp_path):
+    shipped = Path(__file__).parent.parent / "configs" / "tiny-ds-moe.yaml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_train_config(shipped).warmup_tokens == 200_000
+    with pytest.warns(UserWarning, match="warmup_tokens=200,000 is more than total_tokens=100,000"):
+        cfg = load_train_config(shipped, ["total_tokens=100000"])
+    assert cfg.warmup_tokens == 10_000 and lr_at(10_000, cfg) == pytest.approx(cfg.lr)
+    with pytest.raises(ConfigError, match="warmup_tokens must be >= 0"):
+        tiny_train_config(tmp_path, tmp_path, warmup_tokens=-1)
+
+
 def test_config_file_and_overrides(data_dir, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(f"model:\n  preset: tiny-ds-moe\ndata: {data_dir}\nlr: 3.0e-4\n")
@@ -119,8 +133,6 @@ def test_config_file_and_overrides(data_dir, tmp_path):
 
 
 def test_all_shipped_configs_load_and_build(tmp_path):
-    from pathlib import Path
-
     import yaml
 
     from dsmoe.model.transformer import Transformer

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from dsmoe.bench.throughput import METRICS, BenchSettings, run_benchmark
+from dsmoe.files import write_atomic
 
 
 def add_commands(sub) -> None:
@@ -74,14 +73,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_atomic(args.out, text + "\n")
     print(text if args.json else format_table(result))
     return 0
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def format_table(result: dict) -> str:

@@ -54,14 +54,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_data_list(args: argparse.Namespace) -> int:
     from dsmoe.data.sources import COMPOSITES, cached_path, list_sources
 
-    for source in list_sources():
-        cached = "cached" if (cached_path(source.name, args.data_dir) / "meta.json").is_file() else ""
-        print(
-            f"{source.name:15s} {source.kind:9s} {source.registry:6s} {source.package}=={source.version:10s} "
-            f"{cached:6s} {source.description} [{source.licence}]"
-        )
-    for name, members in COMPOSITES.items():
-        print(f"{name:15s} {'composite':9s} {', '.join(members)}")
+    rows = [
+        [
+            source.name,
+            source.kind,
+            source.registry,
+            f"{source.package}=={source.version}",
+            "cached" if (cached_path(source.name, args.data_dir) / "meta.json").is_file() else "",
+            f"{source.description} [{source.licence}]",
+        ]
+        for source in list_sources()
+    ]
+    rows += [[name, "composite", ", ".join(members)] for name, members in COMPOSITES.items()]
+    # Each row's last cell is not padded, so a long one (a composite's members) does not widen its column.
+    widths = [max((len(row[i]) for row in rows if i < len(row) - 1), default=0) for i in range(len(rows[0]))]
+    for row in rows:
+        print(" ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
     return 0
 
 

@@ -4,6 +4,7 @@ sequential batches for evaluation. Data-parallel ranks take disjoint slices of e
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ class TokenLoader:
                 f"shards in {self.data_dir} were tokenized with a vocabulary of {self.vocab_size} ids, "
                 f"more than the model's vocab_size {vocab_size}; raise the model's vocab_size to at "
                 f"least {self.vocab_size} or prepare the data with the model's tokenizer"
+            )
+        # A few unused rows are normal: a BPE trained short of its target, an embedding padded to a round size.
+        if vocab_size is not None and vocab_size - self.vocab_size > vocab_size // 10:
+            unused = vocab_size - self.vocab_size
+            warnings.warn(
+                f"shards in {self.data_dir} were tokenized with a vocabulary of {self.vocab_size} ids, fewer "
+                f"than the model's vocab_size {vocab_size}: {unused} embedding rows ({unused / vocab_size:.0%}) "
+                f"are never trained; set model.vocab_size={self.vocab_size} or prepare the data with the "
+                "model's tokenizer",
+                stacklevel=2,
             )
         self._shards = self._open_shards()
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -29,6 +30,9 @@ SPLITS = ("train", "val")
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 _BATCH_DOCS = 256
 _BATCH_CHARS = 200_000
+# A val split smaller than this draws a warning. Each document's split is a hash of its own text, so it never depends
+# on the rest of the corpus; prepare therefore cannot top the split up, and says which val_fraction would.
+MIN_VAL_DOCUMENTS = 10
 
 
 def token_dtype(vocab: int) -> np.dtype:
@@ -211,10 +215,15 @@ def prepare(
             "tokens": {split: w.tokens for split, w in writers.items()},
             "shards": {split: w.shards for split, w in writers.items()},
         }
-        if val_fraction > 0 and writers["val"].documents == 0:
+        val_docs = writers["val"].documents
+        all_docs = val_docs + writers["train"].documents
+        if val_fraction > 0 and val_docs < MIN_VAL_DOCUMENTS:
+            wanted = min(0.5, math.ceil(1000 * MIN_VAL_DOCUMENTS / max(all_docs, 1)) / 1000)
+            count = {0: "no document", 1: "only 1 document"}.get(val_docs, f"only {val_docs} documents")
             warnings.warn(
-                f"no document fell into the val split of {out_dir} (val_fraction={val_fraction}, "
-                f"{writers['train'].documents} documents); raise --val-fraction",
+                f"{count} fell into the val split of {out_dir} (val_fraction={val_fraction}, {all_docs} "
+                f"documents): a validation loss over so few is noise; pass --val-fraction {wanted} or more to "
+                f"hold out about {MIN_VAL_DOCUMENTS}",
                 stacklevel=2,
             )
         save_tokenizer(tok, tmp)

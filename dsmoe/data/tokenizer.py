@@ -6,13 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from dsmoe.data.errors import DataError
+from dsmoe.files import write_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 GPT2_EOS_ID = 50256
@@ -135,18 +135,7 @@ def train_bpe(
 
 def save_tokenizer(tok: Tokenizer, directory: str | Path) -> Path:
     """Write `directory/tokenizer.json` atomically (temporary file, then rename); returns its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "tokenizer.json"
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(tok.to_str())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomic(Path(directory) / "tokenizer.json", tok.to_str())
 
 
 def eos_id(tok: Tokenizer) -> int:

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from dsmoe.config import ConfigError, ModelConfig
+
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -26,17 +28,29 @@ def _add_text_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace):
-    from dsmoe.evaluation.text import load_eval_text
-    from dsmoe.training.checkpoint import load_pretrained
+def _check(args: argparse.Namespace) -> ModelConfig:
+    """The checkpoint's model config, once the arguments of `eval` / `sweep` that need no weights are checked."""
+    from dsmoe.training.checkpoint import checkpoint_config
 
-    model, tokenizer = load_pretrained(args.checkpoint)
-    if tokenizer is None:
-        from dsmoe.config import ConfigError
-
+    cfg = checkpoint_config(args.checkpoint)
+    if not (args.checkpoint / "tokenizer.json").is_file():
         raise ConfigError(
             f"checkpoint {args.checkpoint} has no tokenizer.json; perplexity needs its tokenizer"
         )
+    if args.max_len is not None and not 1 <= args.max_len <= cfg.max_seq_len:
+        raise ConfigError(
+            f"--max-len {args.max_len} must be in 1..{cfg.max_seq_len} (the model's max_seq_len)"
+        )
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return cfg
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer, text): the text first, as it may fail on bad input; the weights last."""
+    from dsmoe.evaluation.text import load_eval_text
+    from dsmoe.training.checkpoint import load_pretrained
+
     text = load_eval_text(
         args.text,
         args.dataset,
@@ -46,15 +60,17 @@ def _load(args: argparse.Namespace):
         max_docs=args.max_docs,
         data_dir=args.data_dir,
     )
+    model, tokenizer = load_pretrained(args.checkpoint)
     return model, tokenizer, text
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.text import evaluate_text
-    from dsmoe.inference.arguments import sparse_settings
+    from dsmoe.inference.arguments import check_settings, sparse_settings
 
-    model, tokenizer, text = _load(args)
     att, mlp = sparse_settings(args)
+    check_settings(_check(args), att, mlp)
+    model, tokenizer, text = _load(args)
     result = evaluate_text(
         model,
         tokenizer,
@@ -89,9 +105,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.sweep import run_sweep, sweep_grid, write_sweep
 
+    cfg = _check(args)
+    if args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a folder for the sweep's outputs")
+    ks = args.ks or list(range(1, cfg.n_mlp_experts + 1))
+    points = sweep_grid(args.strategies, args.thresholds, ks, cfg.n_mlp_experts, args.att_dense)
     model, tokenizer, text = _load(args)
-    ks = args.ks or list(range(1, model.cfg.n_mlp_experts + 1))
-    points = sweep_grid(args.strategies, args.thresholds, ks, model.cfg.n_mlp_experts, args.att_dense)
     result = run_sweep(
         model,
         tokenizer,

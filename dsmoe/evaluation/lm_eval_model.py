@@ -28,6 +28,7 @@ from lm_eval.api.registry import register_model
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import rolling_loglikelihoods
 from dsmoe.evaluation.scoring import score_requests
+from dsmoe.inference.arguments import check_settings, sparse_setting
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 from dsmoe.model.routing import SparseSetting, describe_setting
@@ -70,8 +71,12 @@ def _setting(prefix: str, strategy, k, threshold, normalize: bool) -> SparseSett
                 f"{prefix}k / {prefix}threshold need {prefix}strategy=topk|threshold|threshold_topk in --model_args"
             )
         return None
-    return SparseSetting(
-        str(strategy), k=_optional(k, int), threshold=_optional(threshold, float), normalize=normalize
+    return sparse_setting(
+        str(strategy),
+        _optional(k, int),
+        _optional(threshold, float),
+        give_k=f"add {prefix}k=N to --model_args",
+        normalize=normalize,
     )
 
 
@@ -104,8 +109,11 @@ class DSMoELM(TemplateLM):
         if unused:
             log.warning("dsmoe model ignores arguments it does not know: %s", ", ".join(sorted(unused)))
         from dsmoe.data.tokenizer import eos_id
-        from dsmoe.training.checkpoint import load_pretrained
+        from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
+        self.att_setting = _setting("att_", att_strategy, att_k, att_threshold, bool(normalize))
+        self.mlp_setting = _setting("", strategy, k, threshold, bool(normalize))
+        check_settings(checkpoint_config(checkpoint), self.att_setting, self.mlp_setting)
         self._device = resolve_device(device)
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
         self.model, self.tokenizer = load_pretrained(Path(checkpoint), device=self._device, dtype=torch_dtype)
@@ -122,8 +130,6 @@ class DSMoELM(TemplateLM):
             )
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = resolve_batch_size(batch_size, _optional(max_batch_size, int))
-        self.att_setting = _setting("att_", att_strategy, att_k, att_threshold, bool(normalize))
-        self.mlp_setting = _setting("", strategy, k, threshold, bool(normalize))
         self.meter = ActiveMeter(self.cfg)
         sparsify(self.model, att=self.att_setting, mlp=self.mlp_setting, meter=self.meter)
         self.checkpoint = str(checkpoint)

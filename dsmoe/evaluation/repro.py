@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsmoe.files import write_atomic
 from dsmoe.model.routing import SparseSetting
 
 TASK_COLUMNS = (
@@ -267,12 +268,12 @@ def run_repro(args) -> dict[str, Any]:
         if results.get(name, {}).get("eval_key") != evaluation_key(checkpoint, args):
             results[name] = evaluate_model(name, checkpoint, dev, test, args.thresholds, args)
             results[name]["alpha_mlp"] = cfg.model_config().alpha_mlp
-            _write(results_path, json.dumps(results, indent=1))
+            write_atomic(results_path, json.dumps(results, indent=1))
     ds = [(n, r["alpha_mlp"]) for n, r in results.items() if r["regime"] == "dsmoe"]
-    _write(out / "table.md", table3(results))
-    _write(out / "ablation.md", ablation(results, ds))
+    write_atomic(out / "table.md", table3(results))
+    write_atomic(out / "ablation.md", ablation(results, ds))
     plot(results, out / "perplexity_vs_active.png")
-    _write(
+    write_atomic(
         out / "machine.json",
         json.dumps(
             {"machine": platform.platform(), "cpus": os.cpu_count(), "train_seconds_this_call": timings},
@@ -280,9 +281,3 @@ def run_repro(args) -> dict[str, Any]:
         ),
     )
     return results
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.text import evaluate_text
+from dsmoe.files import write_atomic
 from dsmoe.model.routing import SparseSetting
 
 if TYPE_CHECKING:
@@ -205,20 +205,9 @@ def write_sweep(result: dict, out_dir: Path, model_name: str, settings: dict) ->
         "tradeoff": out_dir / "perplexity_vs_active.png",
         "layers": out_dir / "layer_utilization.png",
     }
-    _write_text(paths["json"], json.dumps({"model": model_name, **settings, **result}, indent=2) + "\n")
-    _write_text(paths["table"], markdown_table(model_name, result["points"]))
+    write_atomic(paths["json"], json.dumps({"model": model_name, **settings, **result}, indent=2) + "\n")
+    write_atomic(paths["table"], markdown_table(model_name, result["points"]))
     plot_tradeoff(result["points"], paths["tradeoff"], f"{model_name}: sparsity vs perplexity")
     util = result["layer_utilization"]
     plot_layers(util["layers"], util["threshold"], paths["layers"], f"{model_name}: layer utilization")
     return paths
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

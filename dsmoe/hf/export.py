@@ -12,12 +12,12 @@ import argparse
 import importlib.util
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from dsmoe.config import ConfigError
+from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.model.routing import SparseSetting
 
@@ -38,27 +38,33 @@ def export(
     """
     from tokenizers import Tokenizer
 
-    from dsmoe.training.checkpoint import load_pretrained
+    from dsmoe.inference.arguments import check_settings
+    from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give the path of a folder to write")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    native, tokenizer = load_pretrained(checkpoint)
-    if tokenizer_file is not None:
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    if tokenizer is None:
+    check_settings(checkpoint_config(checkpoint), att, mlp)
+    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
+        raise ConfigError(f"--tokenizer {tokenizer_file} is not a file; pass a tokenizer.json")
+    if tokenizer_file is None and not (Path(checkpoint) / "tokenizer.json").is_file():
         raise ConfigError(
             f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json"
         )
+    native, tokenizer = load_pretrained(checkpoint)
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_folder(out)
     try:
         code = tmp / ".code"
         code.mkdir()
         (code / MODELING_FILE).write_text(bundle_source())
         _save_through_bundle(code / MODELING_FILE, native, tokenizer, att, mlp, tmp)
         shutil.rmtree(code)
+        apply_umask(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -10,7 +10,6 @@ import os
 import platform
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dsmoe.config import ConfigError, ModelConfig
+from dsmoe.files import apply_umask, temp_folder
 
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -74,8 +74,7 @@ def write_checkpoint(
 ) -> Path:
     """Write a complete checkpoint folder at ``path`` atomically (temporary sibling folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = temp_folder(path)
     try:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors"
@@ -90,6 +89,7 @@ def write_checkpoint(
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps(files, indent=1))
+        apply_umask(tmp)
         for f in tmp.iterdir():  # flush file contents before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -163,6 +163,27 @@ def read_model_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_dict(config["model"])
 
 
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The model config of checkpoint folder ``path`` after the cheap checks (the folder, its config.yaml, the
+    sizes of the files its manifest lists), so that commands can check their other arguments before loading any
+    weight."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    if not (path / "config.yaml").is_file():
+        saved = list_checkpoints(path)
+        if saved:
+            raise CheckpointError(
+                f"{path} is a training run folder, not a checkpoint: pass its newest checkpoint, {saved[-1]}"
+            )
+        raise CheckpointError(
+            f"{path} has no config.yaml, so it is not a dsmoe checkpoint; point at a folder written by "
+            "`dsmoe train` (RUN/checkpoints/step-*) or `dsmoe convert`"
+        )
+    verify_checkpoint(path, check_hashes=False)
+    return read_model_config(path)
+
+
 def load_model_state(path: Path, check_hashes: bool = True) -> dict[str, torch.Tensor]:
     verify_checkpoint(path, check_hashes)
     try:
@@ -176,11 +197,7 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     from dsmoe.model.transformer import Transformer
 
     path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    cfg = read_model_config(path) if (path / "config.yaml").is_file() else None
-    if cfg is None:
-        raise CheckpointError(f"{path} has no config.yaml; is it a dsmoe checkpoint?")
+    cfg = checkpoint_config(path)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.load_state_dict(load_model_state(path), assign=True, strict=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,11 @@ INIT_OVERRIDES = ("alpha_att", "alpha_mlp", "max_seq_len", "switch_loss_weight")
 @dataclass
 class TrainConfig:
     """One training run. ``model`` holds a preset name and/or ModelConfig fields (``{preset: tiny-ds-moe,
-    alpha_mlp: 1e-3}``); every other field is the trainer's. Schedules count tokens, as the paper does."""
+    alpha_mlp: 1e-3}``); every other field is the trainer's. Schedules count tokens, as the paper does.
+
+    A ``warmup_tokens`` larger than ``total_tokens`` (a shipped config run shorter with a ``total_tokens=``
+    override) would keep the learning rate near its start for the whole run: it is cut to 10% of ``total_tokens``,
+    with a warning; set ``warmup_tokens`` too to choose another value."""
 
     model: dict[str, Any]
     data: str  # a folder written by `dsmoe prepare`
@@ -66,6 +71,17 @@ class TrainConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.warmup_tokens < 0:
+            raise ConfigError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
+        if self.warmup_tokens > self.total_tokens:
+            warmup = self.total_tokens // 10
+            warnings.warn(
+                f"warmup_tokens={self.warmup_tokens:,} is more than total_tokens={self.total_tokens:,}, so the "
+                f"learning rate would never reach lr={self.lr}; warming up over the first 10% "
+                f"({warmup:,} tokens) instead: set warmup_tokens=N (at most total_tokens) to choose",
+                stacklevel=3,
+            )
+            self.warmup_tokens = warmup
         if self.dtype not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dtype must be 'auto', 'bf16' or 'fp32', got '{self.dtype}'")
         if self.device not in ("auto", "cpu", "cuda"):

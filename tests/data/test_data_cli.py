@@ -87,3 +87,6 @@ def test_data_list_shows_sources_and_cache_state(tmp_path, capsys):
     assert len(out.splitlines()) == len(sources.SOURCES) + len(sources.COMPOSITES)
     assert any(line.startswith("sotu") and "cached" in line for line in out.splitlines())
     assert any(line.startswith("prose") for line in out.splitlines())
+    lines = out.splitlines()
+    columns = {lines[i].index(source.description) for i, source in enumerate(sources.list_sources())}
+    assert len(columns) == 1, "the descriptions of cached and uncached sources start in different columns"

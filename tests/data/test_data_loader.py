@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -129,3 +130,14 @@ def test_loader_reads_what_prepare_wrote(tmp_path, small_tokenizer, make_docs):
     loader = TokenLoader(tmp_path / "out", "train", batch_size=1, seq_len=16, vocab_size=300)
     x, _ = next(iter(loader.iter_eval(1)))
     assert x[0].tolist() == small_tokenizer.encode("\n".join(docs)).ids[:16]
+
+
+def test_a_vocabulary_much_smaller_than_the_models_is_reported(tmp_path):
+    data = write_shards(tmp_path / "d", [100, 100], vocab=5000)
+    with pytest.warns(
+        UserWarning, match=r"vocabulary of 5000 ids, fewer than the model's vocab_size 8192: 3192"
+    ):
+        TokenLoader(data, "train", batch_size=1, seq_len=8, vocab_size=8192)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TokenLoader(data, "train", batch_size=1, seq_len=8, vocab_size=5120)  # padded to a round size

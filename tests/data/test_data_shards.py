@@ -1,11 +1,12 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
 from dsmoe.data.errors import DataError
-from dsmoe.data.shards import is_val_document, prepare, token_dtype
+from dsmoe.data.shards import MIN_VAL_DOCUMENTS, is_val_document, prepare, token_dtype
 from dsmoe.data.tokenizer import fingerprint
 
 
@@ -84,6 +85,25 @@ def test_existing_output_and_bad_arguments(tmp_path, small_tokenizer, make_docs)
     assert (tmp_path / "taken" / "index.json").is_file()
     with pytest.raises(DataError, match="val_fraction"):
         prepare([corpus], small_tokenizer, tmp_path / "x", val_fraction=1.0, progress=False)
+
+
+def test_a_val_split_of_few_documents_says_which_fraction_holds_out_enough(
+    tmp_path, small_tokenizer, make_docs
+):
+    corpus = _corpus(tmp_path, make_docs(200))
+    with pytest.warns(UserWarning) as caught:
+        index = prepare(
+            [corpus], small_tokenizer, tmp_path / "small", val_fraction=0.02, workers=1, progress=False
+        )
+    assert 0 < index["documents"]["val"] < MIN_VAL_DOCUMENTS
+    assert f"only {index['documents']['val']} document" in str(caught[0].message)
+    assert "pass --val-fraction 0.05 or more to hold out about 10" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index = prepare(
+            [corpus], small_tokenizer, tmp_path / "enough", val_fraction=0.1, workers=1, progress=False
+        )
+    assert index["documents"]["val"] >= MIN_VAL_DOCUMENTS
 
 
 def test_failure_midway_leaves_nothing_behind(tmp_path, small_tokenizer, make_docs):

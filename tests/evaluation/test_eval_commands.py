@@ -1,10 +1,12 @@
 """`dsmoe eval` and `dsmoe sweep` on a tiny checkpoint."""
 
 import json
+import shutil
 
 import pytest
 
 import dsmoe.data.sources as sources
+import dsmoe.training.checkpoint as ckpt
 from dsmoe.cli import main
 from dsmoe.evaluation.sweep import markdown_table, sweep_grid
 
@@ -70,6 +72,62 @@ def test_eval_errors_name_the_problem(tiny_checkpoint, docs_file, tmp_path, caps
         == 2
     )
     assert "needs k" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fails the test if a checkpoint's weights are loaded."""
+
+    def load_model_state(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(ckpt, "load_model_state", load_model_state)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--strategy", "topk", "--k", "9"], "k=9 is larger than the 8 experts of the MLP"),
+        (["--strategy", "topk"], "pass --k N"),
+        (["--att-strategy", "topk"], "pass --att-k N"),
+        (["--max-len", "1000"], "--max-len 1000 must be in 1..48"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+    ],
+)
+def test_eval_checks_its_arguments_before_loading_weights(
+    tiny_checkpoint, docs_file, no_weights, capsys, argv, message
+):
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_eval_and_sweep_check_text_and_out_before_loading_weights(
+    tiny_checkpoint, tmp_path, no_weights, capsys
+):
+    checkpoint = ["--checkpoint", str(tiny_checkpoint)]
+    assert main(["eval", *checkpoint, "--text", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert (
+        main(
+            ["sweep", *checkpoint, "--text", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "file")]
+        )
+        == 2
+    )
+    assert "is a file" in capsys.readouterr().err
+    assert main(["sweep", *checkpoint, "--text", "x", "--ks", "9", "--out", str(tmp_path / "s")]) == 2
+    assert "--ks [9] outside 1..8" in capsys.readouterr().err
+
+
+def test_a_run_folder_as_checkpoint_names_its_newest_checkpoint(tiny_checkpoint, docs_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    for step in ("step-00000002", "step-00000010"):
+        shutil.copytree(tiny_checkpoint, run / "checkpoints" / step)
+    assert main(["eval", "--checkpoint", str(run), "--text", str(docs_file)]) == 2
+    newest = run / "checkpoints" / "step-00000010"
+    assert f"is a training run folder, not a checkpoint: pass its newest checkpoint, {newest}" in (
+        capsys.readouterr().err
+    )
 
 
 def test_sweep_writes_json_plots_and_table(tiny_checkpoint, docs_file, tmp_path, capsys):

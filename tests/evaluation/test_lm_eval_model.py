@@ -124,10 +124,21 @@ def test_cut_at_stop():
 def test_bad_arguments_say_what_to_do(tiny_checkpoint):
     from dsmoe.config import ConfigError
 
-    with pytest.raises(ConfigError, match="needs k"):
+    with pytest.raises(ConfigError, match="needs k >= 1 .*; add k=N to --model_args"):
         lm(tiny_checkpoint, strategy="topk")
+    with pytest.raises(ConfigError, match="add att_k=N to --model_args"):
+        lm(tiny_checkpoint, att_strategy="topk", att_k="0")
     with pytest.raises(ConfigError, match="max_length"):
         lm(tiny_checkpoint, max_length=1000)
+
+
+def test_sparse_settings_are_checked_before_the_weights_load(tiny_checkpoint, monkeypatch):
+    from dsmoe.config import ConfigError
+    from dsmoe.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "load_model_state", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match="k=9 is larger than the 8 experts of the MLP"):
+        lm(tiny_checkpoint, strategy="topk", k="9")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ as one at a time."""
 
 import json
 
+import pytest
 import torch
 from hf_fixtures import isolated_python
 
@@ -82,3 +83,21 @@ def test_export_refuses_to_overwrite_and_needs_a_tokenizer(exported, tmp_path, c
     assert main(["export", "--checkpoint", str(bare), "--out", str(tmp_path / "x")]) == 2
     assert "has no tokenizer.json; pass --tokenizer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_export_checks_its_arguments_before_loading_weights(exported, tmp_path, monkeypatch, capsys):
+    from dsmoe.training import checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "load_model_state", lambda *a, **k: pytest.fail("weights loaded"))
+    checkpoint, _ = exported
+    export = ["export", "--checkpoint", str(checkpoint), "--out"]
+    assert main([*export, str(tmp_path / "a"), "--strategy", "topk", "--k", "9"]) == 2
+    assert "k=9 is larger than the 8 experts of the MLP" in capsys.readouterr().err
+    assert main([*export, str(tmp_path / "a"), "--tokenizer", str(tmp_path / "missing.json")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([*export, str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "a")]) == 2
+    assert "not a dsmoe checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -160,6 +160,8 @@ def test_golden_file_matches_these_settings():
     assert sorted(g["curves"]) == sorted(PRESETS)
 
 
+# The presets' 8,192-row embeddings over a 384-id test corpus: the unused rows are expected here.
+@pytest.mark.filterwarnings("ignore:shards in .* were tokenized with a vocabulary")
 @pytest.mark.parametrize("preset", PRESETS)
 def test_first_20_steps_match_the_golden_curve(data_dir, tmp_path, preset):
     g = golden()

@@ -8,7 +8,7 @@ from helpers import small_config
 
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
-from dsmoe.inference.generate import generate, sample_next
+from dsmoe.inference.generate import generate, sample_next, stream
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 from dsmoe.model.routing import SparseSetting
 from dsmoe.model.transformer import Transformer
@@ -103,6 +103,22 @@ def test_generation_stops_at_eos():
     first = generate(model, prompt, 1)[0, -1].item()
     out = generate(model, prompt, 10, eos_token_id=first)
     assert out.shape == (1, 4)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_stream_yields_what_generate_returns(temperature):
+    model = Transformer(small_config()).eval()
+    prompt = torch.randint(0, 97, (1, 5))
+    sample = dict(temperature=temperature, top_p=0.9)
+    whole = generate(model, prompt, 7, **sample, generator=torch.Generator().manual_seed(1))[0, 5:]
+    assert (
+        list(stream(model, prompt[0], 7, **sample, generator=torch.Generator().manual_seed(1)))
+        == whole.tolist()
+    )
+    first = whole[0].item()
+    assert list(
+        stream(model, prompt[0], 7, eos_token_id=first, **sample, generator=torch.Generator().manual_seed(1))
+    ) == [first]
 
 
 def test_active_meter_counts_experts_per_token():

@@ -1,19 +1,337 @@
-"""``dsmoe serve``: an OpenAI-compatible HTTP server (``/v1/completions``, ``/v1/chat/completions``) for an exported
-folder, on the CPU or a GPU, through transformers' own ``transformers serve``.
+"""``dsmoe serve``: an OpenAI-compatible HTTP server for a folder written by ``dsmoe export``, on the CPU or a GPU:
+``GET /v1/models``, ``GET /v1/models/{model}``, ``POST /v1/completions`` (streamed or not) and ``GET /health``.
 
-``transformers serve`` loads a model by looking ``config.architectures[0]`` up in the ``transformers`` namespace,
-which only knows built-in models, so it cannot load remote-code models by itself. Before starting it, this module
-makes that name resolve to ``AutoModelForCausalLM``, whose ``from_pretrained(..., trust_remote_code=True)`` follows
-the folder's ``auto_map`` to its own ``modeling_dsmoe.py``.
+It runs one completion at a time: requests wait their turn, while ``/health`` and ``/v1/models`` answer at once. That
+is enough to try a model with the ``openai`` client; to serve many users, use vLLM (``vllm serve FOLDER
+--trust-remote-code``). The model is the one string given to ``--model``: a request's ``model`` must be exactly it.
+The folder is loaded with the installed dsmoe's own classes, so no Hugging Face cache and no remote code are needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
 
 from dsmoe.config import ConfigError
+
+MAX_BODY = 1 << 20  # bytes of a request body
+MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+# Fields of /v1/completions this server does not implement: accepted only at their neutral value.
+NEUTRAL: dict[str, Any] = {
+    "n": 1,
+    "best_of": 1,
+    "echo": False,
+    "logprobs": None,
+    "suffix": None,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+}
+FIELDS = {
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "user",
+}
+
+
+class RequestError(Exception):
+    """A request the server cannot answer: the HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+    def body(self) -> dict[str, Any]:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
+
+
+class Completer:
+    """The model, its tokenizer, and the lock that makes completions take turns."""
+
+    def __init__(self, folder: Path, name: str, device: str):
+        import torch
+        from tokenizers import Tokenizer
+
+        from dsmoe.hf import DSMoEForCausalLM
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.model = DSMoEForCausalLM.from_pretrained(folder).to(self.device).eval()
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.eos = self.model.config.eos_token_id
+        self.name = name
+        self.created = int((folder / "config.json").stat().st_mtime)
+        self.lock = threading.Lock()
+
+    def model_card(self) -> dict[str, Any]:
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "dsmoe"}
+
+    def check_model(self, model: Any) -> None:
+        if model != self.name:
+            raise RequestError(
+                404,
+                f"model {model!r} is not served here: this server serves {self.name!r}, the exact string given "
+                "to `dsmoe serve --model`",
+                "model",
+                "model_not_found",
+            )
+
+    def parse(self, body: Any) -> dict[str, Any]:
+        """The request's settings, checked; RequestError names the first field that is wrong."""
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object")
+        for key, value in body.items():
+            if key in NEUTRAL:
+                if value is not None and value != NEUTRAL[key]:
+                    raise RequestError(400, f"{key}={value!r} is not supported by dsmoe serve", key)
+            elif key not in FIELDS:
+                raise RequestError(400, f"unknown field {key!r} for /v1/completions", key)
+        if "model" not in body:
+            raise RequestError(400, "the request needs 'model'", "model")
+        self.check_model(body["model"])
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise RequestError(400, "prompt must be one string (send one prompt per request)", "prompt")
+        max_tokens = _number(body, "max_tokens", 16, int, low=1)
+        temperature = _number(body, "temperature", 0.0, float, low=0, high=2)
+        top_p = _number(body, "top_p", 1.0, float, low=0, high=1)
+        if top_p == 0:
+            raise RequestError(400, "top_p must be > 0", "top_p")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not (
+            isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) and s for s in stop)
+        ):
+            raise RequestError(
+                400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop"
+            )
+        seed = body.get("seed")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise RequestError(400, "seed must be an integer", "seed")
+        ids = self.tokenizer.encode(prompt).ids or [self.eos]  # an empty prompt starts a new document
+        context = self.model.config.max_seq_len
+        if len(ids) + max_tokens > context:
+            raise RequestError(
+                400,
+                f"this model's context is {context} tokens, but the prompt has {len(ids)} and max_tokens asks for "
+                f"{max_tokens} more: shorten the prompt or lower max_tokens",
+                "max_tokens",
+            )
+        if body.get("stream") not in (None, True, False):
+            raise RequestError(400, "stream must be true or false", "stream")
+        options = body.get("stream_options") or {}
+        return {
+            "ids": ids,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "stop": stop,
+            "seed": seed,
+            "stream": body.get("stream") is True,
+            "usage_chunk": bool(isinstance(options, dict) and options.get("include_usage")),
+        }
+
+    def pieces(self, req: dict[str, Any], finish: dict[str, Any]) -> Iterator[str]:
+        """The completion's text, piece by piece as it is generated; at the end ``finish`` holds its
+        ``finish_reason`` and ``tokens``. Call it holding ``self.lock``."""
+        import torch
+
+        from dsmoe.inference.generate import stream
+
+        generator = None
+        if req["seed"] is not None:
+            generator = torch.Generator(self.device).manual_seed(req["seed"])
+        tokens = stream(
+            self.model.model,
+            torch.tensor(req["ids"], device=self.device),
+            req["max_tokens"],
+            temperature=req["temperature"],
+            top_p=req["top_p"],
+            eos_token_id=self.eos,
+            generator=generator,
+        )
+        ids: list[int] = []
+        sent, reason = "", "length"
+        for token in tokens:
+            ids.append(token)
+            text = self.tokenizer.decode(ids)
+            cut = min((text.find(s) for s in req["stop"] if s in text), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+            elif token == self.eos:
+                reason = "stop"
+            elif text.endswith("\ufffd"):  # part of a character: wait for the rest of its bytes
+                continue
+            else:  # keep back an ending that may be the start of a stop sequence
+                text = text[: len(text) - _held_back(text, req["stop"])]
+            if len(text) > len(sent):
+                yield text[len(sent) :]
+                sent = text
+            if reason == "stop":
+                break
+        if reason == "length" and len(rest := self.tokenizer.decode(ids)) > len(sent):
+            yield rest[len(sent) :]
+        finish.update(finish_reason=reason, tokens=len(ids))
+
+
+def _number(body: dict[str, Any], key: str, default: Any, kind: type, low: float, high: float | None = None):
+    value = body.get(key)
+    if value is None:
+        return default
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not isinstance(value, int))
+    ):
+        raise RequestError(
+            400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key
+        )
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"between {low} and {high}"
+        raise RequestError(400, f"{key} must be {bounds}, got {value!r}", key)
+    return kind(value)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """The length of the longest ending of ``text`` that a stop sequence starts with."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+
+def make_handler(completer: Completer, log_requests: bool) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 120  # seconds a connection may sit idle
+
+        def log_message(self, format: str, *args: Any) -> None:
+            if log_requests:
+                super().log_message(format, *args)
+
+        def send_json(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            try:
+                if path == "/health":
+                    self.send_json(200, {"status": "ok"})
+                elif path == "/v1/models":
+                    self.send_json(200, {"object": "list", "data": [completer.model_card()]})
+                elif path.startswith("/v1/models/"):
+                    completer.check_model(unquote(path.removeprefix("/v1/models/")))
+                    self.send_json(200, completer.model_card())
+                else:
+                    raise self.no_route()
+            except RequestError as err:
+                self.send_failure(err)
+
+        def send_failure(self, err: RequestError) -> None:
+            self.send_json(err.status, err.body())
+
+        def read_request(self) -> dict[str, Any]:
+            if self.path.split("?")[0].rstrip("/") != "/v1/completions":
+                raise self.no_route()
+            length = self.headers.get("Content-Length") or "0"
+            if not length.isdigit():
+                raise RequestError(400, f"the Content-Length header {length!r} is not a number")
+            if int(length) > MAX_BODY:
+                raise RequestError(413, f"the request body is over {MAX_BODY} bytes")
+            try:
+                body = json.loads(self.rfile.read(int(length)) or b"null")
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise RequestError(400, f"the request body is not JSON: {err}") from None
+            return completer.parse(body)
+
+        def do_POST(self) -> None:
+            try:
+                req = self.read_request()
+            except RequestError as err:
+                self.send_failure(err)
+                return
+            head = {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+            }
+            head["model"] = completer.name
+            finish: dict[str, Any] = {}
+            with completer.lock:
+                pieces = completer.pieces(req, finish)
+                if req["stream"]:
+                    self.stream(pieces, finish, head, req)
+                    return
+                try:
+                    text = "".join(pieces)
+                except Exception as exc:  # the model failed (out of memory, ...): say so rather than hang up
+                    self.send_failure(RequestError(500, f"generation failed: {type(exc).__name__}: {exc}"))
+                    raise
+            choice = {"index": 0, "text": text, "finish_reason": finish["finish_reason"], "logprobs": None}
+            self.send_json(200, {**head, "choices": [choice], "usage": _usage(req, finish["tokens"])})
+
+        def stream(
+            self, pieces: Iterator[str], finish: dict[str, Any], head: dict[str, Any], req: dict[str, Any]
+        ) -> None:
+            """Server-sent events, one per piece of text, then the finish reason, usage if asked, and [DONE]."""
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")  # the stream ends when the connection does
+            self.end_headers()
+            self.close_connection = True
+
+            def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+                event = json.dumps({**head, "choices": choices, **extra})
+                self.wfile.write(f"data: {event}\n\n".encode())
+                self.wfile.flush()
+
+            try:
+                for piece in pieces:
+                    send([{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}])
+                send([{"index": 0, "text": "", "finish_reason": finish["finish_reason"], "logprobs": None}])
+                if req["usage_chunk"]:
+                    send([], usage=_usage(req, finish["tokens"]))
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away: stop generating, free the model for the next request
+
+        def no_route(self) -> RequestError:
+            return RequestError(
+                404,
+                f"no route {self.command} {self.path}: dsmoe serve answers GET /v1/models, GET /v1/models/MODEL, "
+                "POST /v1/completions and GET /health (the exported tokenizer has no chat template, so there is "
+                "no /v1/chat/completions)",
+            )
+
+    return Handler
+
+
+def _usage(req: dict[str, Any], n: int) -> dict[str, int]:
+    return {"prompt_tokens": len(req["ids"]), "completion_tokens": n, "total_tokens": len(req["ids"]) + n}
 
 
 def serve(
@@ -22,33 +340,31 @@ def serve(
     port: int = 8000,
     device: str = "cpu",
     log_level: str = "warning",
+    name: str | None = None,
 ) -> None:
-    """Serve ``folder`` (written by ``dsmoe export``) until interrupted."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise ConfigError(f"{folder} has no config.json; serve a folder written by `dsmoe export`")
-    architecture = json.loads(config_file.read_text()).get("architectures", [None])[0]
-    if not architecture:
-        raise ConfigError(f"{config_file} names no architecture; re-export the model with `dsmoe export`")
-    import transformers
-    from transformers import AutoModelForCausalLM
-    from transformers.cli.serve import Serve
-    from transformers.utils.import_utils import is_serve_available
-
-    if not is_serve_available():
-        raise ConfigError("serving needs fastapi, uvicorn, pydantic and openai: pip install 'dsmoe[hf]'")
-    if not hasattr(transformers, architecture):
-        setattr(transformers, architecture, AutoModelForCausalLM)
-    Serve(
-        force_model=str(folder.resolve()),
-        trust_remote_code=True,
-        device=device,
-        dtype="auto",
-        host=host,
-        port=port,
-        log_level=log_level,
+    """Serve ``folder`` (written by ``dsmoe export``) until interrupted, as model ``name`` (default: ``folder`` as
+    given)."""
+    path = Path(folder)
+    for needed in ("config.json", "tokenizer.json", "model.safetensors"):
+        if not (path / needed).is_file():
+            raise ConfigError(f"{path} has no {needed}; serve a folder written by `dsmoe export`")
+    completer = Completer(path, str(folder) if name is None else name, device)
+    server = ThreadingHTTPServer(
+        (host, port), make_handler(completer, log_level.lower() in ("debug", "info"))
     )
+    server.daemon_threads = True
+    print(
+        f"serving {completer.name!r} at http://{host}:{server.server_address[1]}/v1 on {completer.device}, one "
+        "completion at a time (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,10 +373,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("serve", help="OpenAI-compatible server for an exported model (transformers serve)")
-    p.add_argument("--model", required=True, help="a folder written by `dsmoe export`")
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible server for an exported model (/v1/completions, one request at a time)",
+        description="Serve a folder written by `dsmoe export` over OpenAI's API: GET /v1/models, "
+        "GET /v1/models/MODEL, POST /v1/completions (stream or not; temperature, top_p, stop, seed, max_tokens) "
+        "and GET /health. A request's `model` must be exactly the --model string. It runs one completion at a "
+        "time, the others waiting their turn: for concurrent serving use vLLM (vllm serve FOLDER "
+        "--trust-remote-code). Greedy unless temperature > 0.",
+    )
+    p.add_argument("--model", required=True, help="a folder written by `dsmoe export`; also the model's name")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, auto")
-    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-level", default="warning", help="info or debug logs each request")
     p.set_defaults(func=cmd_serve)

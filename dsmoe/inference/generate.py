@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,3 +70,30 @@ def generate(
             padded["key_mask_BS"] = key_mask[:, : pos + 1]
         logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True, **padded).logits[:, -1]
     return out
+
+
+@torch.inference_mode()
+def stream(
+    model: Transformer,
+    prompt_T: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """One prompt's continuation, one token id at a time as it is chosen: what ``generate`` gives a batch of one,
+    for callers that pass tokens on as they come (``dsmoe serve``). Stops after ``max_new_tokens`` or after
+    yielding ``eos_token_id``."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
+    t = prompt_T.shape[0]
+    cache = model.new_cache(1, t + max_new_tokens)
+    logits = model(prompt_T[None], cache=cache, last_only=True).logits[:, -1]
+    for pos in range(t, t + max_new_tokens):
+        token = sample_next(logits, temperature, top_p, generator)
+        yield int(token)
+        if int(token) == eos_token_id or pos + 1 == t + max_new_tokens:
+            return
+        logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1]

@@ -16,6 +16,22 @@ from dsmoe.config import ConfigError, ModelConfig, coerce_numbers, preset, unkno
 
 TRAINABLE = ("all", "routers")
 INIT_OVERRIDES = ("alpha_att", "alpha_mlp", "max_seq_len", "switch_loss_weight")
+# The settings a resumed run may change (dsmoe.training.resume): how long the run goes, how often it logs, evaluates
+# and checkpoints, and where it runs or finds its files; never what one optimizer step computes.
+RESUME_CHANGEABLE = (
+    "total_tokens",  # lengthen (or shorten) the run; the cosine schedule then spans the new length
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "ckpt_every",
+    "keep_last",
+    "nonfinite",
+    "out_dir",  # the run's folder was moved, or the run continues in a new folder
+    "data",  # the data was moved (resuming checks that it was tokenized with the run's tokenizer)
+    "device",  # (dtype auto follows the device: bf16 on CUDA)
+    "compile",  # speed and memory only
+    "activation_checkpointing",
+)
 
 
 @dataclass
@@ -171,18 +187,22 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML run config holds, as written (no overrides, no checks of its keys)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return values
+
+
 def load_train_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from err
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path} must hold a mapping of config keys")
+    values = read_config_file(path) if path is not None else {}
     values = apply_overrides(values, list(overrides))
     known = [f.name for f in dataclasses.fields(TrainConfig)]
     for key in values:

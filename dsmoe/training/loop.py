@@ -26,6 +26,7 @@ from dsmoe.training.distributed import (
 )
 from dsmoe.training.metrics import MetricsLogger, collapsed_routers, router_metrics
 from dsmoe.training.optim import build_optimizer, lr_at, set_lr
+from dsmoe.training.resume import check_changes, find_checkpoint, say, set_aside_newer
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -95,14 +96,32 @@ def evaluate_loss(model, loader: TokenLoader, cfg: TrainConfig, info: DistInfo) 
     return float(all_reduce_mean(torch.tensor(total / max(n, 1)), info))
 
 
-def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    max_steps: int | None = None,
+    resume_from: str | Path | None = None,
+) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``; returns the last logged metrics.
 
-    ``max_steps`` stops early after that many optimizer steps in this call (the schedule still spans
-    ``total_tokens``), with a checkpoint: how tests and time-boxed jobs split one run into pieces.
+    ``resume``: continue from the newest checkpoint in ``out_dir`` that verifies (a new run when there is none);
+    ``resume_from``: from that checkpoint folder. ``cfg`` must then equal the configuration saved with it except in
+    ``resume.RESUME_CHANGEABLE``; each change is reported. ``max_steps`` stops early after that many optimizer steps
+    in this call (the schedule still spans ``total_tokens``), with a checkpoint: how tests and time-boxed jobs split
+    one run into pieces.
     """
     info = init_distributed(cfg.device)
     out_dir = Path(cfg.out_dir)
+    source = find_checkpoint(out_dir, resume_from, report=info.is_main) if resume or resume_from else None
+    changes = check_changes(source, cfg) if source is not None else {}
+    if source is None and not resume and ckpt.list_checkpoints(out_dir):
+        raise ConfigError(
+            f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
+            "or choose another out_dir"
+        )
+    if info.is_main:
+        for key, (old, new) in changes.items():
+            say(f"resume: {key} changes from {old} to {new}")
     model_cfg = cfg.model_config()
     accum = cfg.accumulation_steps(info.world_size)
     loader = TokenLoader(
@@ -125,7 +144,6 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     model = build_model(cfg, info)
     optimizer = build_optimizer(model, cfg)
     step, tokens = 0, 0
-    latest = ckpt.list_checkpoints(out_dir)[-1:] if resume else []
     tokenizer_file = Path(cfg.data) / "tokenizer.json"
     if cfg.init_from is not None:
         init_tokenizer = Path(cfg.init_from) / "tokenizer.json"
@@ -135,28 +153,38 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 f"init_from's ({init_tokenizer}): prepare the data with `dsmoe prepare --tokenizer "
                 f"{init_tokenizer}`"
             )
-    if latest:
-        if not _same_tokenizer(latest[0] / "tokenizer.json", tokenizer_file):
+    if source is not None:
+        if not _same_tokenizer(source / "tokenizer.json", tokenizer_file):
             raise ConfigError(
                 f"the tokenizer of the data ({tokenizer_file}) differs from the one the checkpoint was "
-                f"trained with ({latest[0] / 'tokenizer.json'}): resume on data prepared with it"
+                f"trained with ({source / 'tokenizer.json'}): resume on data prepared with it"
             )
-        state = torch.load(latest[0] / "trainer.pt", weights_only=False)
-        ckpt.verify_checkpoint(latest[0])
-        optim_state = torch.load(latest[0] / "optimizer.pt", weights_only=False)
+        state = torch.load(source / "trainer.pt", weights_only=False)
+        optim_state = torch.load(source / "optimizer.pt", weights_only=False)
         load_full_state_dicts(
-            model, optimizer, ckpt.load_model_state(latest[0], check_hashes=False), optim_state, info
+            model, optimizer, ckpt.load_model_state(source, check_hashes=False), optim_state, info
         )
         step, tokens = state["step"], state["tokens"]
+        if step > cfg.total_steps:
+            raise ConfigError(
+                f"total_tokens={cfg.total_tokens} ends the run at step {cfg.total_steps}, but {source} is at step "
+                f"{step} ({tokens} tokens): raise total_tokens above {tokens}"
+            )
         loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
-    elif not resume and ckpt.list_checkpoints(out_dir):
-        raise ConfigError(
-            f"{out_dir} already holds checkpoints: pass --resume to continue that run, "
-            "or choose another out_dir"
-        )
+        if info.is_main:  # every process has read the checkpoint by now (loading is collective)
+            for moved in set_aside_newer(out_dir, source):
+                say(f"resume: a checkpoint newer than {source.name} is kept as {moved}")
+            if step == cfg.total_steps:
+                say(
+                    f"{source} ends the run (total_tokens={cfg.total_tokens}); raise total_tokens to train further"
+                )
+            else:
+                say(f"resuming {source} (step {step} of {cfg.total_steps})")
     logger = MetricsLogger(out_dir, enabled=info.is_main)
-    if info.is_main and not latest:
+    if source is not None:
+        logger.log(step, {"event": "resume", "from": str(source), "changes": changes})
+    if info.is_main and source is None:
         logger.log(
             step,
             {

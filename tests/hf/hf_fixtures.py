@@ -46,6 +46,7 @@ def isolated_python(script: str, cwd: Path, timeout: float = 120) -> subprocess.
     return subprocess.run(
         [sys.executable, "-I", "-c", guard + script],
         cwd=cwd,
+        stdin=subprocess.DEVNULL,  # a question transformers asks (custom code? [y/N]) is answered by end-of-file
         env=env,
         capture_output=True,
         text=True,

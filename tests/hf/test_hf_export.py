@@ -59,6 +59,22 @@ def test_exported_folder_loads_without_dsmoe_and_matches_native(exported, tmp_pa
     assert result["batched"] == result["alone"]
 
 
+def test_the_tokenizer_loads_without_a_question_or_a_warning(exported, tmp_path):
+    """transformers' AutoTokenizer reads config.json through AutoConfig first, and a config that needs custom code
+    makes it ask "[y/N]" unless trust_remote_code is given (transformers 5.4 to 5.24): these are the two ways that
+    load the exported tokenizer silently, with standard input closed."""
+    _, folder = exported
+    script = (
+        "from transformers import AutoTokenizer, PreTrainedTokenizerFast\n"
+        f"a = AutoTokenizer.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        f"b = PreTrainedTokenizerFast.from_pretrained({str(folder)!r})\n"
+        "assert a('A dog').input_ids == b('A dog').input_ids and a.padding_side == b.padding_side == 'left'\n"
+    )
+    child = isolated_python(script, tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout == "" and child.stderr == ""
+
+
 def test_exported_code_is_generated_from_the_package(exported):
     _, folder = exported
     assert (folder / MODELING_FILE).read_text() == bundle_source()

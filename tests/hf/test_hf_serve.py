@@ -1,10 +1,15 @@
-"""`dsmoe serve` answers one OpenAI-style completion on loopback with the same greedy text as the native model."""
+"""`dsmoe serve` on loopback, through the real `openai` client, on a machine with no Hugging Face cache (HOME and
+HF_HOME are empty folders): models.list / models.retrieve, completions streamed or not with the native model's
+greedy text, stop sequences, seeded sampling, requests taking turns, and one clear error per bad request."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +22,7 @@ from dsmoe.model.routing import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
+PROMPT = "The old man crosses the bridge. A dog"
 
 
 def free_port() -> int:
@@ -35,20 +41,31 @@ def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float) -> No
                 if response.status == 200:
                     return
         except OSError:
-            time.sleep(0.5)
+            time.sleep(0.25)
     raise AssertionError(f"server not healthy after {timeout} s")
 
 
-@pytest.mark.slow  # ~25 s on 2 cores: server start-up dominates
-def test_openai_completion_on_loopback(exported, tmp_path):
+@pytest.fixture(scope="module")
+def served(exported, tmp_path_factory):
+    """(openai client, the --model string, port) of a server started from the export's parent folder with a
+    relative --model, and an empty HOME."""
     openai = pytest.importorskip("openai", reason="the OpenAI client is in the 'hf' extra")
-    checkpoint, folder = exported
+    _, folder = exported
+    home = tmp_path_factory.mktemp("empty-home")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HOME": str(home),
+        "HF_HOME": str(home / "hf"),
+        "XDG_CACHE_HOME": str(home / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "dsmoe", "serve", "--model", str(folder), "--port", str(port)],
-        cwd=tmp_path,
+        [sys.executable, "-m", "dsmoe", "serve", "--model", folder.name, "--port", str(port)],
+        cwd=folder.parent,
         env=env,
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -58,8 +75,7 @@ def test_openai_completion_on_loopback(exported, tmp_path):
         client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0
         )
-        prompt = "The old man crosses the bridge. A dog"
-        answer = client.completions.create(model=str(folder.resolve()), prompt=prompt, max_tokens=8)
+        yield client, folder.name, port
     finally:
         server.terminate()
         try:
@@ -68,14 +84,91 @@ def test_openai_completion_on_loopback(exported, tmp_path):
             server.kill()
             server.wait()
 
+
+@pytest.fixture(scope="module")
+def native_greedy(exported):
+    """PROMPT's greedy continuation by the native model under the export's sparse setting: (text, token count)."""
+    checkpoint, _ = exported
     native, tokenizer = load_pretrained(checkpoint)
     sparsify(native, mlp=SparseSetting("topk", k=3))  # the setting the export stored in config.json
-    ids = torch.tensor([tokenizer.encode(prompt).ids])
-    expected = generate(native, ids, 8, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))[
-        0, ids.shape[1] :
+    ids = torch.tensor([tokenizer.encode(PROMPT).ids])
+    new = generate(native, ids, 12, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))[0, ids.shape[1] :]
+    return tokenizer.decode(new.tolist()), len(new)
+
+
+def test_models_answer_without_a_hugging_face_cache(served):
+    client, name, _ = served
+    assert [m.id for m in client.models.list()] == [name]
+    assert client.models.retrieve(name).id == name
+    import openai
+
+    with pytest.raises(openai.NotFoundError, match=f"this server serves '{name}', the exact string given"):
+        client.models.retrieve(str(Path(name).resolve()))
+
+
+def test_completion_streamed_or_not_is_the_native_greedy_text(served, native_greedy):
+    client, name, _ = served
+    text, n = native_greedy
+    answer = client.completions.create(model=name, prompt=PROMPT, max_tokens=12)
+    assert answer.choices[0].text == text
+    assert answer.usage.completion_tokens == n and answer.choices[0].finish_reason in ("length", "stop")
+    chunks = list(
+        client.completions.create(
+            model=name, prompt=PROMPT, max_tokens=12, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert len(chunks) > 3  # the text came in pieces
+    assert chunks[-2].choices[0].finish_reason == answer.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == n
+
+
+def test_stop_sequences_and_seeded_sampling(served, native_greedy):
+    client, name, _ = served
+    text, _ = native_greedy
+    stop = re.search(r"[A-Za-z]{2}", text[2:]).group()
+    cut = text[: text.index(stop)]
+    answer = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, stop=[stop])
+    assert (answer.choices[0].text, answer.choices[0].finish_reason) == (cut, "stop")
+    streamed = client.completions.create(model=name, prompt=PROMPT, max_tokens=12, stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut
+    sample = dict(model=name, prompt=PROMPT, max_tokens=12, temperature=1.0, seed=7)
+    first, again = (client.completions.create(**sample).choices[0].text for _ in range(2))
+    assert first == again != text
+
+
+def test_requests_take_turns(served, native_greedy):
+    client, name, _ = served
+    answers: list[str] = []
+
+    def ask():
+        answers.append(client.completions.create(model=name, prompt=PROMPT, max_tokens=12).choices[0].text)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert answers == [native_greedy[0]] * 3
+
+
+def test_bad_requests_get_one_clear_error(served):
+    import openai
+
+    client, name, port = served
+    cases = [
+        (dict(model="my-model", prompt="x"), openai.NotFoundError, "model 'my-model' is not served here"),
+        (dict(model=name, prompt="x", max_tokens=100), openai.BadRequestError, "context is 64 tokens"),
+        (dict(model=name, prompt="x", n=2), openai.BadRequestError, "n=2 is not supported"),
+        (dict(model=name, prompt=["a", "b"]), openai.BadRequestError, "one prompt per request"),
     ]
-    assert answer.choices[0].text == tokenizer.decode(expected.tolist())
-    assert answer.usage.completion_tokens == len(expected)
+    for request, error, message in cases:
+        with pytest.raises(error, match=message):
+            client.completions.create(**request)
+    chat = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(chat, timeout=10)
+    assert err.value.code == 404 and b"no /v1/chat/completions" in err.value.read()
 
 
 def test_serve_names_a_folder_that_is_not_an_export(tmp_path, capsys):

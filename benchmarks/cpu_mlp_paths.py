@@ -17,7 +17,8 @@ from dsmoe.bench.models import bench_models
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.cpu import expert_mlp_one_token, expert_mlp_per_expert, expert_mlp_sorted, project_sorted
 from dsmoe.kernels.reference import activate, expert_mlp_reference
-from dsmoe.model.routing import SparseSetting, route
+from dsmoe.model.routing import route
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 

@@ -9,7 +9,7 @@ import sys
 
 from dsmoe.config import PRESETS, ConfigError, preset
 from dsmoe.inference.arguments import add_sparse_args, sparse_settings
-from dsmoe.model.routing import DENSE, SparseSetting, trained_setting
+from dsmoe.model.settings import DENSE, SparseSetting, trained_setting
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -69,7 +69,10 @@ def _nominal_active(setting: SparseSetting, n_experts: int) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dsmoe.version import __version__
+
     parser = argparse.ArgumentParser(prog="dsmoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dsmoe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")

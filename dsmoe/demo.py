@@ -14,18 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
 from dsmoe.data.corpus import read_documents
 from dsmoe.data.sources import fetch
-from dsmoe.data.tokenizer import eos_id, train_bpe
-from dsmoe.evaluation.perplexity import perplexity
-from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting
-from dsmoe.training import checkpoint as ckpt
-from dsmoe.training.config import TrainConfig, apply_overrides
-from dsmoe.training.loop import train
+from dsmoe.model.settings import SparseSetting
 
 DEMO = dict(
     model={"preset": "tiny-ds-moe"},
@@ -43,7 +34,7 @@ DEMO = dict(
     log_every=4,
 )
 SETTINGS = {  # (attention, MLP)
-    "dense": (None, None),
+    "as trained (all experts)": (None, None),
     "topk k=4 of 16 (MLP)": (None, SparseSetting("topk", k=4)),
     "threshold eps=1.0": (
         SparseSetting("threshold", threshold=1.0),
@@ -55,6 +46,7 @@ EVAL_DOCS = 12  # Wikipedia articles scored per setting (about 60K tokens)
 
 def prepare_demo_data(work: Path) -> Path:
     from dsmoe.data.shards import prepare
+    from dsmoe.data.tokenizer import train_bpe
 
     data = work / "data"
     if (data / "index.json").is_file():
@@ -67,6 +59,16 @@ def prepare_demo_data(work: Path) -> Path:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsmoe.data.tokenizer import eos_id
+    from dsmoe.evaluation.perplexity import perplexity
+    from dsmoe.inference.generate import generate
+    from dsmoe.inference.sparsify import ActiveMeter, sparsify
+    from dsmoe.training import checkpoint as ckpt
+    from dsmoe.training.config import TrainConfig, apply_overrides
+    from dsmoe.training.loop import train
+
     start = time.perf_counter()
     work = Path(args.out)
     data = prepare_demo_data(work)

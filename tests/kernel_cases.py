@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from dsmoe.model.rope import rope_tables
-from dsmoe.model.routing import SparseSetting, route
+from dsmoe.model.routing import route
+from dsmoe.model.settings import SparseSetting
 
 # Strategy grid: one expert, two, every expert (K = N), a threshold that selects a different count per token,
 # threshold_topk (a batch-level K) and normalized weights.

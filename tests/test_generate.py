@@ -10,7 +10,7 @@ from dsmoe.cli import main
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import generate, sample_next, stream
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 SETTINGS = {

@@ -8,7 +8,8 @@ from dsmoe import kernels
 from dsmoe.kernels import cpu
 from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_cpu
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
-from dsmoe.model.routing import Routing, SparseSetting
+from dsmoe.model.routing import Routing
+from dsmoe.model.settings import SparseSetting
 
 DTYPES = [torch.float32, torch.bfloat16]
 

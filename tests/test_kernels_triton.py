@@ -10,7 +10,7 @@ from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_i
 from dsmoe.kernels.cpu import SortedPairs
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, block_table, expert_mlp_triton, moa_triton
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 pytestmark = pytest.mark.skipif(
     not TRITON_AVAILABLE, reason="triton is not installed: pip install 'dsmoe[gpu]'"

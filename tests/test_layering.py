@@ -9,6 +9,7 @@ PACKAGE = pathlib.Path(dsmoe.__file__).parent
 # Lower number = lower layer. A module may import its own package and any package of a lower layer.
 LAYER = {
     "config": 0,
+    "version": 0,
     "files": 0,
     "model": 1,
     "kernels": 1,
@@ -24,8 +25,8 @@ LAYER = {
     "__init__": 7,  # the public API: imported by users, never by the package itself
     "__main__": 8,
 }
-# model and kernels share a layer: the model calls the kernels; kernels may read only these two leaf modules.
-KERNELS_MAY_IMPORT = {"dsmoe.model.routing", "dsmoe.model.rope"}
+# model and kernels share a layer: the model calls the kernels; kernels may read only these leaf modules.
+KERNELS_MAY_IMPORT = {"dsmoe.model.routing", "dsmoe.model.settings", "dsmoe.model.rope"}
 
 
 def imports_of(path):

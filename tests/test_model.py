@@ -10,7 +10,8 @@ from helpers import small_config
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.rope import apply_rope
-from dsmoe.model.routing import SparseSetting, route
+from dsmoe.model.routing import route
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 

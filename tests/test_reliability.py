@@ -21,7 +21,8 @@ from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.data.corpus import read_documents
 from dsmoe.data.errors import DataError
 from dsmoe.data.loader import TokenLoader
-from dsmoe.model.routing import STRATEGIES, SparseSetting, route
+from dsmoe.model.routing import route
+from dsmoe.model.settings import STRATEGIES, SparseSetting
 from dsmoe.training import checkpoint as ckpt
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.loop import NonFiniteError, train

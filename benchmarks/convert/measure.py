@@ -25,7 +25,7 @@ from dsmoe.data.corpus import read_documents
 from dsmoe.data.sources import fetch_corpus
 from dsmoe.evaluation.repro import mlp_active_share
 from dsmoe.evaluation.text import evaluate_text
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import list_checkpoints, load_pretrained
 
 SETTINGS = {  # name: (attention, MLP)

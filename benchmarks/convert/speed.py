@@ -22,7 +22,7 @@ from measure import (  # this folder: the script's own directory is on sys.path
 
 from dsmoe.convert.from_hf import convert_model
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 SETTINGS = {  # name: (experts: (MLP, attention), attention setting, MLP setting)
     "original (HF transformers)": None,

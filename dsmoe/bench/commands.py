@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsmoe.bench.throughput import METRICS, BenchSettings, run_benchmark
+from dsmoe.bench.settings import METRICS, BenchSettings
 from dsmoe.files import write_atomic
 
 
@@ -67,6 +67,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         att_k=args.att_k,
         threads=args.threads,
     )
+    from dsmoe.bench.throughput import run_benchmark
+
     result = run_benchmark(s)
     text = json.dumps(result, indent=2)
     if args.out:

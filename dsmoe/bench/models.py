@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsmoe.config import ConfigError, ModelConfig
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 
 @dataclass(frozen=True)

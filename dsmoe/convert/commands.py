@@ -7,16 +7,20 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 
+if TYPE_CHECKING:
+    import torch
 
-@torch.no_grad()
+
 def max_logit_difference(hf_model, model, idx_BT: torch.Tensor) -> float:
     """Largest absolute difference between the two models' logits on the same tokens."""
-    return float((hf_model(idx_BT).logits.float() - model(idx_BT).logits.float()).abs().max())
+    import torch
+
+    with torch.no_grad():
+        return float((hf_model(idx_BT).logits.float() - model(idx_BT).logits.float()).abs().max())
 
 
 def convert(
@@ -39,6 +43,8 @@ def convert(
     data_dir: str | None = None,
 ) -> dict:
     """Convert, verify that the logits match the original, optionally calibrate the routers, write ``out``."""
+    import torch
+
     from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
     from dsmoe.convert.from_hf import convert_model, load_hf_model
     from dsmoe.training.checkpoint import write_checkpoint

@@ -31,7 +31,7 @@ from dsmoe.evaluation.scoring import score_requests
 from dsmoe.inference.arguments import check_settings, sparse_setting
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting, describe_setting
+from dsmoe.model.settings import SparseSetting, describe_setting
 
 log = logging.getLogger(__name__)
 

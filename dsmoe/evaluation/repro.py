@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dsmoe.files import write_atomic
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 TASK_COLUMNS = (
     ("dsmoe_hellaswag", "HS"),

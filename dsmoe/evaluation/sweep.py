@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.files import write_atomic
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer

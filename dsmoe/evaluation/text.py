@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import perplexity
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting, describe_setting
+from dsmoe.model.settings import SparseSetting, describe_setting
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer

@@ -15,6 +15,7 @@ from pathlib import Path
 
 BUNDLED_MODULES = (
     "dsmoe.config",
+    "dsmoe.model.settings",
     "dsmoe.model.routing",
     "dsmoe.model.rope",
     "dsmoe.kernels.reference",

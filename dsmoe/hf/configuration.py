@@ -13,7 +13,7 @@ import dataclasses
 from transformers import PretrainedConfig
 
 from dsmoe.config import ConfigError, ModelConfig
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 SPARSE_KEYS = (
     "att_strategy",

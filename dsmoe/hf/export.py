@@ -14,12 +14,10 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 from dsmoe.config import ConfigError
 from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 
 
 def export(
@@ -90,6 +88,8 @@ def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: P
             **_sparse_fields("att", att),
             **_sparse_fields("mlp", mlp),
         )
+        import torch
+
         with torch.device("meta"):
             model = bundle.DSMoEForCausalLM(config)
         model.model.load_state_dict(native.state_dict(), strict=True, assign=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from dsmoe.config import ConfigError, ModelConfig
-from dsmoe.model.routing import STRATEGIES, SparseSetting
+from dsmoe.model.settings import STRATEGIES, SparseSetting
 
 AS_TRAINED = "as trained (Dense, DS-MoE: every expert; SMoE: its trained top-k); 'dense' runs every expert"
 

@@ -9,7 +9,7 @@ import torch
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.model.attention import MoA
 from dsmoe.model.experts import MoEMLP
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 LayerSettings = SparseSetting | Sequence[SparseSetting | None] | None

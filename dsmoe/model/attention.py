@@ -19,7 +19,8 @@ from dsmoe.config import ModelConfig
 from dsmoe.model.experts import ExpertMeter, mix_experts, router_aux
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
-from dsmoe.model.routing import Routing, SparseSetting, trained_setting
+from dsmoe.model.routing import Routing
+from dsmoe.model.settings import SparseSetting, trained_setting
 
 
 class KVCache:

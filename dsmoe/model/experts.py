@@ -17,7 +17,8 @@ from dsmoe.config import ModelConfig
 from dsmoe.kernels.reference import activate
 from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.router import Router
-from dsmoe.model.routing import Routing, SparseSetting, route, trained_setting
+from dsmoe.model.routing import Routing, route
+from dsmoe.model.settings import SparseSetting, trained_setting
 
 
 class ExpertMeter(Protocol):

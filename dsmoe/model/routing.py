@@ -13,68 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from dsmoe.config import ConfigError
-
-STRATEGIES = ("dense", "topk", "threshold", "threshold_topk")
-
-
-@dataclass(frozen=True)
-class SparseSetting:
-    """How one MoE layer picks experts at inference.
-
-    dense: every expert, weighted by its score (what dense training computes).
-    topk: the ``k`` highest-scoring experts.
-    threshold: experts whose normalized probability S_i * N exceeds ``threshold`` (at least the top one).
-    threshold_topk: the threshold gives a count per token; its mean over the batch, rounded half up, becomes K.
-    normalize: rescale the selected scores to sum to one (off by default, as in the paper).
-    """
-
-    strategy: str = "dense"
-    k: int | None = None
-    threshold: float | None = None
-    normalize: bool = False
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(
-                f"unknown sparse strategy '{self.strategy}': choose one of {', '.join(STRATEGIES)}"
-            )
-        bad_k = self.k is None or isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1
-        if self.strategy == "topk" and bad_k:
-            raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={self.k!r}); pass --k")
-        if self.strategy in ("threshold", "threshold_topk") and (
-            self.threshold is None or not self.threshold > 0
-        ):
-            raise ConfigError(
-                f"strategy '{self.strategy}' needs threshold > 0 (got {self.threshold!r}); "
-                "the threshold compares S_i * N_experts, so 1.0 means 'above uniform'"
-            )
-
-    def check(self, n_experts: int, where: str) -> None:
-        if self.strategy == "topk" and self.k > n_experts:  # type: ignore[operator]
-            raise ConfigError(
-                f"k={self.k} is larger than the {n_experts} experts of {where}: use k <= {n_experts}"
-            )
-
-    def describe(self) -> str:
-        if self.strategy == "topk":
-            return f"topk(k={self.k})"
-        if self.strategy in ("threshold", "threshold_topk"):
-            return f"{self.strategy}(eps={self.threshold})"
-        return "dense"
-
-
-DENSE = SparseSetting()
-
-
-def trained_setting(regime: str, smoe_top_k: int) -> SparseSetting:
-    """How a layer routes as trained: an SMoE its top-k, Dense and DS-MoE every expert. This is what every entry
-    point runs when no sparse setting is given."""
-    return SparseSetting("topk", k=smoe_top_k) if regime == "smoe" else DENSE
-
-
-def describe_setting(setting: SparseSetting | None) -> str:
-    """A setting's label; None (no setting given) is "trained"."""
-    return setting.describe() if setting is not None else "trained"
+from dsmoe.model.settings import SparseSetting
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
 from dsmoe.convert.clustering import balanced_clusters
 from dsmoe.convert.from_hf import config_from_hf, convert_model
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 transformers = pytest.importorskip(

@@ -14,7 +14,7 @@ from dsmoe.evaluation.perplexity import perplexity, rolling_loglikelihoods, roll
 from dsmoe.evaluation.zero_shot import render_tasks
 from dsmoe.inference import generate as generate_module
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 FIXTURES = Path(__file__).with_name("fixtures")

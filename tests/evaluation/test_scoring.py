@@ -15,7 +15,7 @@ from dsmoe.evaluation.perplexity import (
 )
 from dsmoe.evaluation.scoring import score_positions, score_requests
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 SETTINGS = {

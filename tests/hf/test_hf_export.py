@@ -12,7 +12,7 @@ from dsmoe.cli import main
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 CHILD = """

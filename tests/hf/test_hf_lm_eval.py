@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 DOCS = [

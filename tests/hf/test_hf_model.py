@@ -10,7 +10,7 @@ from dsmoe.hf import DSMoEConfig, DSMoEForCausalLM
 from dsmoe.hf.modeling import CACHE_FIELD
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 SPARSE = {

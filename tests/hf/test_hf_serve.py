@@ -18,7 +18,7 @@ import torch
 
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,7 +14,7 @@ from torch import nn
 
 from dsmoe.hf.configuration import DSMoEConfig
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.routing import SparseSetting
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 

@@ -1,0 +1,77 @@
+"""What ``dsmoe bench`` measures, as plain settings: read by the command line without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dsmoe.config import ConfigError
+
+DTYPE_NAMES = ("fp32", "bf16")
+METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
+
+
+@dataclass
+class BenchSettings:
+    device: str = "cpu"
+    dtype: str = "fp32"
+    d_model: int = 1024
+    n_layers: int = 4
+    vocab_size: int = 4096  # keeps the LM head's share of the work small, as in the paper's 36-layer models
+    input_len: int = 256
+    memory_gb: float = 4.0  # budget for weights + activations of the input-throughput batch
+    max_input_batch: int = 8  # cap on that batch (CPU time); raise it on a GPU
+    decode_tokens: int = 512
+    decode_prompt: int = 16
+    decode_batches: tuple[int, ...] = (1, 16)
+    latency_batch: int = 4
+    latency_prompt: int = 256
+    latency_new: int = 8
+    mlp_tokens: int = 2048
+    repeats: int = 3
+    mlp_k: int = 4
+    att_k: int | None = None
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    models: list[str] = field(default_factory=lambda: ["dense", "smoe", "ds-moe"])
+
+    def check(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise ConfigError(f"unknown dtype '{self.dtype}': choose one of {', '.join(DTYPE_NAMES)}")
+        if self.device == "cuda" and not cuda_available():
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"unknown device '{self.device}': choose cpu or cuda")
+        if "dense" not in self.models:
+            raise ConfigError("the benchmark needs the 'dense' model: ratios are relative to it")
+        for name in (
+            "input_len",
+            "decode_tokens",
+            "latency_batch",
+            "latency_prompt",
+            "latency_new",
+            "repeats",
+            "max_input_batch",
+            "mlp_tokens",
+            "decode_prompt",
+            "d_model",
+            "n_layers",
+            "vocab_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.decode_batches or min(self.decode_batches) < 1:
+            raise ConfigError(f"decode batches must be >= 1, got {self.decode_batches}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(
+            self.input_len, self.decode_prompt + self.decode_tokens, self.latency_prompt + self.latency_new
+        )
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

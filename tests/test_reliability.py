@@ -1,6 +1,7 @@
 """Killed runs lose nothing; bad input gets one clear error and changes nothing on disk; numerical faults are
 caught; fuzzing of config parsing, CLI arguments, corpus readers and sparse settings."""
 
+import hashlib
 import json
 import os
 import signal
@@ -315,3 +316,32 @@ def test_fuzz_sparse_settings(strategy, k, threshold, normalize, n_experts, n_to
     token, expert, weight, per_expert = routing.pairs()
     assert int(per_expert.sum()) == int(counts.sum()) == token.numel()
     assert torch.isfinite(weight).all()
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER``: what a crafted checkpoint would do with weights_only=False."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(data_dir, tmp_path):
+    cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 2, eval_every=0)
+    train(cfg)
+    newest = ckpt.list_checkpoints(cfg.out_dir)[-1]
+    marker = tmp_path / "payload-ran"
+    state = ckpt.load_state(newest / "trainer.pt")  # a real trainer state loads with weights_only=True
+    torch.save({**state, "extra": _Payload(marker)}, newest / "trainer.pt")
+    manifest = json.loads(
+        (newest / "manifest.json").read_text()
+    )  # a consistent manifest: only the pickle is bad
+    data = (newest / "trainer.pt").read_bytes()
+    manifest["trainer.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    longer = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 4, eval_every=0)
+    with pytest.raises(ConfigError, match="could run code when loaded"):
+        train(longer, resume=True)
+    assert not marker.exists()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import platform
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,7 +39,17 @@ def _sha256(path: Path) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain Python values, so that loading it needs no pickle."""
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state(legacy=True))
+    kind, keys, pos, has_gauss, gauss = legacy
+    numpy_state = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -46,10 +57,29 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state(
+            (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+        )
+    else:  # checkpoints written before 2026-12-02 hold numpy's own tuple
+        np.random.set_state(n)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> Any:
+    """A ``torch.save``d trainer or optimizer state, read with ``weights_only=True``: tensors and plain Python
+    containers only, so a crafted file cannot run code while it is loaded."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(
+            f"{path} holds pickled objects other than tensors and plain values, which could run code when "
+            "loaded, so dsmoe refuses it (checkpoints written before 2026-12-02 kept numpy's RNG state this way: "
+            "start a new run from their weights with init_from=)"
+        ) from err
 
 
 def versions() -> dict[str, str]:

@@ -159,8 +159,8 @@ def train(
                 f"the tokenizer of the data ({tokenizer_file}) differs from the one the checkpoint was "
                 f"trained with ({source / 'tokenizer.json'}): resume on data prepared with it"
             )
-        state = torch.load(source / "trainer.pt", weights_only=False)
-        optim_state = torch.load(source / "optimizer.pt", weights_only=False)
+        state = ckpt.load_state(source / "trainer.pt")
+        optim_state = ckpt.load_state(source / "optimizer.pt")
         load_full_state_dicts(
             model, optimizer, ckpt.load_model_state(source, check_hashes=False), optim_state, info
         )

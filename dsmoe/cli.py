@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from dsmoe.config import PRESETS, ConfigError, preset
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         args.extra = extra  # a command that hands its arguments to another tool (dsmoe lm-eval)
     try:
         return int(args.func(args) or 0)
-    except ConfigError as err:
+    except ConfigError as err:  # an expected failure: one line that names the problem and the fix
+        if os.environ.get("DSMOE_TRACEBACK"):
+            raise
         print(f"dsmoe: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dsmoe: interrupted", file=sys.stderr)
+        return 130

@@ -159,6 +159,24 @@ def _run_train(args, nproc=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_train_stdout_is_one_json_object_and_progress_goes_to_stderr(data_dir, tmp_path):
+    model = json.dumps(tiny_model_dict())
+    proc = _run_train(
+        [
+            f"data={data_dir}",
+            f"model={model}",
+            f"out_dir={tmp_path / 'run'}",
+            "seq_len=32",
+            "micro_batch_size=8",
+        ]
+        + ["global_batch_tokens=256", "total_tokens=768", "warmup_tokens=256", "eval_every=1", "dtype=fp32"]
+    )
+    result = json.loads(proc.stdout)  # the whole of stdout, validation lines included, is one JSON object
+    assert result["step"] == 3 and "val_loss" in result
+    assert "val_loss" in proc.stderr
 
 
 @pytest.mark.parametrize("regime, rel_tol", [("dense", 1e-5), ("dsmoe", 1e-3)])

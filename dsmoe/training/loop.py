@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -260,7 +261,7 @@ def train(
                     message + f"; the last good checkpoint in {out_dir / ckpt.CKPT_DIR} is kept"
                 )
             if info.is_main:
-                bar.write(f"warning: {message}; step skipped")
+                bar.write(f"warning: {message}; step skipped", file=sys.stderr)
             logger.log(step + 1, {"event": "skipped_step", "reason": message})
         else:
             optimizer.step()
@@ -289,7 +290,8 @@ def train(
                     bar.write(
                         f"warning: router collapse in {kind} layer {layer}: one expert takes {share:.0%} of "
                         f"the router probability (balanced: {1 / n_experts[kind]:.0%}); "
-                        "raise alpha (MI loss) or switch_loss_weight, or lower the learning rate"
+                        "raise alpha (MI loss) or switch_loss_weight, or lower the learning rate",
+                        file=sys.stderr,
                     )
                     logger.log(
                         step, {"event": "router_collapse", "kind": kind, "layer": layer, "share": share}
@@ -301,7 +303,7 @@ def train(
             last["val_loss"] = evaluate_loss(model, val_loader, cfg, info)
             logger.log(step, {"val_loss": last["val_loss"]})
             if info.is_main:
-                bar.write(f"step {step}: val_loss {last['val_loss']:.4f}")
+                bar.write(f"step {step}: val_loss {last['val_loss']:.4f}", file=sys.stderr)
         if step % cfg.ckpt_every == 0 or step == stop_at:
             save(step)
     bar.close()

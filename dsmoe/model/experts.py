@@ -107,8 +107,8 @@ def mix_experts(layer: RoutedLayer, probs_TN: torch.Tensor, x, dense_fn, sparse_
 def router_aux(
     layer: RoutedLayer, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None
 ):
-    """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE), with its detached probabilities over the
-    counted tokens so that a trainer can compute statistics when it logs (not on every step)."""
+    """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE), with its detached probabilities and the mask
+    of counted tokens (None: all), so that a trainer can compute statistics when it logs (not on every step)."""
     if layer.regime == "smoe":
         if routing is not None:
             indices = routing.indices
@@ -120,5 +120,12 @@ def router_aux(
         loss = switch_loss(probs_TN, indices, mask_T)
     else:
         loss = mutual_information_loss(probs_TN, mask_T)
-    probs = probs_TN.detach() if mask_T is None else probs_TN.detach()[mask_T]
-    return {"kind": layer.kind, "layer": layer.layer_idx, "loss": loss, "probs": probs}
+    # The mask travels beside the probabilities: indexing by it here would make the shape data-dependent and break
+    # a compiled training step; the trainer selects the counted tokens only when it logs.
+    return {
+        "kind": layer.kind,
+        "layer": layer.layer_idx,
+        "loss": loss,
+        "probs": probs_TN.detach(),
+        "mask": mask_T,
+    }

@@ -46,7 +46,9 @@ class ModelOutput:
     mi_att: torch.Tensor | None = None  # sum over layers of the attention routers' MI loss
     mi_mlp: torch.Tensor | None = None  # sum over layers of the MLP routers' MI loss
     switch: torch.Tensor | None = None  # mean over layers of the SMoE switch loss (dMoE's definition)
-    router_stats: list[dict] = field(default_factory=list)  # per router: kind, layer, loss, probs [T, N]
+    router_stats: list[dict] = field(
+        default_factory=list
+    )  # per router: kind, layer, loss, probs [T, N], mask
 
 
 class Transformer(nn.Module):

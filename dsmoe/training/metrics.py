@@ -46,6 +46,12 @@ class MetricsLogger:
                 self.writer.close()
 
 
+def counted_probs(stat: dict) -> torch.Tensor:
+    """A router record's probabilities [T, N] over the tokens its losses counted (padding left out)."""
+    mask = stat.get("mask")
+    return stat["probs"] if mask is None else stat["probs"][mask]
+
+
 def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
     """Mean router entropy, and per layer the largest share of tokens whose top expert is one expert (the load of
     the busiest expert: 1/N is balanced, 1.0 is collapse)."""
@@ -53,7 +59,7 @@ def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
         return {}
     out: dict[str, Any] = {}
     for kind in ("att", "mlp"):
-        probs = [s["probs"] for s in router_stats if s["kind"] == kind]
+        probs = [counted_probs(s) for s in router_stats if s["kind"] == kind]
         if probs:
             out[f"router_entropy_{kind}"] = float(torch.stack([entropy(p).mean() for p in probs]).mean())
             top1 = [
@@ -68,7 +74,7 @@ def collapsed_routers(router_stats: list[dict], threshold: float = 0.9) -> list[
     probability: the router sends almost every token to one expert."""
     found = []
     for s in router_stats:
-        share = float(s["probs"].mean(0).max())
+        share = float(counted_probs(s).mean(0).max())
         if share > threshold:
             found.append((s["kind"], s["layer"], share))
     return found

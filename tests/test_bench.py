@@ -68,7 +68,10 @@ def test_run_benchmark_reports_every_figure_and_ratios_to_dense():
     )
 
 
-def test_bench_cli_writes_json(tmp_path, capsys):
+@pytest.mark.parametrize("peers", [False, True])
+def test_bench_cli_writes_json(tmp_path, capsys, peers):
+    if peers:
+        pytest.importorskip("transformers")
     out = tmp_path / "b" / "result.json"
     args = [
         "bench",
@@ -100,11 +103,13 @@ def test_bench_cli_writes_json(tmp_path, capsys):
         "8",
         "--repeats",
         "1",
-    ]
+    ] + (["--shape", "llama", "--peers"] if peers else [])
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert json.loads(out.read_text()) == printed
     assert "output_tps_b2" in printed["models"]["ds-moe"]
+    assert printed["settings"]["peers"] is peers and ("hf-olmoe" in printed["models"]) is peers
+    assert printed["shapes"]["dense"]["activation"] == ("swiglu" if peers else "gelu")
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
@@ -126,3 +131,111 @@ def test_bench_rejects_bad_settings(bad, message):
 def test_bench_cli_error_exit_code(capsys):
     assert main(["bench", "--d-model", "100"]) == 2
     assert "multiple of 64" in capsys.readouterr().err
+
+
+def test_llama_shape_is_the_reference_shape_of_the_peers():
+    """Issue #17's reference: width 1024, 4 layers, SwiGLU FFN 2,816, 16 query heads of 64, 4 K/V heads, untied
+    embeddings; DS-MoE with 32 experts of 88 units, top-4, dense attention."""
+    models = {m.name: m for m in bench_models(1024, 4, 4096, 528, shape="llama")}
+    for m in models.values():
+        cfg = m.cfg
+        assert (cfg.activation, cfg.norm, cfg.tie_embeddings) == ("swiglu", "rmsnorm", False)
+        assert (cfg.n_query_heads, cfg.head_dim, cfg.n_kv_heads) == (16, 64, 4)
+    assert models["dense"].cfg.d_expert == 2816
+    dsmoe = models["ds-moe"]
+    assert (dsmoe.cfg.n_mlp_experts, dsmoe.cfg.d_expert, dsmoe.mlp.k, dsmoe.att) == (32, 88, 4, None)
+    assert not dsmoe.mlp.normalize  # unnormalised top-k scores, which hf-olmoe's norm_topk_prob must match
+    assert (models["smoe"].cfg.n_mlp_experts, models["smoe"].cfg.d_expert) == (16, 352)
+
+
+def test_peers_need_the_llama_shape(capsys):
+    with pytest.raises(ConfigError, match="--shape llama"):
+        run_benchmark(BenchSettings(**TINY, peers=True))
+    assert main(["bench", "--peers"]) == 2
+    assert "--shape llama" in capsys.readouterr().err
+
+
+def test_run_benchmark_measures_the_peers_beside_ours():
+    pytest.importorskip("transformers")
+    from dsmoe.bench.commands import format_table
+
+    result = run_benchmark(BenchSettings(**TINY, shape="llama", peers=True))
+    figures = result["models"]
+    assert list(figures) == ["dense", "smoe", "ds-moe", "hf-llama", "hf-olmoe"]
+    metrics = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s", "active_params", "total_params")
+    for name in figures:
+        for key in metrics:
+            assert figures[name][key] > 0, (name, key)
+            assert result["ratios"][name][key] == pytest.approx(figures[name][key] / figures["dense"][key])
+    assert {ours: r["peer"] for ours, r in result["peer_ratios"].items()} == {
+        "dense": "hf-llama",
+        "ds-moe": "hf-olmoe",
+    }
+    for ours, r in result["peer_ratios"].items():
+        for key in metrics:
+            assert r[key] == pytest.approx(figures[ours][key] / figures[r["peer"]][key]), (ours, key)
+    llama, olmoe = result["peers"]["hf-llama"], result["peers"]["hf-olmoe"]
+    assert llama["attn_implementation"] == olmoe["attn_implementation"] == "sdpa"
+    # same non-embedding parameters: Llama exactly; OLMoE apart from its QK-norms and our attention routers
+    assert llama["param_check"]["peer"] == llama["param_check"]["dsmoe"] == figures["dense"]["total_params"]
+    assert not llama["param_check"]["only_in_peer"] and not llama["param_check"]["only_in_dsmoe"]
+    check, cfg = olmoe["param_check"], result["shapes"]["ds-moe"]
+    qk_norms = cfg["n_layers"] * (cfg["d_model"] + cfg["n_kv_heads"] * cfg["head_dim"])
+    routers = cfg["n_layers"] * cfg["n_att_experts"] * cfg["d_model"]
+    assert check["only_in_peer"] == {"q/k norms (QK-norm)": qk_norms}
+    assert check["only_in_dsmoe"] == {"attention routers": routers}
+    assert check["peer"] - qk_norms == check["dsmoe"] - routers == check["shared"]
+    assert olmoe["config"]["num_experts"] == 32 and olmoe["config"]["num_experts_per_tok"] == 4
+    assert (
+        olmoe["config"]["norm_topk_prob"] is False and olmoe["config"]["intermediate_size"] == cfg["d_expert"]
+    )
+    # top-4 of 32 experts on both sides (our router count is on the shared side of both)
+    assert figures["hf-olmoe"]["active_params"] == figures["ds-moe"]["active_params"] + qk_norms - routers
+    assert figures["hf-llama"]["embedding_params"] == figures["dense"]["embedding_params"]
+    table = format_table(result)
+    assert (
+        "| ratio to peer |" in table and "| dense / hf-llama |" in table and "| ds-moe / hf-olmoe |" in table
+    )
+    assert "| hf-olmoe |" in table and "hf-olmoe (OlmoeForCausalLM, attention sdpa" in table
+
+
+def test_hf_llama_peer_is_our_dense_model():
+    """The bench's hf-llama converts (dsmoe convert's exact mapping) into the bench's own Dense model, and the two
+    give the same logits: the Dense-vs-Llama comparison times one network in two implementations."""
+    pytest.importorskip("transformers")
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from dsmoe.bench.peers import peer_config
+    from dsmoe.convert.from_hf import convert_model
+
+    dense = next(m for m in bench_models(64, 2, 64, 32, shape="llama") if m.name == "dense")
+    torch.manual_seed(0)
+    name, config, _ = peer_config(dense)
+    peer = LlamaForCausalLM(config).eval()
+    ours = convert_model(peer)
+    fixed = ("max_seq_len", "init_std")  # context length and initialisation: not part of the network
+    assert {k: v for k, v in ours.cfg.to_dict().items() if k not in fixed} == {
+        k: v for k, v in dense.cfg.to_dict().items() if k not in fixed
+    }
+    idx = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        ref = peer(idx).logits
+        assert (ours(idx).logits - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_peer_param_check_rejects_another_shape():
+    pytest.importorskip("transformers")
+    from dataclasses import replace
+
+    from dsmoe.bench.peers import PeerMismatch, build_peers
+    from dsmoe.model.transformer import Transformer
+
+    entries = [m for m in bench_models(64, 1, 64, 32, shape="llama") if m.name != "smoe"]
+    models = {e.name: Transformer(e.cfg) for e in entries}
+    peers = build_peers(entries, models, "cpu", next(iter(models.values())).embed.weight.dtype)
+    assert [p.name for p in peers] == ["hf-llama", "hf-olmoe"]
+    # the peer built at another FFN width than our model's
+    wider = replace(entries[0], cfg=entries[0].cfg.replace(d_expert=512))
+    with pytest.raises(PeerMismatch, match="hf-llama is not at the shape of our 'dense'"):
+        build_peers([wider], {"dense": models["dense"]}, "cpu", models["dense"].embed.weight.dtype)

@@ -1,4 +1,5 @@
-"""`dsmoe bench`: Dense vs SMoE vs DS-MoE latency and token throughput, measured in one process."""
+"""`dsmoe bench`: Dense vs SMoE vs DS-MoE latency and token throughput, measured in one process; with --peers,
+transformers' Llama and OLMoE at the same shape beside them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsmoe.bench.settings import METRICS, BenchSettings
+from dsmoe.bench.settings import METRICS, SHAPES, BenchSettings
 from dsmoe.files import write_atomic
 
 
@@ -43,6 +44,19 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)"
     )
+    p.add_argument(
+        "--shape",
+        choices=SHAPES,
+        default=d.shape,
+        help="table6: the paper's layout (GELU, LayerNorm, 32 heads of D/32, FFN 4D); llama: transformers' "
+        "Llama/OLMoE layout (SwiGLU, RMSNorm, 16 heads of D/16, FFN 8D/3 rounded up to 256)",
+    )
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also measure transformers' LlamaForCausalLM (peer of Dense) and OlmoeForCausalLM (peer of DS-MoE) "
+        "at the same shape, in the same rounds, and report our ratio to each (needs --shape llama)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -66,6 +80,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         mlp_k=args.mlp_k,
         att_k=args.att_k,
         threads=args.threads,
+        shape=args.shape,
+        peers=args.peers,
     )
     from dsmoe.bench.throughput import run_benchmark
 
@@ -78,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def format_table(result: dict) -> str:
-    """Markdown tables: absolute figures, ratios to Dense, MLP FLOP/s."""
+    """Markdown tables: absolute figures, ratios to Dense, ratios to the peers (with --peers), MLP FLOP/s."""
     metrics = [
         m for m in next(iter(result["models"].values())) if m.startswith(("input", "output", "latency"))
     ]
@@ -103,6 +119,29 @@ def format_table(result: dict) -> str:
             + " | ".join(f"{r[m]:.2f}x" for m in metrics)
             + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |"
         )
+    if "peer_ratios" in result:
+        lines += [
+            "",
+            "| ratio to peer | " + " | ".join(metrics) + " | active params | total params |",
+            "|---" * (len(metrics) + 3) + "|",
+        ]
+        for name, r in result["peer_ratios"].items():
+            lines.append(
+                f"| {name} / {r['peer']} | "
+                + " | ".join(f"{r[m]:.2f}x" for m in metrics)
+                + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |"
+            )
+        lines.append("")
+        for name, peer in result["peers"].items():
+            check = peer["param_check"]
+            apart = [f"+{n:,} {what} in {name}" for what, n in check["only_in_peer"].items()]
+            apart += [f"+{n:,} {what} in {peer['of']}" for what, n in check["only_in_dsmoe"].items()]
+            lines.append(
+                f"{name} ({peer['class']}, attention {peer['attn_implementation']}"
+                + (f", experts {peer['experts_implementation']}" if peer["experts_implementation"] else "")
+                + f"): {check['peer']:,} non-embedding parameters, {peer['of']} {check['dsmoe']:,}; "
+                + ("identical" if not apart else f"{check['shared']:,} shared, " + ", ".join(apart))
+            )
     lines += [
         "",
         "| MLP path (layer 0) | GFLOP | seconds | GFLOP/s | share of dense GFLOP/s |",

@@ -8,6 +8,8 @@ from dsmoe.config import ConfigError
 
 DTYPE_NAMES = ("fp32", "bf16")
 METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
+SHAPES = ("table6", "llama")  # see dsmoe.bench.models
+PEERS = {"dense": "hf-llama", "ds-moe": "hf-olmoe"}  # our model -> the transformers model measured beside it
 
 
 @dataclass
@@ -33,6 +35,8 @@ class BenchSettings:
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
     models: list[str] = field(default_factory=lambda: ["dense", "smoe", "ds-moe"])
+    shape: str = "table6"  # table6: the paper's GELU/LayerNorm layout; llama: SwiGLU/RMSNorm, as the peers
+    peers: bool = False  # also measure transformers' Llama and OLMoE at the same shape (needs shape "llama")
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -41,6 +45,13 @@ class BenchSettings:
             raise ConfigError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"unknown device '{self.device}': choose cpu or cuda")
+        if self.shape not in SHAPES:
+            raise ConfigError(f"unknown shape '{self.shape}': choose one of {', '.join(SHAPES)}")
+        if self.peers and self.shape != "llama":
+            raise ConfigError(
+                "--peers builds transformers' Llama and OLMoE, which have SwiGLU MLPs and RMSNorm: "
+                "add --shape llama so that our models have the same layout"
+            )
         if "dense" not in self.models:
             raise ConfigError("the benchmark needs the 'dense' model: ratios are relative to it")
         for name in (

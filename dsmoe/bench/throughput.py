@@ -8,6 +8,9 @@
 
 Timings are the best of ``repeats`` rounds, the models taking turns within each round so that load from other
 processes hits all of them alike. Ratios divide each model's figure by the Dense model's from the same run.
+
+With ``peers`` (and the ``llama`` shape), transformers' Llama and OLMoE at the same shapes join the same rounds
+(``dsmoe.bench.peers``), and each of our Dense and DS-MoE models is also divided by its peer (``peer_ratios``).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from dsmoe.bench.models import BenchModel, bench_models
 from dsmoe.bench.settings import BenchSettings
@@ -61,7 +66,7 @@ def best_of(
     return best
 
 
-def input_batch(s: BenchSettings, models: dict[str, Transformer]) -> int:
+def input_batch(s: BenchSettings, models: Mapping[str, nn.Module]) -> int:
     """Largest batch of ``input_len`` sequences whose activations fit the budget beside all models' weights."""
     elem = DTYPES[s.dtype].itemsize
     weights = sum(p.numel() for m in models.values() for p in m.parameters()) * elem
@@ -76,42 +81,71 @@ def input_batch(s: BenchSettings, models: dict[str, Transformer]) -> int:
     return min(fits, s.max_input_batch)
 
 
-def _decode_job(
-    model: Transformer, batch: int, s: BenchSettings, gen: torch.Generator
-) -> Callable[[], float]:
-    prompt = torch.randint(0, s.vocab_size, (batch, s.decode_prompt), generator=gen).to(s.device)
+class Runner(Protocol):
+    """One model behind the three timed jobs; ours (``DSMoERunner``) and transformers' (``peers.HFRunner``)."""
 
-    def job() -> float:
-        with torch.inference_mode():
-            cache = model.new_cache(batch, s.decode_prompt + s.decode_tokens)
-            token = model(prompt, cache=cache, last_only=True).logits[:, -1].argmax(-1)
-            _sync(s.device)
-            start = time.perf_counter()
-            for pos in range(s.decode_prompt, s.decode_prompt + s.decode_tokens):
-                token = (
-                    model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
-                )
-            _sync(s.device)
-            return time.perf_counter() - start
+    @property
+    def module(self) -> nn.Module:
+        """The model (its parameters size the input batch)."""
+        ...
 
-    return job
+    def forward(self, idx_BT: torch.Tensor) -> None:
+        """A forward pass over ``idx_BT``, logits of the last position only."""
+
+    def decode(self, prompt_BT: torch.Tensor, n_tokens: int) -> float:
+        """Prefill ``prompt_BT`` into a fresh KV cache, then decode ``n_tokens`` greedily one step at a time;
+        returns the seconds of the decode steps."""
+        ...
+
+    def generate(self, prompt_BT: torch.Tensor, n_new: int) -> None:
+        """``n_new`` greedy tokens after each prompt, end to end through the model's generate."""
 
 
-def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str, Transformer]) -> dict:
+class DSMoERunner:
+    def __init__(self, model: Transformer, device: str):
+        self.module = model
+        self.device = device
+
+    def forward(self, idx_BT: torch.Tensor) -> None:
+        self.module(idx_BT, last_only=True)
+
+    def decode(self, prompt_BT: torch.Tensor, n_tokens: int) -> float:
+        model, (batch, prompt_len) = self.module, prompt_BT.shape
+        cache = model.new_cache(batch, prompt_len + n_tokens)
+        token = model(prompt_BT, cache=cache, last_only=True).logits[:, -1].argmax(-1)
+        _sync(self.device)
+        start = time.perf_counter()
+        for pos in range(prompt_len, prompt_len + n_tokens):
+            token = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def generate(self, prompt_BT: torch.Tensor, n_new: int) -> None:
+        generate(self.module, prompt_BT, n_new)
+
+
+def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, torch.Tensor]:
+    """Timed figures of every model, and the input-throughput batch (for the active-parameter meter). All models
+    see the same inputs."""
     gen = torch.Generator().manual_seed(s.seed)
-    results: dict[str, dict] = {e.name: {} for e in entries}
-    batch_in = input_batch(s, models)
+    results: dict[str, dict] = {name: {} for name in runners}
+    batch_in = input_batch(s, {n: r.module for n, r in runners.items()})
     x_in = torch.randint(0, s.vocab_size, (batch_in, s.input_len), generator=gen).to(s.device)
 
-    def forward_job(model):
-        def job():
-            with torch.inference_mode():
-                model(x_in, last_only=True)
+    def jobs(method: str, *args: Any) -> dict[str, Callable[[], float | None]]:
+        """Each runner's ``method(*args)``, under inference mode."""
 
-        return job
+        def job(runner: Runner) -> Callable[[], float | None]:
+            def timed() -> float | None:
+                with torch.inference_mode():
+                    return getattr(runner, method)(*args)
+
+            return timed
+
+        return {name: job(runner) for name, runner in runners.items()}
 
     times = best_of(
-        {n: forward_job(m) for n, m in models.items()},
+        jobs("forward", x_in),
         s.repeats,
         s.device,
         f"input throughput, batch {batch_in} x {s.input_len}",
@@ -119,8 +153,9 @@ def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str
     for name, t in times.items():
         results[name]["input_tps"] = batch_in * s.input_len / t
     for batch in s.decode_batches:
+        prompt = torch.randint(0, s.vocab_size, (batch, s.decode_prompt), generator=gen).to(s.device)
         times = best_of(
-            {n: _decode_job(m, batch, s, gen) for n, m in models.items()},
+            jobs("decode", prompt, s.decode_tokens),
             s.repeats,
             s.device,
             f"output throughput, batch {batch} x {s.decode_tokens} tokens",
@@ -128,33 +163,29 @@ def measure_models(s: BenchSettings, entries: list[BenchModel], models: dict[str
         for name, t in times.items():
             results[name][f"output_tps_b{batch}"] = batch * s.decode_tokens / t
     prompts = torch.randint(0, s.vocab_size, (s.latency_batch, s.latency_prompt), generator=gen).to(s.device)
-
-    def latency_job(model):
-        def job():
-            generate(model, prompts, s.latency_new)
-
-        return job
-
     times = best_of(
-        {n: latency_job(m) for n, m in models.items()},
+        jobs("generate", prompts, s.latency_new),
         s.repeats,
         s.device,
         f"latency, {s.latency_batch} prompts of {s.latency_prompt} + {s.latency_new} new tokens",
     )
     for name, t in times.items():
         results[name]["latency_s"] = t
-    for e in entries:  # active parameters, measured by the meter on the input batch
-        meter = ActiveMeter(e.cfg)
-        sparsify(models[e.name], att=e.att, mlp=e.mlp, meter=meter)
-        with torch.inference_mode():
-            models[e.name](x_in[:1], last_only=True)
-        sparsify(models[e.name], att=e.att, mlp=e.mlp)
-        results[e.name].update(
-            active_params=round(meter.active_params),
-            total_params=e.cfg.non_embedding_params,
-            embedding_params=e.cfg.embedding_params,
-        )
-    return {"input_batch": batch_in, "models": results}
+    return {"input_batch": batch_in, "models": results}, x_in
+
+
+def active_params(entry: BenchModel, model: Transformer, x_in: torch.Tensor) -> dict[str, int]:
+    """Active parameters of one of our models, measured by the meter on the input batch, and its totals."""
+    meter = ActiveMeter(entry.cfg)
+    sparsify(model, att=entry.att, mlp=entry.mlp, meter=meter)
+    with torch.inference_mode():
+        model(x_in[:1], last_only=True)
+    sparsify(model, att=entry.att, mlp=entry.mlp)
+    return dict(
+        active_params=round(meter.active_params),
+        total_params=entry.cfg.non_embedding_params,
+        embedding_params=entry.cfg.embedding_params,
+    )
 
 
 def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Transformer]) -> dict:
@@ -215,35 +246,53 @@ def run_benchmark(s: BenchSettings) -> dict:
         torch.set_num_threads(s.threads)
     entries = [
         e
-        for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k)
+        for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k, s.shape)
         if e.name in s.models
     ]
     models = {}
     for e in entries:
         model = Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval()
         models[e.name] = sparsify(model, att=e.att, mlp=e.mlp)
-    measured = measure_models(s, entries, models)
-    dense = measured["models"]["dense"]
-    ratios = {
-        name: {k: r[k] / dense[k] for k in (*_metric_keys(s), "active_params", "total_params")}
-        for name, r in measured["models"].items()
-    }
-    return {
+    runners: dict[str, Runner] = {name: DSMoERunner(m, s.device) for name, m in models.items()}
+    peers = []
+    if s.peers:
+        from dsmoe.bench.peers import HFRunner, build_peers
+
+        peers = build_peers(entries, models, s.device, DTYPES[s.dtype])
+        runners.update({p.name: HFRunner(p.model, s.device) for p in peers})
+    measured, x_in = measure_models(s, runners)
+    for e in entries:
+        measured["models"][e.name].update(active_params(e, models[e.name], x_in))
+    for p in peers:
+        measured["models"][p.name].update(
+            active_params=p.active_params, total_params=p.total_params, embedding_params=p.embedding_params
+        )
+    keys = (*_metric_keys(s), "active_params", "total_params")
+    figures = measured["models"]
+    result = {
         "settings": asdict(s),
         "machine": machine(s.device),
         "input_batch": measured["input_batch"],
-        "models": measured["models"],
-        "ratios": ratios,
-        "mlp_flops": mlp_flops(s, entries, models),
-        "shapes": {e.name: e.cfg.to_dict() for e in entries},
-        "sparse_settings": {
+        "models": figures,
+        "ratios": {name: {k: r[k] / figures["dense"][k] for k in keys} for name, r in figures.items()},
+    }
+    if s.peers:
+        result["peer_ratios"] = {
+            p.of: {"peer": p.name, **{k: figures[p.of][k] / figures[p.name][k] for k in keys}} for p in peers
+        }
+        result["peers"] = {p.name: p.describe() for p in peers}
+    result.update(
+        mlp_flops=mlp_flops(s, entries, models),
+        shapes={e.name: e.cfg.to_dict() for e in entries},
+        sparse_settings={
             e.name: {
                 "att": e.att.describe() if e.att else "trained",
                 "mlp": e.mlp.describe() if e.mlp else "trained",
             }
             for e in entries
         },
-    }
+    )
+    return result
 
 
 def _metric_keys(s: BenchSettings) -> list[str]:

@@ -1,5 +1,7 @@
 """Shared test helpers (tests/ is on pytest's pythonpath)."""
 
+import json
+
 from dsmoe.config import ModelConfig
 
 
@@ -48,7 +50,6 @@ def synthetic_corpus(n_docs: int = 120, seed: int = 0) -> list[str]:
 
 def prepared_data(root, vocab_size: int = 384, seed: int = 0):
     """A prepared shard folder (train + val) made by the real pipeline from synthetic_corpus()."""
-    import json
     from pathlib import Path
 
     from dsmoe.data.shards import prepare
@@ -93,3 +94,23 @@ def tiny_train_config(data_dir, out_dir, regime: str = "dsmoe", **overrides):
     )
     values.update(overrides)
     return TrainConfig(**values)
+
+
+def train_cli_args(data_dir, out_dir, total_steps: int = 8, keep_last: int = 2) -> list[str]:
+    """`dsmoe train` key=value arguments for tiny_model_dict() on prepared_data(), checkpointing every 2 steps."""
+    return [
+        f"data={data_dir}",
+        f"out_dir={out_dir}",
+        f"model={json.dumps(tiny_model_dict())}",
+        "seq_len=32",
+        "micro_batch_size=4",
+        "global_batch_tokens=256",
+        f"total_tokens={256 * total_steps}",
+        "warmup_tokens=512",
+        "lr=3e-3",
+        "log_every=1",
+        "eval_every=0",
+        "ckpt_every=2",
+        f"keep_last={keep_last}",
+        "dtype=fp32",
+    ]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import prepared_data, small_config, tiny_model_dict, tiny_train_config
+from helpers import prepared_data, small_config, tiny_train_config, train_cli_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,22 +35,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_args(data_dir, out_dir, total_steps=10):
-    return [
-        f"data={data_dir}",
-        f"out_dir={out_dir}",
-        f"model={json.dumps(tiny_model_dict())}",
-        "seq_len=32",
-        "micro_batch_size=4",
-        "global_batch_tokens=256",
-        f"total_tokens={256 * total_steps}",
-        "warmup_tokens=512",
-        "lr=3e-3",
-        "log_every=1",
-        "eval_every=0",
-        "ckpt_every=2",
-        "keep_last=2",
-        "dtype=fp32",
-    ]
+    return train_cli_args(data_dir, out_dir, total_steps=total_steps)
 
 
 # A child that trains and SIGKILLs itself inside write_checkpoint, after the folder is fully written but before

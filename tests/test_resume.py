@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import prepared_data, small_config, tiny_model_dict, tiny_train_config
+from helpers import prepared_data, small_config, tiny_train_config, train_cli_args
 
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
@@ -21,22 +21,7 @@ def data_dir(tmp_path_factory):
 
 def run_args(data_dir, out_dir):
     """A first run's command line, with overrides a resumed run's command line does not repeat."""
-    return [
-        f"data={data_dir}",
-        f"out_dir={out_dir}",
-        f"model={json.dumps(tiny_model_dict())}",
-        "seq_len=32",
-        "micro_batch_size=4",
-        "global_batch_tokens=256",
-        f"total_tokens={256 * 8}",
-        "warmup_tokens=512",
-        "lr=3e-3",
-        "log_every=1",
-        "eval_every=0",
-        "ckpt_every=2",
-        "keep_last=5",
-        "dtype=fp32",
-    ]
+    return train_cli_args(data_dir, out_dir, keep_last=5)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,17 @@ from dsmoe.bench.throughput import BenchSettings, run_benchmark
 from dsmoe.cli import main
 from dsmoe.config import ConfigError, preset
 
+
+def skip_unless_peers_build():
+    transformers = pytest.importorskip("transformers")
+    from dsmoe.bench.peers import olmoe_config_builds
+
+    if not olmoe_config_builds(transformers):
+        pytest.skip(
+            f"transformers {transformers.__version__}'s OlmoeConfig rejects its own defaults: no OLMoE peer"
+        )
+
+
 TINY = dict(
     d_model=64,
     n_layers=1,
@@ -71,7 +82,7 @@ def test_run_benchmark_reports_every_figure_and_ratios_to_dense():
 @pytest.mark.parametrize("peers", [False, True])
 def test_bench_cli_writes_json(tmp_path, capsys, peers):
     if peers:
-        pytest.importorskip("transformers")
+        skip_unless_peers_build()
     out = tmp_path / "b" / "result.json"
     args = [
         "bench",
@@ -156,7 +167,7 @@ def test_peers_need_the_llama_shape(capsys):
 
 
 def test_run_benchmark_measures_the_peers_beside_ours():
-    pytest.importorskip("transformers")
+    skip_unless_peers_build()
     from dsmoe.bench.commands import format_table
 
     result = run_benchmark(BenchSettings(**TINY, shape="llama", peers=True))
@@ -225,7 +236,7 @@ def test_hf_llama_peer_is_our_dense_model():
 
 
 def test_peer_param_check_rejects_another_shape():
-    pytest.importorskip("transformers")
+    skip_unless_peers_build()
     from dataclasses import replace
 
     from dsmoe.bench.peers import PeerMismatch, build_peers

@@ -66,6 +66,15 @@ def _transformers():
     return transformers
 
 
+def olmoe_config_builds(transformers) -> bool:
+    """False on transformers releases whose OlmoeConfig() raises (5.4 does)."""
+    try:
+        transformers.OlmoeConfig()
+    except Exception:  # huggingface_hub's strict-dataclass error, whose class varies by release
+        return False
+    return True
+
+
 def peer_config(entry: BenchModel) -> tuple[str, Any, dict[str, Any]]:
     """(peer name, transformers config, the fields set) of the peer of one of our bench models."""
     if entry.name not in PEERS:
@@ -88,13 +97,16 @@ def peer_config(entry: BenchModel) -> tuple[str, Any, dict[str, Any]]:
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
         rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
-        tie_word_embeddings=cfg.tie_embeddings,
         initializer_range=cfg.init_std,
         attention_bias=False,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
     )
+    if (
+        cfg.tie_embeddings
+    ):  # untied is every config's default; OlmoeConfig 5.4 types the field int and refuses False
+        fields["tie_word_embeddings"] = True
     name = PEERS[entry.name]
     if name == "hf-llama":
         fields.update(head_dim=cfg.head_dim, mlp_bias=False)
@@ -113,7 +125,13 @@ def peer_config(entry: BenchModel) -> tuple[str, Any, dict[str, Any]]:
             output_router_logits=False,
             clip_qkv=None,
         )
+        if not olmoe_config_builds(transformers):
+            raise ConfigError(
+                f"transformers {transformers.__version__}'s OlmoeConfig rejects its own defaults (tie_word_embeddings"
+                " typed int), so the OLMoE peer cannot be built: --peers needs a newer transformers (5.24 is tested)"
+            )
         config_class = transformers.OlmoeConfig
+    fields["tie_word_embeddings"] = cfg.tie_embeddings
     return name, config_class(**fields, attn_implementation="sdpa"), fields
 
 

@@ -47,20 +47,22 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check $(LINTED)
 	$(PY) -m mypy
 
-# A new venv with the newest release of everything but torch: no lock, nothing cached from an earlier resolve.
+# resolved_venv(dir, pins): a new venv resolved afresh (no lock, nothing from an earlier resolve), torch held
+define resolved_venv
+	rm -rf $(1) && $(PYTHON) -m venv $(1)
+	echo "$(TORCH)" > $(1)/hold.txt
+	$(1)/bin/python $(PIP) --upgrade pip setuptools
+	$(1)/bin/python $(PIP) -c $(1)/hold.txt $(TORCH)
+	$(1)/bin/python $(PIP) -c $(1)/hold.txt -e ".[all]" $(2)
+endef
+
+# The newest release of everything but torch.
 venv-latest:
-	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
-	echo "$(TORCH)" > .venv-latest/hold.txt
-	.venv-latest/bin/python $(PIP) --upgrade pip setuptools
-	.venv-latest/bin/python $(PIP) -c .venv-latest/hold.txt $(TORCH)
-	.venv-latest/bin/python $(PIP) -c .venv-latest/hold.txt -e ".[all]"
+	$(call resolved_venv,.venv-latest,)
 
 lock: venv-latest
 	$(PYTHON) tools/lock.py freeze .venv-latest/bin/python $(LOCK)
-	rm -rf .venv-oldest-lock && $(PYTHON) -m venv .venv-oldest-lock
-	.venv-oldest-lock/bin/python $(PIP) --upgrade pip setuptools
-	.venv-oldest-lock/bin/python $(PIP) -c .venv-latest/hold.txt $(TORCH)
-	.venv-oldest-lock/bin/python $(PIP) -c .venv-latest/hold.txt -e ".[all]" $(OLDEST)
+	$(call resolved_venv,.venv-oldest-lock,$(OLDEST))
 	$(PYTHON) tools/lock.py freeze .venv-oldest-lock/bin/python $(OLDEST_LOCK)
 	rm -rf .venv-oldest-lock
 

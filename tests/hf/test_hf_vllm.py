@@ -1,5 +1,6 @@
-"""The vLLM model's math, with plain stand-ins for vLLM's paged Attention and fused-MoE kernel (vLLM needs a GPU and
-is not installed here: this checks MoA map/reduce, RoPE, weight names and the fused-expert layout, not vLLM itself).
+"""The vLLM model's math in the main venv, with plain stand-ins for vLLM's paged Attention and its GPU fused-MoE
+kernel: MoA map/reduce, RoPE, weight names and the fused-expert layout of the GPU branch, which vLLM's CPU build
+cannot run. The model in real vLLM is tested in tests/vllm (``make test-vllm``).
 """
 
 import importlib
@@ -56,15 +57,18 @@ def fused_experts(x, w1, w2, topk_weights, topk_ids):
 
 @pytest.fixture
 def vllm_model_module(monkeypatch):
-    fake = {
-        "vllm": types.ModuleType("vllm"),
-        "vllm.attention": types.ModuleType("vllm.attention"),
-        "vllm.model_executor": types.ModuleType("vllm.model_executor"),
-        "vllm.model_executor.layers": types.ModuleType("vllm.model_executor.layers"),
-        "vllm.model_executor.layers.fused_moe": types.ModuleType("vllm.model_executor.layers.fused_moe"),
-    }
-    fake["vllm.attention"].Attention = SingleSequenceAttention
+    names = [
+        "vllm",
+        "vllm.platforms",
+        "vllm.model_executor",
+        "vllm.model_executor.layers",
+        "vllm.model_executor.layers.attention",
+        "vllm.model_executor.layers.fused_moe",
+    ]
+    fake = {name: types.ModuleType(name) for name in names}
+    fake["vllm.model_executor.layers.attention"].Attention = SingleSequenceAttention
     fake["vllm.model_executor.layers.fused_moe"].fused_experts = fused_experts
+    fake["vllm.platforms"].current_platform = types.SimpleNamespace(is_cuda_alike=lambda: True)  # the GPU branch
     for name, module in fake.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delitem(sys.modules, "dsmoe.hf.vllm_model", raising=False)

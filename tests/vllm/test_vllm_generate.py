@@ -1,0 +1,83 @@
+"""The vLLM model in vLLM itself (the CPU build in .venv-vllm; ``make test-vllm``): exported folders served by
+``vllm.LLM`` give, token for token, what dsmoe's own ``generate`` gives from the checkpoint, under every sparse
+setting, with prompts of different lengths scheduled together in one batch."""
+
+from __future__ import annotations
+
+import pytest
+from vllm_fixtures import MAX_NEW, PROMPTS, export_folder, native_tokens, vllm_engine
+
+from dsmoe.model.settings import SparseSetting
+
+pytestmark = pytest.mark.vllm
+
+SETTINGS = {
+    "as-trained": (None, None),
+    "topk": (SparseSetting("topk", k=2), SparseSetting("topk", k=3)),
+    "threshold": (SparseSetting("threshold", threshold=1.0), SparseSetting("threshold", threshold=1.2)),
+}
+
+
+def vllm_tokens(llm, prompts: list[list[int]]) -> list[list[int]]:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.mark.parametrize("name", SETTINGS)
+def test_ds_moe_in_vllm_matches_native_generate(tmp_path_factory, name):
+    att, mlp = SETTINGS[name]
+    checkpoint, folder = export_folder(tmp_path_factory, "dsmoe", att=att, mlp=mlp)
+    expected = native_tokens(checkpoint, PROMPTS, att=att, mlp=mlp)
+    if att or mlp:  # the setting changes what the model says, so vLLM must have applied it
+        assert expected != native_tokens(checkpoint, PROMPTS)
+    with vllm_engine(folder) as llm:
+        assert vllm_tokens(llm, PROMPTS) == expected
+
+
+def test_per_layer_settings_from_config_json(tmp_path_factory):
+    """One setting per layer in config.json, here given through vLLM's hf_overrides (what a user passes to change
+    an exported folder's settings without re-exporting)."""
+    checkpoint, folder = export_folder(tmp_path_factory, "dsmoe")
+    overrides = {
+        "att_strategy": ["topk", None],
+        "att_k": [1, None],
+        "mlp_strategy": ["threshold", "topk"],
+        "mlp_threshold": [0.8, None],
+        "mlp_k": [None, 2],
+    }
+    att = [SparseSetting("topk", k=1), None]
+    mlp = [SparseSetting("threshold", threshold=0.8), SparseSetting("topk", k=2)]
+    expected = native_tokens(checkpoint, PROMPTS, att=att, mlp=mlp)
+    assert expected != native_tokens(checkpoint, PROMPTS)
+    with vllm_engine(folder, hf_overrides=overrides) as llm:
+        assert vllm_tokens(llm, PROMPTS) == expected
+
+
+def test_threshold_topk_one_prompt(tmp_path_factory):
+    """threshold_topk's K is the mean count over the tokens processed together, so it depends on the batch by
+    definition; one prompt at a time, vLLM and dsmoe process the same tokens together."""
+    mlp = SparseSetting("threshold_topk", threshold=1.0)
+    checkpoint, folder = export_folder(tmp_path_factory, "dsmoe", mlp=mlp)
+    with vllm_engine(folder) as llm:
+        for prompt in PROMPTS[:2]:
+            assert vllm_tokens(llm, [prompt]) == native_tokens(checkpoint, [prompt], mlp=mlp)
+
+
+@pytest.mark.parametrize("regime", ["smoe", "dense"])
+def test_smoe_and_dense_in_vllm_match_native_generate(tmp_path_factory, regime):
+    checkpoint, folder = export_folder(tmp_path_factory, regime)
+    with vllm_engine(folder) as llm:
+        assert vllm_tokens(llm, PROMPTS) == native_tokens(checkpoint, PROMPTS)
+
+
+def test_the_plugin_registers_the_architecture():
+    from vllm import ModelRegistry
+
+    from dsmoe.hf.vllm_plugin import ARCHITECTURE, register
+
+    register()
+    assert ARCHITECTURE in ModelRegistry.get_supported_archs()

@@ -114,3 +114,11 @@ def train_cli_args(data_dir, out_dir, total_steps: int = 8, keep_last: int = 2) 
         f"keep_last={keep_last}",
         "dtype=fp32",
     ]
+
+
+def model_file(checkpoint):
+    """A checkpoint's (first) model weights file: a shard under model/ (training runs) or model.safetensors."""
+    from pathlib import Path
+
+    shards = sorted((Path(checkpoint) / "model").glob("*.safetensors"))
+    return shards[0] if shards else Path(checkpoint) / "model.safetensors"

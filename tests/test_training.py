@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import prepared_data, small_config, tiny_model_dict, tiny_train_config
+from helpers import model_file, prepared_data, small_config, tiny_model_dict, tiny_train_config
 
 from dsmoe.config import ConfigError
 from dsmoe.training import checkpoint as ckpt
@@ -64,8 +64,13 @@ def test_checkpoints_are_complete_pruned_and_loadable(data_dir, tmp_path):
     kept = ckpt.list_checkpoints(cfg.out_dir)
     assert [p.name for p in kept] == ["step-00000006", "step-00000008"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no temporary folders left behind
-    for name in ("model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml", "tokenizer.json"):
-        assert (kept[-1] / name).is_file()
+    shard = "shard-00001-model-00001-of-00001.safetensors"  # one process: one shard file per folder
+    files = sorted(p.relative_to(kept[-1]).as_posix() for p in kept[-1].rglob("*") if p.is_file())
+    assert files == sorted(
+        ["config.yaml", "manifest.json", f"model/{shard}", f"optimizer/{shard}", "optimizer.json"]
+        + ["tokenizer.json", "trainer.pt"]
+    )
+    assert sorted(json.loads((kept[-1] / "manifest.json").read_text())) == sorted(set(files) - {"manifest.json"})
     model, tokenizer = ckpt.load_pretrained(kept[-1])
     assert tokenizer is not None and model.cfg == cfg.model_config()
     assert result["val_loss"] < 6.0  # learned something below log(384) = 5.95
@@ -89,7 +94,7 @@ def test_corrupted_checkpoint_is_reported(data_dir, tmp_path):
     cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 2)
     train(cfg)
     path = ckpt.list_checkpoints(cfg.out_dir)[-1]
-    weights = path / "model.safetensors"
+    weights = model_file(path)
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ckpt.CheckpointError, match="truncated"):
         ckpt.load_pretrained(path)

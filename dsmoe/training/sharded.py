@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -122,14 +122,16 @@ def load_model_and_optimizer(root: Path, model: nn.Module, optimizer: torch.opti
     set_optimizer_state_dict(
         model,
         optimizer,
-        {"state": state["state"], "param_groups": _param_groups(saved, template["param_groups"])},
+        {"state": state["state"], "param_groups": _param_groups(saved, cast(list, template["param_groups"]))},
     )
 
 
 def _param_groups(saved: list[dict[str, Any]], current: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The saved param groups with JSON's lists turned back into the tuples the optimizer keeps (``betas``)."""
     if len(saved) != len(current):
-        raise ValueError(f"the checkpoint has {len(saved)} optimizer param groups, this optimizer {len(current)}")
+        raise ValueError(
+            f"the checkpoint has {len(saved)} optimizer param groups, this optimizer {len(current)}"
+        )
     return [
         {key: tuple(value) if isinstance(now.get(key), tuple) else value for key, value in group.items()}
         for group, now in zip(saved, current, strict=True)

@@ -90,7 +90,9 @@ def test_resume_continues_exactly(tmp_path):
     for want in expected:
         got = next(resumed)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(DataError, match="6 windows into epoch 1, not a whole number of this loader's global batc"):
+    with pytest.raises(
+        DataError, match="6 windows into epoch 1, not a whole number of this loader's global batc"
+    ):
         TokenLoader(data, "train", batch_size=4, seq_len=5).load_state_dict(state)
     with pytest.raises(DataError, match="seq_len=5 but this loader has 6"):
         TokenLoader(data, "train", batch_size=2, seq_len=6).load_state_dict(state)

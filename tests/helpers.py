@@ -114,3 +114,28 @@ def train_cli_args(data_dir, out_dir, total_steps: int = 8, keep_last: int = 2) 
         f"keep_last={keep_last}",
         "dtype=fp32",
     ]
+
+
+def model_file(checkpoint):
+    """A checkpoint's (first) model weights file: a shard under model/ (training runs) or model.safetensors."""
+    from pathlib import Path
+
+    shards = sorted((Path(checkpoint) / "model").glob("*.safetensors"))
+    return shards[0] if shards else Path(checkpoint) / "model.safetensors"
+
+
+def run_train(args, nproc=None):
+    """`dsmoe train ARGS` in a child process, under torchrun with ``nproc`` gloo processes when given."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dsmoe", "train"]
+        if nproc
+        else [sys.executable, "-m", "dsmoe", "train"]
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import prepared_data, small_config, tiny_train_config, train_cli_args
+from helpers import model_file, prepared_data, small_config, tiny_train_config, train_cli_args
 
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
@@ -91,7 +91,7 @@ def test_corrupt_newest_checkpoint_is_skipped(data_dir, reference, tmp_path, cap
     out = tmp_path / "run"
     assert main(["train", *run_args(data_dir, out), "--max-steps", "4"]) == 0
     newest = ckpt.list_checkpoints(out)[-1]
-    weights = newest / "model.safetensors"
+    weights = model_file(newest)
     raw = bytearray(weights.read_bytes())
     raw[-1] ^= 0xFF
     weights.write_bytes(bytes(raw))
@@ -101,18 +101,18 @@ def test_corrupt_newest_checkpoint_is_skipped(data_dir, reference, tmp_path, cap
     assert f"warning: skipping {newest}: checkpoint file {weights} is corrupted" in err
     assert f"resuming {out / 'checkpoints' / 'step-00000002'}" in err
     assert_same_weights(reference, final_weights(out))
-    assert (out / "checkpoints" / "superseded" / "step-00000004" / "model.safetensors").read_bytes() == raw
+    assert model_file(out / "checkpoints" / "superseded" / "step-00000004").read_bytes() == raw
 
 
 def test_resume_from_a_chosen_checkpoint(data_dir, reference, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", *run_args(data_dir, out), "--max-steps", "6"]) == 0
     step2, later = ckpt.list_checkpoints(out)[0], ckpt.list_checkpoints(out)[1:]
-    kept = {p.name: (p / "model.safetensors").read_bytes() for p in later}
+    kept = {p.name: model_file(p).read_bytes() for p in later}
     assert main(["train", "--resume-from", str(step2)]) == 0
     assert_same_weights(reference, final_weights(out))
     superseded = out / "checkpoints" / "superseded"
-    assert {p.name: (p / "model.safetensors").read_bytes() for p in superseded.iterdir()} == kept
+    assert {p.name: model_file(p).read_bytes() for p in superseded.iterdir()} == kept
     capsys.readouterr()
     assert main(["train", "--resume-from", str(out / "checkpoints" / "step-00000099")]) == 2
     assert "no such checkpoint folder" in capsys.readouterr().err

@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import prepared_data, small_config, tiny_model_dict, tiny_train_config
+from helpers import model_file, prepared_data, run_train, small_config, tiny_model_dict, tiny_train_config
 
 from dsmoe.config import ConfigError
 from dsmoe.training import checkpoint as ckpt
@@ -64,8 +62,15 @@ def test_checkpoints_are_complete_pruned_and_loadable(data_dir, tmp_path):
     kept = ckpt.list_checkpoints(cfg.out_dir)
     assert [p.name for p in kept] == ["step-00000006", "step-00000008"]
     assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no temporary folders left behind
-    for name in ("model.safetensors", "optimizer.pt", "trainer.pt", "config.yaml", "tokenizer.json"):
-        assert (kept[-1] / name).is_file()
+    shard = "shard-00001-model-00001-of-00001.safetensors"  # one process: one shard file per folder
+    files = sorted(p.relative_to(kept[-1]).as_posix() for p in kept[-1].rglob("*") if p.is_file())
+    assert files == sorted(
+        ["config.yaml", "manifest.json", f"model/{shard}", f"optimizer/{shard}", "optimizer.json"]
+        + ["tokenizer.json", "trainer.pt"]
+    )
+    assert sorted(json.loads((kept[-1] / "manifest.json").read_text())) == sorted(
+        set(files) - {"manifest.json"}
+    )
     model, tokenizer = ckpt.load_pretrained(kept[-1])
     assert tokenizer is not None and model.cfg == cfg.model_config()
     assert result["val_loss"] < 6.0  # learned something below log(384) = 5.95
@@ -89,7 +94,7 @@ def test_corrupted_checkpoint_is_reported(data_dir, tmp_path):
     cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256 * 2)
     train(cfg)
     path = ckpt.list_checkpoints(cfg.out_dir)[-1]
-    weights = path / "model.safetensors"
+    weights = model_file(path)
     weights.write_bytes(weights.read_bytes()[:-10])
     with pytest.raises(ckpt.CheckpointError, match="truncated"):
         ckpt.load_pretrained(path)
@@ -150,21 +155,9 @@ def test_all_shipped_configs_load_and_build(tmp_path):
         cfg.accumulation_steps(1)
 
 
-def _run_train(args, nproc=None):
-    cmd = (
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "dsmoe", "train"]
-        if nproc
-        else [sys.executable, "-m", "dsmoe", "train"]
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd + args, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
-
-
 def test_train_stdout_is_one_json_object_and_progress_goes_to_stderr(data_dir, tmp_path):
     model = json.dumps(tiny_model_dict())
-    proc = _run_train(
+    proc = run_train(
         [
             f"data={data_dir}",
             f"model={model}",
@@ -198,8 +191,8 @@ def test_two_processes_match_one_on_the_same_global_batch(data_dir, tmp_path, re
         "ckpt_every=100",
         "dtype=fp32",
     ]
-    _run_train(common + [f"out_dir={tmp_path / 'one'}", "micro_batch_size=8"])
-    _run_train(common + [f"out_dir={tmp_path / 'two'}", "micro_batch_size=4"], nproc=2)
+    run_train(common + [f"out_dir={tmp_path / 'one'}", "micro_batch_size=8"])
+    run_train(common + [f"out_dir={tmp_path / 'two'}", "micro_batch_size=4"], nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert one.keys() == two.keys() == {1, 2, 3, 4}
     for step in one:

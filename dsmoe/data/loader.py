@@ -170,13 +170,27 @@ class TokenLoader:
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "global_batch", "seq_len"):
+        """Continue where ``state`` left off. A state saved with another global batch (a run resumed on another
+        number of processes) continues at the same window of the epoch, when that is a whole number of this
+        loader's global batches; the epochs after it end where this loader's do."""
+        for key in ("seed", "seq_len"):
             if key in state and state[key] != getattr(self, key):
                 raise DataError(
                     f"loader state has {key}={state[key]} but this loader has {getattr(self, key)}; "
-                    f"resume with the same seed, seq_len and batch_size * world_size"
+                    f"resume with the same seed and seq_len"
                 )
-        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+        epoch, position = int(state["epoch"]), int(state["position"])
+        saved_batch = int(state.get("global_batch", self.global_batch))
+        if saved_batch != self.global_batch:
+            windows = position * saved_batch
+            if windows % self.global_batch:
+                raise DataError(
+                    f"loader state is {windows} windows into epoch {epoch}, not a whole number of this loader's "
+                    f"global batches of {self.global_batch} windows (batch_size * world_size); resume with "
+                    f"batch_size * world_size = {saved_batch}, as the state was saved"
+                )
+            position = windows // self.global_batch
+        self.epoch, self.position, self._order = epoch, position, None
 
     def iter_eval(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Windows in stream order, this rank's slice of each global batch; stops after `max_batches` batches or at

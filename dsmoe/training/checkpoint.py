@@ -1,6 +1,25 @@
-"""Checkpoints: model (safetensors), optimizer, trainer state (step, tokens, data position, RNG) and the resolved
-config and tokenizer, written to a temporary folder and renamed, so a run killed mid-write never leaves a checkpoint
-that looks complete. A manifest of file sizes and hashes catches truncation and corruption on load."""
+"""Checkpoints: model, optimizer, trainer state (step, tokens, data position, RNG) and the resolved config and
+tokenizer, written to a temporary folder and renamed, so a run killed mid-write never leaves a checkpoint that looks
+complete. A manifest of file sizes and hashes catches truncation and corruption on load. Nothing is unpickled on
+load beyond tensors and plain values (``torch.load(weights_only=True)``); the rest is safetensors, JSON and YAML.
+
+A training run (``write_sharded_checkpoint``, collective over the ranks) writes, in RUN/checkpoints/step-NNNNNNNN/::
+
+    config.yaml      the resolved model and train config, and the versions of dsmoe, torch and Python
+    tokenizer.json   the tokenizer the data was prepared with
+    trainer.pt       step, tokens, loader position, RNG state (tensors and plain values)
+    model/           the model, one safetensors file of shards per rank (torch.distributed.checkpoint, see sharded.py)
+    optimizer/       the AdamW moments and step counts, sharded the same way
+    optimizer.json   the optimizer's param groups (hyperparameters, by parameter name)
+    manifest.json    bytes and sha256 of every file above, by path relative to the folder
+
+Every rank writes its own shards (there is no gather to rank 0) and reads back only the slices it holds, whatever
+the number of ranks that wrote them. On more than one node, RUN must be on a file system that every node sees.
+
+``write_checkpoint`` (``dsmoe convert``, weights-only checkpoints) writes the single-file layout that training runs
+wrote before sharding, and which still loads and resumes everywhere: ``model.safetensors`` for ``model/``,
+``optimizer.pt`` (a full optimizer state dict) for ``optimizer/`` and ``optimizer.json``.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +35,13 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save_file
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.files import apply_umask, temp_folder
+from dsmoe.training import sharded
 
 CKPT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -102,34 +123,100 @@ def write_checkpoint(
     train_cfg: dict | None = None,
     tokenizer_file: Path | None = None,
 ) -> Path:
-    """Write a complete checkpoint folder at ``path`` atomically (temporary sibling folder, then rename)."""
+    """Write a complete single-file checkpoint folder at ``path`` atomically (temporary sibling folder, then
+    rename), from full state dicts held by this process."""
     path = Path(path)
     tmp = temp_folder(path)
     try:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in model_state.items()}, tmp / "model.safetensors"
         )
-        config = {"model": model_cfg.to_dict(), "train": train_cfg, "versions": versions()}
-        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        _write_config(tmp, model_cfg, train_cfg)
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         if trainer_state is not None:
             torch.save(trainer_state, tmp / "trainer.pt")
         if tokenizer_file is not None and Path(tokenizer_file).is_file():
             shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
-        files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-        (tmp / MANIFEST).write_text(json.dumps(files, indent=1))
-        apply_umask(tmp)
-        for f in tmp.iterdir():  # flush file contents before the rename makes them visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if path.exists():
-            _discard(path)
-        os.replace(tmp, path)
+        _fsync(sorted(tmp.iterdir()))
+        _publish(tmp, path, _file_entries(tmp, sorted(tmp.iterdir())))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _write_config(folder: Path, model_cfg: ModelConfig, train_cfg: dict | None) -> None:
+    config = {"model": model_cfg.to_dict(), "train": train_cfg, "versions": versions()}
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def _file_entries(root: Path, files: list[Path]) -> dict[str, dict[str, Any]]:
+    return {f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in files}
+
+
+def _fsync(files: list[Path]) -> None:
+    """Flush file contents before the rename makes them visible."""
+    for f in files:
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _publish(tmp: Path, path: Path, entries: dict[str, dict[str, Any]]) -> None:
+    """Write the manifest of ``tmp``'s (already flushed) files and rename ``tmp`` onto ``path``."""
+    (tmp / MANIFEST).write_text(json.dumps(dict(sorted(entries.items())), indent=1))
+    _fsync([tmp / MANIFEST])
+    apply_umask(tmp)
+    if path.exists():
+        _discard(path)
+    os.replace(tmp, path)
+
+
+def write_sharded_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_cfg: ModelConfig,
+    *,
+    trainer_state: dict,
+    train_cfg: dict,
+    tokenizer_file: Path | None = None,
+) -> bool:
+    """Write the checkpoint of a training run at ``path`` atomically; every rank calls it (collective). Each rank
+    writes its own model and optimizer shards and hashes its share of the files; rank 0 writes the other files,
+    the manifest, and renames the folder once every rank is done. False (nothing written) when ``path`` exists."""
+    path = Path(path)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if sharded.distributed() else (0, 1)
+    tmp = temp_folder(path) if rank == 0 and not path.exists() else None
+    tmp = sharded.broadcast_from_rank0(tmp)
+    if tmp is None:
+        return False
+    try:
+        param_groups = sharded.save_model_and_optimizer(tmp, model, optimizer)
+        if rank == 0:
+            _write_config(tmp, model_cfg, train_cfg)
+            torch.save(trainer_state, tmp / "trainer.pt")
+            if param_groups is not None:
+                sharded.write_param_groups(tmp, param_groups)
+            if tokenizer_file is not None and Path(tokenizer_file).is_file():
+                shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            _fsync([f for f in tmp.iterdir() if f.is_file()])  # the shards were flushed by whoever wrote them
+        sharded.barrier()
+        files = sorted(f for f in tmp.rglob("*") if f.is_file())
+        entries = sharded.gather_to_rank0(_file_entries(tmp, files[rank::world]))
+        if rank == 0:
+            _publish(tmp, path, {k: v for part in entries for k, v in part.items()})
+        sharded.barrier()
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def is_sharded(path: str | Path) -> bool:
+    """Whether checkpoint folder ``path`` has the sharded layout (``model/``), not ``model.safetensors``."""
+    return (Path(path) / sharded.MODEL_DIR).is_dir()
 
 
 def verify_checkpoint(path: Path, check_hashes: bool = True) -> None:
@@ -215,11 +302,14 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
 
 
 def load_model_state(path: Path, check_hashes: bool = True) -> dict[str, torch.Tensor]:
+    """The full model state dict of a checkpoint of either layout, read by this process alone."""
     verify_checkpoint(path, check_hashes)
+    path = Path(path)
+    weights = path / sharded.MODEL_DIR if is_sharded(path) else path / "model.safetensors"
     try:
-        return load_file(Path(path) / "model.safetensors")
+        return sharded.read_full_model_state(path) if is_sharded(path) else load_file(weights)
     except Exception as err:  # safetensors raises its own error types for malformed headers
-        raise CheckpointError(f"cannot read {Path(path) / 'model.safetensors'}: {err}") from err
+        raise CheckpointError(f"cannot read {weights}: {err}") from err
 
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):

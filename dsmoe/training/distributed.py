@@ -66,19 +66,10 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer | None, info: DistInfo):
-    """Unsharded model and optimizer state dicts (gathered to CPU; complete on rank 0)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    if info.world_size == 1:
-        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_state_dict(model, optimizer if optimizer is not None else [], options=opts)
-
-
 def load_full_state_dicts(
     model: nn.Module, optimizer: torch.optim.Optimizer | None, model_state, optim_state, info: DistInfo
 ) -> None:
+    """Load full (unsharded) state dicts, as single-file checkpoints hold them, into a model sharded or not."""
     if info.world_size == 1:
         model.load_state_dict(model_state)
         if optimizer is not None and optim_state is not None:

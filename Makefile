@@ -4,6 +4,8 @@
 #   make lock          resolve the newest releases again and rewrite requirements.lock and requirements-oldest.lock
 #   make test-latest   the whole suite on the newest release of every dependency (drift from the lock printed first)
 #   make test-oldest   the whole suite on the lowest transformers and lm-eval that pyproject.toml declares
+#   make gpu-check     on a CUDA machine: a CUDA venv (.venv-gpu), the gpu tests, bf16 + compile training steps and
+#                      dsmoe bench --device cuda, results in benchmarks/gpu/; elsewhere a CPU self-check (tools/gpu_check.py)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -18,7 +20,7 @@ PIP := -m pip install --quiet --disable-pip-version-check
 TEST_ENV := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 LINTED := dsmoe tests benchmarks tools
 
-.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest clean
+.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest gpu-check clean
 
 # locked_venv(dir, lock): a venv holding exactly the lock's versions (pip and setuptools included)
 define locked_venv
@@ -77,5 +79,8 @@ test-latest: venv-latest
 test-oldest: .venv-oldest/.installed
 	$(TEST_ENV) .venv-oldest/bin/python -m pytest -q
 
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock .venv-gpu

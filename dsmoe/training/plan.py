@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -23,6 +23,9 @@ from dsmoe.model.transformer import Transformer
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.distributed import DistInfo, shard_model
 from dsmoe.training.optim import build_optimizer
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
 
 PARTS = ("parameters", "gradients", "optimizer", "gathered", "activations")
 # The trackers' categories (MemTracker's and FSDPMemTracker's names), grouped into PARTS.
@@ -137,8 +140,8 @@ def _trace(
     with tracker:
         for _ in range(n_steps):  # the step of training/loop.py
             for micro in range(n_micro):
-                if world_size > 1:
-                    model.set_requires_gradient_sync(micro == n_micro - 1)
+                if world_size > 1:  # as the loop: reduce-scatter once per step
+                    cast("FSDPModule", model).set_requires_gradient_sync(micro == n_micro - 1)
                 with autocast:
                     out = model(x, x)
                 (out.loss / n_micro).backward()

@@ -5,6 +5,8 @@
 #   make test-latest   the whole suite on the newest release of every dependency (drift from the lock printed first)
 #   make test-oldest   the whole suite on the lowest transformers and lm-eval that pyproject.toml declares
 #   make test-vllm     the vLLM tests in .venv-vllm: vLLM's CPU build from requirements-vllm.lock (make lock-vllm)
+#   make gpu-check     on a CUDA machine: a CUDA venv (.venv-gpu), the gpu tests, bf16 + compile training steps and
+#                      dsmoe bench --device cuda, results in benchmarks/gpu/; elsewhere a CPU self-check (tools/gpu_check.py)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -26,7 +28,7 @@ VLLM_LOCK := requirements-vllm.lock
 VLLM_UNUSED := torchvision torchaudio torchcodec
 VLLM_LOCK_USE := Written by make lock-vllm; installed by make venv-vllm with --no-deps, without $(VLLM_UNUSED).
 
-.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest venv-vllm test-vllm lock-vllm clean
+.PHONY: demo test lint pytest venv lock test-latest test-oldest venv-latest venv-vllm test-vllm lock-vllm gpu-check clean
 
 # locked_venv(dir, lock): a venv holding exactly the lock's versions (pip and setuptools included)
 define locked_venv
@@ -107,5 +109,8 @@ lock-vllm:
 	$(PYTHON) tools/lock.py freeze .venv-vllm-lock/bin/python $(VLLM_LOCK) "$(VLLM_LOCK_USE)"
 	rm -rf .venv-vllm-lock
 
+gpu-check:
+	$(PYTHON) tools/gpu_check.py
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock .venv-vllm .venv-vllm-lock
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-oldest-lock .venv-vllm .venv-vllm-lock .venv-gpu

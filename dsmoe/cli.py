@@ -91,6 +91,7 @@ def _command_modules() -> list:
     names = [
         "dsmoe.data.commands",
         "dsmoe.training.commands",
+        "dsmoe.training.plan_commands",
         "dsmoe.evaluation.commands",
         "dsmoe.hf.export",
         "dsmoe.hf.serve",

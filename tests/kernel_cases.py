@@ -58,7 +58,7 @@ def moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, d_m
     v = torch.randn(batch, n_kv, seq, head_dim, generator=g).to(dtype)
     batch_T = torch.arange(batch).repeat_interleave(new_tokens)
     pos_T = torch.arange(cached, seq).repeat(batch)
-    cos, sin = rope_tables(head_dim, 64, 10000.0)
+    cos, sin = rope_tables(head_dim, seq, 10000.0)  # a row for every position, cached and new
     return x, wq, wo, k, v, batch_T, pos_T, cos, sin
 
 

@@ -71,6 +71,20 @@ def test_moa_triton_interpreted(setting, batch, new_tokens, cached, padded):
 
 
 @interpreted
+def test_moa_triton_interpreted_long_prefill_after_a_cache():
+    """Positions past 64 (the RoPE tables once had 64 rows: an IndexError here, a device-side assert on CUDA)."""
+    args = moa_inputs(1, 70, 3, 2, 2, 8, 2, 16, torch.float32)
+    routing = make_routing(70, 2, SparseSetting("threshold", threshold=1.0))
+    torch.testing.assert_close(
+        moa_triton(*args[:5], routing, *args[5:]),
+        moa_reference(*args[:5], routing, *args[5:]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+    assert args[-2].shape[0] == 73  # cos: one row per position
+
+
+@interpreted
 def test_scatter2scatter_reads_rows_in_place():
     """gather=True reads token rows through the pair -> token index, without a gathered copy of x."""
     from dsmoe.kernels.triton_kernels import scatter2scatter

@@ -11,6 +11,8 @@ import torch.distributed as dist
 from torch import nn
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
     from dsmoe.model.transformer import Transformer
 
 
@@ -41,15 +43,18 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def shard_model(model: Transformer, info: DistInfo, param_dtype: torch.dtype | None) -> Transformer:
-    """FSDP2: each block is one all-gather unit; the root takes the embeddings and the head."""
+def shard_model(
+    model: Transformer, info: DistInfo, param_dtype: torch.dtype | None, mesh: DeviceMesh | None = None
+) -> Transformer:
+    """FSDP2: each block is one all-gather unit; the root takes the embeddings and the head. ``mesh``: one made
+    beforehand (dsmoe.training.plan shards fake tensors, and a mesh cannot be made under FakeTensorMode)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     except ImportError:  # torch < 2.6 kept FSDP2 under _composable
         from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mesh = mesh or init_device_mesh(info.device.type, (info.world_size,))
     # Mixed precision through FSDP on GPUs; on CPUs autocast does it (gloo reduces in the parameters' dtype).
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs: dict[str, Any] = {"mesh": mesh, **({"mp_policy": mp} if mp else {})}

@@ -31,7 +31,10 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 from vllm.platforms import current_platform
 
@@ -39,7 +42,6 @@ from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.reference import activate
-from dsmoe.model.rope import apply_rope
 from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
 
@@ -80,10 +82,15 @@ class DSMoEForVLLM(nn.Module):
             )
             for i in range(self.cfg.n_layers)
         )
+        self.rotary = get_rope(
+            self.cfg.head_dim,
+            max_position=self.cfg.max_seq_len,
+            is_neox_style=True,  # dsmoe's half-split layout
+            rope_parameters={"rope_theta": self.cfg.rope_theta, "rope_type": "default"},
+        )
+        self.silu_and_mul = SiluAndMul()
         self.use_fused_experts = (
-            fused_experts is not None
-            and current_platform.is_cuda_alike()
-            and self.cfg.activation == "swiglu"
+            fused_experts is not None and current_platform.is_cuda_alike() and self.cfg.activation == "swiglu"
         )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -101,28 +108,33 @@ class DSMoEForVLLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, D] of vLLM's flattened batch (the tokens of all scheduled sequences)."""
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        cos, sin = self.model.rope_cos[positions][:, None], self.model.rope_sin[positions][:, None]
+        residual = None
         for i, (block, attn) in enumerate(zip(self.model.block_list(), self.attn, strict=True)):
-            x = x + self._attention(i, block.att, attn, block.att_norm(x), cos, sin)
-            x = x + self._mlp(i, block.mlp, block.mlp_norm(x))
-        return self.model.final_norm(x)
+            h, residual = _add_norm(self.norms[2 * i], x, residual)
+            x = self._attention(i, block.att, attn, h, positions)
+            h, residual = _add_norm(self.norms[2 * i + 1], x, residual)
+            x = self._mlp(i, block.mlp, h)
+        return _add_norm(self.norms[-1], x, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor, sampling_metadata=None) -> torch.Tensor:
         return self.lm_head(hidden_states)
 
-    def _attention(self, i: int, att, attn, x_TD: torch.Tensor, cos, sin) -> torch.Tensor:
-        t, d = x_TD.shape[0], att.head_dim
+    def _attention(self, i: int, att, attn, x_TD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+        d = att.head_dim
         q, k, v = self.qkv[i](x_TD).split([att.n_heads * d, att.n_kv * d, att.n_kv * d], dim=-1)
-        q = apply_rope(q.view(t, att.n_heads, d), cos, sin)
-        k = apply_rope(k.view(t, att.n_kv, d), cos, sin)
-        o = attn(q.flatten(1), k.flatten(1), v).view(t, att.n_experts, -1)  # map: all experts' heads
+        q, k = self.rotary(positions_T, q, k)
+        o = attn(q, k, v).view(x_TD.shape[0], att.n_experts, -1)  # map: all experts' heads
         if att.router is not None:  # reduce: each expert's heads weighted by its router score
             o = o * _expert_weights(att, att.router(x_TD))[..., None].to(o.dtype)
         return self.wo[i](o.flatten(1))
 
     def _mlp(self, i: int, mlp, x_TD: torch.Tensor) -> torch.Tensor:
         if str(i) in self.mlp_in:  # every expert runs: one product of width N * F each way
-            h = activate(self.mlp_in[str(i)](x_TD).view(x_TD.shape[0], mlp.experts.n_experts, -1), mlp.experts.activation)
+            t, n = x_TD.shape[0], mlp.experts.n_experts
+            h = self.mlp_in[str(i)](x_TD).view(t * n, -1)
+            h = (self.silu_and_mul(h) if mlp.experts.activation == "swiglu" else activate(h, "gelu")).view(
+                t, n, -1
+            )
             if mlp.router is not None:
                 h = h * mlp.router(x_TD)[..., None].to(h.dtype)
             return self.mlp_out[str(i)](h.flatten(1))
@@ -174,7 +186,14 @@ class DSMoEForVLLM(nn.Module):
             for p in free:
                 p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         self.qkv, self.wo = nn.ModuleList(qkv), nn.ModuleList(wo)
-        self.mlp_in, self.mlp_out = nn.ModuleDict(mlp_in), nn.ModuleDict(mlp_out)  # the layers that run densely
+        norms = [norm for block in self.model.block_list() for norm in (block.att_norm, block.mlp_norm)]
+        self.norms = nn.ModuleList(
+            _vllm_norm(norm, self.cfg.norm_eps) for norm in [*norms, self.model.final_norm]
+        )
+        self.mlp_in, self.mlp_out = (
+            nn.ModuleDict(mlp_in),
+            nn.ModuleDict(mlp_out),
+        )  # the layers that run densely
         head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
         self.lm_head = Projection(head)
         if self.model.lm_head is not None:
@@ -196,6 +215,25 @@ class Projection(nn.Module):
         if self.cpu_linear is None:
             return F.linear(x, self.weight)
         return self.cpu_linear(x, self.weight, None)
+
+
+def _vllm_norm(norm: nn.Module, eps: float) -> nn.Module:
+    """vLLM's RMSNorm (its own kernel, the residual add fused in) with the weights of dsmoe's; LayerNorm as is."""
+    if not isinstance(norm, nn.RMSNorm):
+        return norm
+    fused = RMSNorm(norm.weight.shape[0], eps=eps)
+    fused.weight.data.copy_(norm.weight.data)
+    return fused
+
+
+def _add_norm(
+    norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual): the pre-norm block's residual stream, carried between the layers."""
+    if isinstance(norm, RMSNorm):
+        return (norm(x), x) if residual is None else norm(x, residual)
+    x = x if residual is None else x + residual
+    return norm(x), x
 
 
 def _expert_weights(layer, probs_TN: torch.Tensor) -> torch.Tensor:

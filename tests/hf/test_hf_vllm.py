@@ -15,6 +15,7 @@ from torch import nn
 
 from dsmoe.hf.configuration import DSMoEConfig
 from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.rope import apply_rope, rope_tables
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
@@ -45,6 +46,38 @@ class SingleSequenceAttention(nn.Module):
         return o.transpose(0, 1).reshape(t, -1)
 
 
+class SiluAndMul(nn.Module):
+    def forward(self, x):
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
+class RMSNorm(nn.Module):
+    """vLLM's semantics: with a residual, (norm(x + residual), x + residual)."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(hidden_size)), eps
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            x = x + residual
+        out = F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return out if residual is None else (out, x)
+
+
+class NeoxRotary(nn.Module):
+    def __init__(self, head_size, max_position, is_neox_style, rope_parameters):
+        super().__init__()
+        self.d = head_size
+        self.cos, self.sin = rope_tables(head_size, max_position, rope_parameters["rope_theta"])
+
+    def forward(self, positions, q, k):
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        rotate = lambda x: apply_rope(x.view(x.shape[0], -1, self.d), cos, sin).flatten(1)
+        return rotate(q), rotate(k)
+
+
 def fused_experts(x, w1, w2, topk_weights, topk_ids):
     """vLLM's documented fused-MoE semantics: w1 [E, 2I, H] = [gate; up], w2 [E, H, I], silu(gate) * up."""
     out = torch.zeros_like(x)
@@ -65,11 +98,19 @@ def vllm_model_module(monkeypatch):
         "vllm.model_executor.layers.attention",
         "vllm.model_executor.layers.fused_moe",
         "vllm.model_executor.layers.utils",
+        "vllm.model_executor.layers.activation",
+        "vllm.model_executor.layers.layernorm",
+        "vllm.model_executor.layers.rotary_embedding",
     ]
     fake = {name: types.ModuleType(name) for name in names}
     fake["vllm.model_executor.layers.attention"].Attention = SingleSequenceAttention
     fake["vllm.model_executor.layers.fused_moe"].fused_experts = fused_experts
-    fake["vllm.model_executor.layers.utils"].dispatch_cpu_unquantized_gemm = None  # CPU only: never called here
+    fake["vllm.model_executor.layers.activation"].SiluAndMul = SiluAndMul
+    fake["vllm.model_executor.layers.layernorm"].RMSNorm = RMSNorm
+    fake["vllm.model_executor.layers.rotary_embedding"].get_rope = NeoxRotary
+    fake[
+        "vllm.model_executor.layers.utils"
+    ].dispatch_cpu_unquantized_gemm = None  # CPU only: never called here
     gpu = types.SimpleNamespace(is_cuda_alike=lambda: True, is_cpu=lambda: False)
     fake["vllm.platforms"].current_platform = gpu  # the GPU branch: F.linear and the fused-MoE kernel
     for name, module in fake.items():
@@ -79,9 +120,9 @@ def vllm_model_module(monkeypatch):
     sys.modules.pop("dsmoe.hf.vllm_model", None)
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
-def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activation):
-    cfg = small_config(activation=activation)
+@pytest.mark.parametrize("activation,norm", [("swiglu", "rmsnorm"), ("gelu", "layernorm")])
+def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activation, norm):
+    cfg = small_config(activation=activation, norm=norm)
     native = Transformer(cfg).eval()
     att, mlp = SparseSetting("topk", k=2), SparseSetting("threshold", threshold=1.0)
     sparsify(native, att=att, mlp=mlp)

@@ -29,7 +29,8 @@ _checkpoints: dict[str, Path] = {}
 
 def checkpoint_for(tmp_path_factory, regime: str) -> Path:
     """One random checkpoint per regime, with a trained BPE tokenizer; vLLM's CPU attention needs head_dim >= 32.
-    A larger init spreads the logits, so greedy choices are not near-ties that rounding could flip."""
+    A larger init spreads the logits, so greedy choices are not near-ties that rounding could flip. The SMoE has
+    the paper's GeLU and LayerNorm, the others Llama's SwiGLU and RMSNorm (each runs through its own vLLM ops)."""
     if regime not in _checkpoints:
         root = tmp_path_factory.mktemp(f"vllm-{regime}")
         torch.manual_seed(0)
@@ -39,7 +40,8 @@ def checkpoint_for(tmp_path_factory, regime: str) -> Path:
             vocab_size=VOCAB,
             d_model=64,
             head_dim=32,
-            activation="swiglu",
+            activation="gelu" if regime == "smoe" else "swiglu",
+            norm="layernorm" if regime == "smoe" else "rmsnorm",
             max_seq_len=MAX_LEN,
             init_std=0.1,
         )

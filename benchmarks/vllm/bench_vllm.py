@@ -174,8 +174,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every model this many times, taking turns"
+    )
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # internal: the child process's folder
+    parser.add_argument("--table", type=Path, help="only write the markdown table of an existing result JSON")
     args = parser.parse_args()
+    if args.table:
+        args.table.with_suffix(".md").write_text(markdown(json.loads(args.table.read_text())))
+        return
     if args.d_model // 16 < 32:
         parser.error("vLLM's CPU attention needs heads of at least 32: use --d-model 512 or more (16 heads)")
     args.max_len = max(args.input_len, args.decode_prompt + args.decode_tokens) + 1
@@ -187,7 +194,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         models = build_folders(args, Path(tmp))
-        for name, info in models.items():
+        rounds: dict[str, list[dict]] = {name: [] for name in models}
+        for name, info in [item for _ in range(args.rounds) for item in models.items()]:
             child = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--measure", info["folder"]],
                 capture_output=True,
@@ -199,9 +207,14 @@ def main() -> None:
                 log = args.out.with_suffix(f".{name}.log")
                 log.write_text(child.stdout + child.stderr)
                 sys.exit(f"{name}: the vLLM run failed; its whole output is in {log}")
-            info.update(json.loads(lines[-1].removeprefix("RESULT ")))
+            rounds[name].append(json.loads(lines[-1].removeprefix("RESULT ")))
+            print(name, json.dumps(rounds[name][-1]), flush=True)
+        for name, info in models.items():
             info.pop("folder")
-            print(name, json.dumps(info), flush=True)
+            for metric in rounds[name][0]:
+                info[metric] = statistics.median(r[metric] for r in rounds[name])
+            if args.rounds > 1:
+                info["rounds"] = rounds[name]
     result = {
         "command": "python benchmarks/vllm/bench_vllm.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
@@ -214,7 +227,40 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp_out, args.out)
-    print(f"wrote {args.out}")
+    table = args.out.with_suffix(".md")
+    table.write_text(markdown(result))
+    print(f"wrote {args.out} and {table}")
+
+
+def markdown(result: dict) -> str:
+    """The result as a table of tokens/s, each with its ratio to our Dense (and our Dense's to vLLM's Llama)."""
+    models = result["models"]
+    metrics = [m for m in next(iter(models.values())) if "_tps" in m]
+    metrics = ["input_tps"] + sorted(m for m in metrics if m != "input_tps")
+    header = ["model", "setting", "active / total params", *metrics]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
+    base = models.get("dense")
+    for name, info in models.items():
+        share = (
+            f"{info['active_params'] / 1e6:.1f}M / {info['non_embedding_params'] / 1e6:.1f}M"
+            if "active_params" in info
+            else "all"
+        )
+        cells = []
+        for m in metrics:
+            ratio = ""
+            if base and name != "dense":
+                ratio = f" ({info[m] / base[m]:.2f}x)"
+            elif base and name == "dense" and "vllm-llama" in models:
+                ratio = f" ({info[m] / models['vllm-llama'][m]:.2f}x of Llama)"
+            cells.append(f"{info[m]:.1f}{ratio}")
+        rows.append(f"| {name} | {info['setting']} | {share} | " + " | ".join(cells) + " |")
+    return (
+        f"`{result['command']}` ({result['date']}, vLLM {result['vllm']}, {result['machine']['cpus']} CPU cores, fp32)"
+        + "\n\nTokens/s; in brackets the ratio to our Dense (for our Dense: to vLLM's Llama).\n\n"
+        + "\n".join(rows)
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

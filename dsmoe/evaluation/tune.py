@@ -126,9 +126,12 @@ def tune(
     opts: TuneOptions,
     progress: Callable[[str], None] | None = None,
     planned: Callable[[int], None] | None = None,
+    memo: dict | None = None,
 ) -> tuple[Measured, Measured | None, Search]:
     """(chosen per-layer settings, best global setting within the budget or None, the search record).
-    ``progress(what)`` is called after every evaluation, ``planned(n)`` once with about how many there will be."""
+    ``progress(what)`` is called after every evaluation, ``planned(n)`` once with about how many there will be.
+    ``memo``: a dict shared by calls on the same model and dev documents (e.g. one per budget), so that a setting
+    measured once is not measured again; ``Search.evaluations`` counts the evaluations this call ran."""
     cfg = model.cfg
     kinds = [k for k in opts.kinds if (cfg.has_att_router if k == "att" else cfg.has_mlp_router)]
     if not kinds:
@@ -140,14 +143,18 @@ def tune(
             f"no threshold in {opts.values} is <= the experts of a layer: give smaller --thresholds"
         )
 
+    cache = {} if memo is None else memo
+
     def evaluate(att: Layers, mlp: Layers, what: str) -> Measured:
-        result = evaluate_text(
-            model, tokenizer, dev_docs, att, mlp, batch_size=opts.batch_size, max_len=opts.max_len
-        )
-        search.evaluations += 1
+        key = (tuple(att), tuple(mlp))
+        if key not in cache:
+            cache[key] = evaluate_text(
+                model, tokenizer, dev_docs, att, mlp, batch_size=opts.batch_size, max_len=opts.max_len
+            )
+            search.evaluations += 1
         if progress is not None:
             progress(what)
-        return Measured(list(att), list(mlp), result)
+        return Measured(list(att), list(mlp), cache[key])
 
     if planned is not None:
         n_sens = sum(len(grid[k]) for k in kinds) * cfg.n_layers
@@ -304,7 +311,7 @@ def greedy_path(
         (abs(c["cost"]) for k in kinds for row in sensitivity[k] for c in row), default=0.0
     )
     current: dict[tuple[str, int], int] = {}  # level index; absent: as trained
-    path = []
+    path: list[tuple[str, int, int]] = []
     while True:
         best = None
         for kind in kinds:

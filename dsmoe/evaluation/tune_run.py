@@ -52,10 +52,8 @@ def run_tune(
     data: dict | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Tune ``checkpoint`` on the dev half of ``documents``, report on the test half, write ``out``; returns the
-    record (also the settings file's ``meta``)."""
-    from tqdm import tqdm
-
+    """Tune ``checkpoint`` on the dev half of ``documents``, report on the test half, write the settings file
+    ``out``; returns the record (also the file's ``meta``)."""
     from dsmoe.training.checkpoint import load_pretrained
 
     if out.exists() and out.is_dir():
@@ -63,6 +61,28 @@ def run_tune(
     dev_all, test_all = split_dev_test(documents)
     model, tokenizer = load_pretrained(checkpoint)
     dev, test = first_tokens(tokenizer, dev_all, dev_tokens), first_tokens(tokenizer, test_all, test_tokens)
+    chosen, record = tune_and_report(model, tokenizer, dev, test, opts, progress=progress)
+    record = {"made_by": "dsmoe tune", "checkpoint": str(checkpoint), "data": data or {}, **record}
+    write_atomic(out, json.dumps(settings_to_dict(chosen.att, chosen.mlp, record), indent=2) + "\n")
+    return record
+
+
+def tune_and_report(
+    model,
+    tokenizer,
+    dev: list[str],
+    test: list[str],
+    opts: TuneOptions,
+    *,
+    memo: dict | None = None,
+    test_memo: dict | None = None,
+    progress: bool = True,
+) -> tuple[Measured, dict[str, Any]]:
+    """Search on ``dev``, then measure the trained model, the chosen settings and the best global setting on
+    ``test``: (chosen, record). ``memo`` / ``test_memo`` share measurements between calls on the same model and
+    documents (a benchmark over several budgets)."""
+    from tqdm import tqdm
+
     started = time.perf_counter()
     bar = tqdm(desc="tune", unit="eval", disable=not progress)
 
@@ -74,15 +94,18 @@ def run_tune(
         bar.total = n
         bar.refresh()
 
-    chosen, best_global, search = tune(model, tokenizer, dev, opts, progress=tick, planned=plan)
+    chosen, best_global, search = tune(model, tokenizer, dev, opts, progress=tick, planned=plan, memo=memo)
     bar.close()
     search_seconds = time.perf_counter() - started
+    test_cache = {} if test_memo is None else test_memo
 
     def on_test(m: Measured) -> Measured:
-        r = evaluate_text(
-            model, tokenizer, test, m.att, m.mlp, batch_size=opts.batch_size, max_len=opts.max_len
-        )
-        return Measured(m.att, m.mlp, r)
+        key = (tuple(m.att), tuple(m.mlp))
+        if key not in test_cache:
+            test_cache[key] = evaluate_text(
+                model, tokenizer, test, m.att, m.mlp, batch_size=opts.batch_size, max_len=opts.max_len
+            )
+        return Measured(m.att, m.mlp, test_cache[key])
 
     reported = {"trained": on_test(search.reference), "tuned": on_test(chosen)}
     if best_global is not None:
@@ -96,9 +119,6 @@ def run_tune(
     dense_params = float(model.cfg.non_embedding_params)
     is_global = best_global is not None and chosen is best_global
     record: dict[str, Any] = {
-        "made_by": "dsmoe tune",
-        "checkpoint": str(checkpoint),
-        "data": data or {},
         "budget": opts.budget,
         "metric": f"{opts.metric}_perplexity",
         "objective": opts.objective,
@@ -136,8 +156,7 @@ def run_tune(
             "sensitivity": search.sensitivity,
         },
     }
-    write_atomic(out, json.dumps(settings_to_dict(chosen.att, chosen.mlp, record), indent=2) + "\n")
-    return record
+    return chosen, record
 
 
 def report_table(record: dict) -> str:

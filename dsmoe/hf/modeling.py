@@ -119,7 +119,7 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         """Apply a per-layer settings file (written by ``dsmoe tune``), in place and in ``self.config`` (so
         ``save_pretrained`` keeps it); the file is checked against this model first."""
         att, mlp = load_settings(path, self.config.model_config())
-        fields = {key: None for key in SPARSE_KEYS}
+        fields: dict[str, Any] = {key: None for key in SPARSE_KEYS}
         fields.update(
             config_fields(att, mlp), normalize_weights=any(s is not None and s.normalize for s in att + mlp)
         )

@@ -137,13 +137,13 @@ def parse_entry(entry: Any, normalize: bool, n_experts: int, where: str) -> Spar
     elif k is not None:
         raise ConfigError(f"{where}: k is read by strategy 'topk' only, not {strategy!r}; remove it")
     if strategy in ("threshold", "threshold_topk"):
-        ok = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-        if not ok or not math.isfinite(threshold) or not 0 < threshold <= n_experts:
+        number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        if not (number and math.isfinite(threshold) and 0 < threshold <= n_experts):  # type: ignore[arg-type, operator]
             raise ConfigError(
                 f"{where}: {strategy} needs a threshold in (0, {n_experts}] (it compares S_i * N_experts; above "
                 f"N only the top expert is ever kept), got {threshold!r}"
             )
-        threshold = float(threshold)
+        threshold = float(threshold)  # type: ignore[arg-type]
     elif threshold is not None:
         raise ConfigError(
             f"{where}: threshold is read by the threshold strategies only, not {strategy!r}; remove it"

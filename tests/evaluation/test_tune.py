@@ -155,7 +155,7 @@ def test_greedy_path_takes_free_savings_first_and_ends_fully_sparse():
     from helpers import small_config
 
     cfg = small_config(n_layers=2)
-    row = lambda costs, actives: [{"cost": c, "active": a} for c, a in zip(costs, actives)]  # noqa: E731
+    row = lambda costs, actives: [{"cost": c, "active": a} for c, a in zip(costs, actives, strict=True)]  # noqa: E731
     sensitivity = {"mlp": [row([5.0, 9.0], [6, 2]), row([0.0, 1.0], [4, 1])]}
     path = greedy_path(cfg, ["mlp"], sensitivity, {"att": [4, 4], "mlp": [8, 8]})
     assert path[0] == ("mlp", 1, 0)  # free

@@ -187,3 +187,24 @@ def test_settings_flag_conflicts_with_strategy_flags(tiny_trained_checkpoint, he
     argv = ["eval", "--checkpoint", str(tiny_trained_checkpoint), "--text", str(held_out[0])]
     assert main([*argv, "--settings", str(path), "--strategy", "topk", "--k", "2"]) == 2
     assert "drop --strategy, --k or drop --settings" in capsys.readouterr().err
+
+
+def test_topk_tuning_and_dev_tokens(tiny_trained_checkpoint, held_out, tmp_path, capsys):
+    path = tmp_path / "topk.json"
+    argv = [
+        "tune",
+        "--checkpoint",
+        str(tiny_trained_checkpoint),
+        "--text",
+        str(held_out[0]),
+        "--budget",
+        "0.1",
+    ]
+    assert main([*argv, "--strategy", "topk", "--dev-tokens", "600", "--out", str(path), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["split"]["dev_documents"] < len(held_out[1])  # stopped once 600 tokens were in
+    assert record["split"]["dev_tokens"] >= 600
+    assert record["dev"]["tuned"]["word_perplexity"] <= record["dev"]["limit"]
+    att, mlp = load_settings(path, checkpoint_config(tiny_trained_checkpoint))
+    assert all(s is None or s.strategy == "topk" for s in att + mlp)
+    assert any(s is not None for s in att + mlp)

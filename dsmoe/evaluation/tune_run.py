@@ -27,7 +27,8 @@ from dsmoe.model.settings_file import settings_to_dict
 
 
 def first_tokens(tokenizer, docs: list[str], n_tokens: int | None) -> list[str]:
-    """Whole documents from the start until they hold at least ``n_tokens`` tokens (all of them for None)."""
+    """The documents from the start, about ``n_tokens`` tokens of them (all for None): whole documents, and of the
+    one that crosses the limit its leading lines (at least one), so that one long article does not blow the limit."""
     if n_tokens is None:
         return docs
     if n_tokens < 1:
@@ -36,8 +37,20 @@ def first_tokens(tokenizer, docs: list[str], n_tokens: int | None) -> list[str]:
     for doc in docs:
         if total >= n_tokens:
             break
-        out.append(doc)
-        total += len(tokenizer.encode(doc).ids)
+        n = len(tokenizer.encode(doc).ids)
+        if total + n <= n_tokens:
+            out.append(doc)
+            total += n
+            continue
+        kept: list[str] = []
+        for line in doc.split("\n"):
+            cost = len(tokenizer.encode(line + "\n").ids)
+            if kept and total + cost > n_tokens:
+                break
+            kept.append(line)
+            total += cost
+        out.append("\n".join(kept))
+        break
     return out
 
 

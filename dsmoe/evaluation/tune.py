@@ -12,7 +12,9 @@ The search, all on the dev split:
 3. **Check**: bisection along the path for its sparsest point whose *measured* dev perplexity is within the
    budget (about log2 of the path length evaluations, the first probe where the additive prediction says).
 4. **Global baseline**: the same eps (or level) on every layer, each measured on dev; the best within the budget.
-   When the per-layer result is not better on the objective, the global setting is returned and says so.
+5. **From the global setting**: a second greedy path that starts at the best global setting and raises layers
+   beyond it, checked by bisection the same way (uniform sparsity is sometimes the better start).
+   When no per-layer point is better on the objective, the global setting is returned and says so.
 
 ``objective="latency"``: the candidates (every measured point within the budget along the path, the chosen point
 with its barely-sparse layers back to dense, the best global setting and the trained model) are timed decoding one
@@ -114,6 +116,9 @@ class Search:
         default_factory=dict
     )  # kind -> layer -> level -> numbers
     path: list[tuple[str, int, int]] = field(default_factory=list)  # (kind, layer, level) moves, in order
+    global_path: list[tuple[str, int, int]] = field(
+        default_factory=list
+    )  # moves beyond the best global setting
     probes: list[dict] = field(default_factory=list)  # bisection: path index, perplexity, active params
     global_points: list[dict] = field(default_factory=list)
     evaluations: int = 0
@@ -159,7 +164,7 @@ def tune(
     if planned is not None:
         n_sens = sum(len(grid[k]) for k in kinds) * cfg.n_layers
         n_global = max(len(g) for g in grid.values())
-        planned(1 + n_sens + math.ceil(math.log2(n_sens + 2)) + n_global)
+        planned(1 + n_sens + 2 * math.ceil(math.log2(n_sens + 2)) + n_global)
     trained: Layers = [None] * cfg.n_layers
     search = Search(reference=Measured(trained, trained, {}), limit=0.0)
     reference = evaluate(trained, trained, "as trained")
@@ -189,47 +194,57 @@ def tune(
     # 2. the greedy path
     search.path = greedy_path(cfg, kinds, search.sensitivity, ref_counts)
 
-    def settings_at(m: int) -> tuple[Layers, Layers]:
+    def settings_at(moves: Sequence[tuple[str, int, int]]) -> tuple[Layers, Layers]:
         chosen = {k: list(trained) for k in ("att", "mlp")}
-        for kind, layer, level in search.path[:m]:
+        for kind, layer, level in moves:
             chosen[kind][layer] = grid[kind][level]
         return chosen["att"], chosen["mlp"]
 
-    # 3. bisection for the sparsest point of the path within the budget, first probing the predicted one
     budget_nll = _allowed_loss(reference.result, opts.metric, opts.budget)
-    predicted = max(
-        (
-            i
-            for i in range(1, len(search.path) + 1)
-            if _path_cost(search.sensitivity, search.path[:i]) <= budget_nll
-        ),
-        default=0,
-    )
-    feasible: dict[int, Measured] = {0: reference}
-    lo, hi = 0, len(search.path) + 1
-    probe = predicted if 0 < predicted < hi else (lo + hi) // 2
-    while hi - lo > 1:
-        if not lo < probe < hi:
-            probe = (lo + hi) // 2
-        m = evaluate(*settings_at(probe), f"check path point {probe}/{len(search.path)}")
-        ok = m.perplexity(opts.metric) <= search.limit
-        search.probes.append(
-            {
-                "point": probe,
-                "perplexity": m.perplexity(opts.metric),
-                "active_params": m.result["active_params"],
-                "within": ok,
-            }
+
+    def bisect(
+        start: list[tuple[str, int, int]], path: list, base: Measured, name: str
+    ) -> dict[int, Measured]:
+        """3. Bisection for the sparsest point of ``start + path[:m]`` within the budget (``base`` is m = 0, known
+        to be within), first probing where the additive prediction says. Returns the points found within."""
+        predicted = max(
+            (
+                i
+                for i in range(1, len(path) + 1)
+                if _path_cost(search.sensitivity, start + path[:i]) <= budget_nll
+            ),
+            default=0,
         )
-        if ok:
-            lo, feasible[probe] = probe, m
-        else:
-            hi = probe
-        probe = (lo + hi) // 2
-    best_path = feasible[lo]
+        feasible: dict[int, Measured] = {0: base}
+        lo, hi = 0, len(path) + 1
+        probe = predicted if 0 < predicted < hi else (lo + hi) // 2
+        while hi - lo > 1:
+            if not lo < probe < hi:
+                probe = (lo + hi) // 2
+            m = evaluate(*settings_at(start + path[:probe]), f"check {name} point {probe}/{len(path)}")
+            ok = m.perplexity(opts.metric) <= search.limit
+            search.probes.append(
+                {
+                    "path": name,
+                    "point": probe,
+                    "perplexity": m.perplexity(opts.metric),
+                    "active_params": m.result["active_params"],
+                    "within": ok,
+                }
+            )
+            if ok:
+                lo, feasible[probe] = probe, m
+            else:
+                hi = probe
+            probe = (lo + hi) // 2
+        return feasible
+
+    feasible = bisect([], search.path, reference, "trained->sparse")
+    best_path = feasible[max(feasible)]
 
     # 4. the best single global setting (same level on every tuned layer)
     best_global: Measured | None = None
+    global_level = 0
     for level in range(max(len(g) for g in grid.values())):
         att, mlp = list(trained), list(trained)
         for kind in kinds:
@@ -249,7 +264,21 @@ def tune(
             }
         )
         if ok and (best_global is None or m.result["active_params"] < best_global.result["active_params"]):
-            best_global = m
+            best_global, global_level = m, level
+
+    # 5. a second path from the best global setting: per-layer moves beyond it (costs from the same sensitivity
+    # sweep), checked by bisection the same way; where uniform sparsity is the better start, this finds more
+    if best_global is not None:
+        start = [
+            (k, layer, min(global_level, len(grid[k]) - 1)) for k in kinds for layer in range(cfg.n_layers)
+        ]
+        current = {(k, layer): level for k, layer, level in start}
+        search.global_path = greedy_path(cfg, kinds, search.sensitivity, ref_counts, start=current)
+        from_global = bisect(start, search.global_path, best_global, "global->sparse")
+        feasible.update({len(search.path) + 1 + i: m for i, m in from_global.items() if i > 0})
+        beyond = from_global[max(from_global)]
+        if beyond.result["active_params"] < best_path.result["active_params"]:
+            best_path = beyond
 
     if opts.objective == "params":
         chosen = best_path
@@ -301,16 +330,21 @@ def _path_cost(sensitivity: dict, moves: Sequence[tuple[str, int, int]]) -> floa
 
 
 def greedy_path(
-    cfg: ModelConfig, kinds: Sequence[str], sensitivity: dict, ref_counts: dict[str, list[float]]
+    cfg: ModelConfig,
+    kinds: Sequence[str],
+    sensitivity: dict,
+    ref_counts: dict[str, list[float]],
+    start: dict[tuple[str, int], int] | None = None,
 ) -> list[tuple[str, int, int]]:
-    """Moves (kind, layer, level) from the trained model to every layer at its sparsest level. Each move takes the
+    """Moves (kind, layer, level) from the trained model (or from ``start``'s levels) to every layer at its
+    sparsest level. Each move takes the
     layer and higher level that saves the most active parameters per unit of added cost (costs below a small floor
     count as the floor, so free savings come first, largest first)."""
     expert_params = {"att": cfg.att_expert_params, "mlp": cfg.mlp_expert_params}
     floor = 1e-6 + 1e-3 * max(
         (abs(c["cost"]) for k in kinds for row in sensitivity[k] for c in row), default=0.0
     )
-    current: dict[tuple[str, int], int] = {}  # level index; absent: as trained
+    current: dict[tuple[str, int], int] = dict(start or {})  # level index; absent: as trained
     path: list[tuple[str, int, int]] = []
     while True:
         best = None

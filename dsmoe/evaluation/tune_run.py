@@ -164,6 +164,7 @@ def tune_and_report(
             "evaluations": search.evaluations,
             "seconds": round(search_seconds, 1),
             "path_length": len(search.path),
+            "global_path_length": len(search.global_path),
             "probes": search.probes,
             "global_points": search.global_points,
             "sensitivity": search.sensitivity,

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="print a preset's config and parameter counts")
     p.add_argument("--preset", required=True, help=f"one of: {', '.join(PRESETS)}")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    add_sparse_args(p)
+    add_sparse_args(p, settings_file=False)
     p.set_defaults(func=cmd_info)
     for module in _command_modules():
         module.add_commands(sub)

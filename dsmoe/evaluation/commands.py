@@ -66,10 +66,9 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.text import evaluate_text
-    from dsmoe.inference.arguments import check_settings, sparse_settings
+    from dsmoe.inference.arguments import resolve_sparse_args
 
-    att, mlp = sparse_settings(args)
-    check_settings(_check(args), att, mlp)
+    att, mlp = resolve_sparse_args(args, _check(args))
     model, tokenizer, text = _load(args)
     result = evaluate_text(
         model,
@@ -110,6 +109,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {args.out} is a file; give a folder for the sweep's outputs")
     ks = args.ks or list(range(1, cfg.n_mlp_experts + 1))
     points = sweep_grid(args.strategies, args.thresholds, ks, cfg.n_mlp_experts, args.att_dense)
+    if args.settings is not None:
+        from dsmoe.evaluation.sweep import settings_point
+        from dsmoe.model.settings_file import load_settings
+
+        points.append(settings_point(*load_settings(args.settings, cfg), Path(args.settings).name))
     model, tokenizer, text = _load(args)
     result = run_sweep(
         model,
@@ -122,9 +126,64 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     name = args.name or args.checkpoint.name
     settings = {"checkpoint": str(args.checkpoint), "data": text.description, "att_dense": args.att_dense}
+    if args.settings is not None:
+        settings["settings_file"] = str(args.settings)
     paths = write_sweep(result, args.out, name, settings)
     print((args.out / "table.md").read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from dsmoe.evaluation.text import load_eval_text
+    from dsmoe.evaluation.tune import TuneOptions
+    from dsmoe.evaluation.tune_run import report_table, run_tune
+
+    _check(args)
+    opts = TuneOptions(
+        budget=args.budget,
+        strategy=args.strategy,
+        values=tuple(args.thresholds) if args.thresholds else None,
+        kinds=tuple(args.kinds),
+        objective=args.objective,
+        metric=args.metric,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+    )
+    if args.out.exists() and args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a folder; give the path of the settings file to write")
+    text = load_eval_text(
+        args.text,
+        args.dataset,
+        args.source,
+        field=args.field,
+        split=args.split,
+        max_docs=args.max_docs,
+        data_dir=args.data_dir,
+    )
+    record = run_tune(
+        args.checkpoint,
+        text.documents,
+        opts,
+        args.out,
+        dev_tokens=args.dev_tokens,
+        test_tokens=args.test_tokens,
+        data=text.description,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    split = record["split"]
+    print(
+        f"{args.checkpoint}: budget {opts.budget:.1%} on {record['metric']}, objective {opts.objective}; chosen on "
+        f"dev ({split['dev_tokens']:,} tokens), reported on test ({split['test_tokens']:,} tokens); "
+        f"{record['search']['evaluations']} dev evaluations in {record['search']['seconds']:.0f} s"
+    )
+    print(report_table(record), end="")
+    if record["chosen"] == "global":
+        print(f"note: {record['note']}")
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -200,9 +259,59 @@ def add_commands(sub) -> None:
         "--att-dense", action="store_true", help="keep attention dense for the threshold strategies"
     )
     p.add_argument("--layer-threshold", type=float, default=0.48, help="eps of the layer-utilization plot")
+    p.add_argument(
+        "--settings", metavar="FILE", help="also measure this per-layer settings file (from `dsmoe tune`)"
+    )
     p.add_argument("--name", help="model name in the table and plots (default: the checkpoint folder's name)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "tune",
+        help="per-layer sparse settings that meet a perplexity budget with the fewest active parameters",
+        description="Chooses per-layer attention and MLP settings on a dev half of the text (alternate "
+        "documents) so that dev perplexity <= (1 + budget) x the model's as-trained perplexity, with the fewest "
+        "active parameters (or the lowest decode time), and reports them on the other (test) half next to the "
+        "best single global setting. Writes a settings file that eval, sweep, export, serve, lm-eval "
+        "(settings=FILE) and the Hugging Face model (load_sparse_settings) read.",
+    )
+    _add_text_args(p)
+    p.add_argument(
+        "--budget", required=True, type=float, help="allowed perplexity increase, e.g. 0.02 for 2%%"
+    )
+    p.add_argument("--out", required=True, type=Path, help="the settings file to write (JSON)")
+    p.add_argument(
+        "--dev-tokens", type=int, help="tune on the first dev documents holding N tokens (default: all)"
+    )
+    p.add_argument("--test-tokens", type=int, help="report on the first test documents holding N tokens")
+    p.add_argument(
+        "--strategy",
+        choices=("threshold", "threshold_topk", "topk"),
+        default="threshold",
+        help="what each layer tunes: eps of a threshold strategy, or K of topk",
+    )
+    p.add_argument(
+        "--thresholds",
+        type=_split_list(float),
+        help="comma-separated eps grid (default 0.25,0.5,0.75,1,1.25,1.5,2)",
+    )
+    p.add_argument(
+        "--kinds",
+        type=_split_list(str),
+        default=["att", "mlp"],
+        help="routers to tune: att,mlp (default both)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=("params", "latency"),
+        default="params",
+        help="minimise measured active parameters, or measured decode seconds per token",
+    )
+    p.add_argument(
+        "--metric", choices=("word", "token", "byte"), default="word", help="perplexity of the budget"
+    )
+    p.add_argument("--json", action="store_true", help="the whole record as one JSON object on stdout")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser(
         "lm-eval",

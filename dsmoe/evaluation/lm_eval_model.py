@@ -5,6 +5,7 @@ Importing this module registers the model. lm-eval 0.4.13 discovers models only 
 imported first, same arguments::
 
     dsmoe lm-eval --model dsmoe --model_args checkpoint=DIR,strategy=topk,k=4 --tasks wikitext --device cpu
+    dsmoe lm-eval --model dsmoe --model_args checkpoint=DIR,settings=settings.json ...   # per layer (dsmoe tune)
 
 In Python: ``import dsmoe.evaluation.lm_eval_model`` then ``lm_eval.simple_evaluate(model="dsmoe", ...)``.
 Tokenization follows lm-eval's ``TemplateLM`` (the same context/continuation split as its ``hf`` model); scoring and
@@ -30,8 +31,9 @@ from dsmoe.evaluation.perplexity import rolling_loglikelihoods
 from dsmoe.evaluation.scoring import score_requests
 from dsmoe.inference.arguments import check_settings, sparse_setting
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.inference.sparsify import ActiveMeter, LayerSettings, sparsify
 from dsmoe.model.settings import SparseSetting, describe_setting
+from dsmoe.model.settings_file import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,8 @@ class DSMoELM(TemplateLM):
     """A dsmoe checkpoint as an lm-eval ``LM``. Sparse settings mirror ``dsmoe eval``'s flags: ``strategy``, ``k``,
     ``threshold`` for the MLP routers and ``att_strategy``, ``att_k``, ``att_threshold`` for attention;
     ``normalize`` rescales selected scores to sum to one. Without a strategy the layers run as trained (an SMoE
-    its top-k); ``strategy=dense`` runs every expert."""
+    its top-k); ``strategy=dense`` runs every expert. ``settings=FILE``: per-layer settings from a settings file
+    (``dsmoe tune``) instead of the strategy arguments."""
 
     def __init__(
         self,
@@ -97,6 +100,7 @@ class DSMoELM(TemplateLM):
         att_k: int | None = None,
         att_threshold: float | None = None,
         normalize: bool = False,
+        settings: str | None = None,
         batch_size: int | str | None = 1,
         max_batch_size: int | None = None,
         device: str | None = None,
@@ -111,9 +115,22 @@ class DSMoELM(TemplateLM):
         from dsmoe.data.tokenizer import eos_id
         from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
-        self.att_setting = _setting("att_", att_strategy, att_k, att_threshold, bool(normalize))
-        self.mlp_setting = _setting("", strategy, k, threshold, bool(normalize))
-        check_settings(checkpoint_config(checkpoint), self.att_setting, self.mlp_setting)
+        cfg = checkpoint_config(checkpoint)
+        self.att_setting: LayerSettings
+        self.mlp_setting: LayerSettings
+        if settings not in (None, ""):
+            given = [
+                n for n, v in (("strategy", strategy), ("att_strategy", att_strategy)) if v not in (None, "")
+            ]
+            if given:
+                raise ConfigError(
+                    f"settings={settings} gives every layer's setting; drop {', '.join(given)} from --model_args"
+                )
+            self.att_setting, self.mlp_setting = load_settings(str(settings), cfg)
+        else:
+            self.att_setting = _setting("att_", att_strategy, att_k, att_threshold, bool(normalize))
+            self.mlp_setting = _setting("", strategy, k, threshold, bool(normalize))
+            check_settings(cfg, self.att_setting, self.mlp_setting)
         self._device = resolve_device(device)
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
         self.model, self.tokenizer = load_pretrained(Path(checkpoint), device=self._device, dtype=torch_dtype)

@@ -3,7 +3,8 @@
 
 Grid points: ``threshold`` and ``threshold_topk`` apply the same strategy and epsilon to the attention and MLP
 routers (``att_dense=True`` keeps attention dense instead); ``topk`` sets K for the MLP routers and keeps attention
-dense, as the paper's TopK does. The dense point (every expert) is always measured first as the reference.
+dense, as the paper's TopK does. The dense point (every expert) is always measured first as the reference. A
+per-layer settings file (``dsmoe tune``) adds one point, strategy ``settings``, to compare against the curves.
 """
 
 from __future__ import annotations
@@ -23,21 +24,35 @@ from dsmoe.model.settings import SparseSetting
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer
 
+LayerList = list[SparseSetting | None]
+
 SWEEP_STRATEGIES = ("threshold", "topk", "threshold_topk")
 
 
 @dataclass(frozen=True)
 class GridPoint:
-    strategy: str  # "dense" for the reference point
-    att: SparseSetting
-    mlp: SparseSetting
+    strategy: str  # "dense" for the reference point, "settings" for a per-layer settings file
+    att: SparseSetting | LayerList
+    mlp: SparseSetting | LayerList
     value: float | None  # the swept epsilon or K
+    name: str | None = None  # the settings file's label
 
     @property
     def label(self) -> str:
-        return (
-            "dense" if self.strategy == "dense" else f"att {self.att.describe()}, mlp {self.mlp.describe()}"
-        )
+        if self.strategy == "settings":
+            return f"per-layer settings {self.name}"
+        if (
+            self.strategy == "dense"
+            or not isinstance(self.att, SparseSetting)
+            or not isinstance(self.mlp, SparseSetting)
+        ):
+            return "dense"
+        return f"att {self.att.describe()}, mlp {self.mlp.describe()}"
+
+
+def settings_point(att: LayerList, mlp: LayerList, name: str) -> GridPoint:
+    """The sweep point of a per-layer settings file (``dsmoe sweep --settings FILE``)."""
+    return GridPoint("settings", att, mlp, None, name)
 
 
 def sweep_grid(
@@ -142,6 +157,16 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
         if pts:
             ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=strategy)
     for r in rows:
+        if r["strategy"] == "settings":
+            ax.plot(
+                r["active_params"] / 1e6,
+                r["word_perplexity"],
+                marker="D",
+                markersize=9,
+                color="crimson",
+                linestyle="none",
+                label=r["label"],
+            )
         if r["strategy"] == "dense":
             ax.plot(
                 r["active_params"] / 1e6,

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import perplexity
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
-from dsmoe.model.settings import SparseSetting, describe_setting
+from dsmoe.inference.sparsify import ActiveMeter, LayerSettings, sparsify
+from dsmoe.model.settings import describe_setting
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer
@@ -71,8 +71,8 @@ def evaluate_text(
     model: Transformer,
     tokenizer,
     documents: list[str],
-    att: SparseSetting | None = None,
-    mlp: SparseSetting | None = None,
+    att: LayerSettings = None,
+    mlp: LayerSettings = None,
     *,
     batch_size: int = 16,
     max_len: int | None = None,

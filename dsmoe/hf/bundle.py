@@ -16,6 +16,7 @@ from pathlib import Path
 BUNDLED_MODULES = (
     "dsmoe.config",
     "dsmoe.model.settings",
+    "dsmoe.model.settings_file",
     "dsmoe.model.routing",
     "dsmoe.model.rope",
     "dsmoe.kernels.reference",

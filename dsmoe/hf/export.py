@@ -17,21 +17,23 @@ from pathlib import Path
 from dsmoe.config import ConfigError
 from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
-from dsmoe.model.settings import SparseSetting
+from dsmoe.inference.arguments import LayerSettings
+from dsmoe.model.settings_file import config_fields
 
 
 def export(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    att: SparseSetting | None = None,
-    mlp: SparseSetting | None = None,
+    att: LayerSettings = None,
+    mlp: LayerSettings = None,
     tokenizer_file: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the Hugging Face folder ``out`` from the dsmoe checkpoint folder ``checkpoint``.
 
-    ``att`` / ``mlp``: sparse-inference settings stored in config.json (None: the trained behaviour).
+    ``att`` / ``mlp``: sparse-inference settings stored in config.json: one for every layer or a list with one per
+    layer, e.g. from a settings file (None: the trained behaviour).
     ``tokenizer_file``: a tokenizer.json to use when the checkpoint carries none.
     """
     from tokenizers import Tokenizer
@@ -85,8 +87,7 @@ def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: P
             bos_token_id=eos,
             eos_token_id=eos,
             dtype=native.embed.weight.dtype,
-            **_sparse_fields("att", att),
-            **_sparse_fields("mlp", mlp),
+            **config_fields(att, mlp),
         )
         import torch
 
@@ -132,23 +133,12 @@ def _load_module(path: Path):
     return module
 
 
-def _sparse_fields(kind: str, setting: SparseSetting | None) -> dict:
-    if setting is None:
-        return {}
-    fields = {
-        f"{kind}_strategy": setting.strategy,
-        f"{kind}_k": setting.k,
-        f"{kind}_threshold": setting.threshold,
-    }
-    if setting.normalize:
-        fields["normalize_weights"] = True
-    return fields
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from dsmoe.inference.arguments import sparse_settings
+    from dsmoe.inference.arguments import resolve_sparse_args
+    from dsmoe.training.checkpoint import checkpoint_config
 
-    att, mlp = sparse_settings(args)  # None: the layer keeps its trained behaviour
+    # None: the layer keeps its trained behaviour; --settings: one per layer, written into config.json as lists
+    att, mlp = resolve_sparse_args(args, checkpoint_config(args.checkpoint))
     out = export(
         args.checkpoint, args.out, att=att, mlp=mlp, tokenizer_file=args.tokenizer, overwrite=args.overwrite
     )

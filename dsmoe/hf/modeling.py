@@ -23,6 +23,7 @@ from dsmoe.config import ConfigError
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.rope import rope_tables
+from dsmoe.model.settings_file import config_fields, load_settings
 from dsmoe.model.transformer import Transformer
 
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``; ``generate`` passes
@@ -113,6 +114,16 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
                 setattr(self.config, key, value)
             raise
         return self
+
+    def load_sparse_settings(self, path, meter=None) -> DSMoEForCausalLM:
+        """Apply a per-layer settings file (written by ``dsmoe tune``), in place and in ``self.config`` (so
+        ``save_pretrained`` keeps it); the file is checked against this model first."""
+        att, mlp = load_settings(path, self.config.model_config())
+        fields: dict[str, Any] = {key: None for key in SPARSE_KEYS}
+        fields.update(
+            config_fields(att, mlp), normalize_weights=any(s is not None and s.normalize for s in att + mlp)
+        )
+        return self.set_sparse(meter=meter, **fields)
 
     @contextmanager
     def sparse(self, meter=None, **settings):

@@ -65,7 +65,7 @@ class RequestError(Exception):
 class Completer:
     """The model, its tokenizer, and the lock that makes completions take turns."""
 
-    def __init__(self, folder: Path, name: str, device: str):
+    def __init__(self, folder: Path, name: str, device: str, settings: str | Path | None = None):
         import torch
         from tokenizers import Tokenizer
 
@@ -75,6 +75,8 @@ class Completer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.model = DSMoEForCausalLM.from_pretrained(folder).to(self.device).eval()
+        if settings is not None:  # per-layer sparse settings (dsmoe tune) instead of config.json's
+            self.model.load_sparse_settings(settings)
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.eos = self.model.config.eos_token_id
         self.name = name
@@ -341,14 +343,17 @@ def serve(
     device: str = "cpu",
     log_level: str = "warning",
     name: str | None = None,
+    settings: str | Path | None = None,
 ) -> None:
     """Serve ``folder`` (written by ``dsmoe export``) until interrupted, as model ``name`` (default: ``folder`` as
-    given)."""
+    given). ``settings``: a per-layer sparse settings file (``dsmoe tune``) that replaces config.json's."""
     path = Path(folder)
     for needed in ("config.json", "tokenizer.json", "model.safetensors"):
         if not (path / needed).is_file():
             raise ConfigError(f"{path} has no {needed}; serve a folder written by `dsmoe export`")
-    completer = Completer(path, str(folder) if name is None else name, device)
+    if settings is not None and not Path(settings).is_file():
+        raise ConfigError(f"settings file {settings} does not exist; write one with `dsmoe tune`")
+    completer = Completer(path, str(folder) if name is None else name, device, settings)
     server = ThreadingHTTPServer(
         (host, port), make_handler(completer, log_level.lower() in ("debug", "info"))
     )
@@ -368,7 +373,14 @@ def serve(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    serve(args.model, host=args.host, port=args.port, device=args.device, log_level=args.log_level)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        log_level=args.log_level,
+        settings=args.settings,
+    )
     return 0
 
 
@@ -387,4 +399,9 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:0, auto")
     p.add_argument("--log-level", default="warning", help="info or debug logs each request")
+    p.add_argument(
+        "--settings",
+        metavar="FILE",
+        help="per-layer sparse settings (a JSON file from `dsmoe tune`) instead of config.json's",
+    )
     p.set_defaults(func=cmd_serve)

@@ -6,14 +6,24 @@ import argparse
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.model.settings import STRATEGIES, SparseSetting
+from dsmoe.model.settings_file import load_settings
+
+LayerSettings = SparseSetting | list[SparseSetting | None] | None
 
 AS_TRAINED = "as trained (Dense, DS-MoE: every expert; SMoE: its trained top-k); 'dense' runs every expert"
 
 
-def add_sparse_args(parser: argparse.ArgumentParser) -> None:
-    """--strategy/--k/--threshold for MLP routers, --att-* for attention routers. Without a strategy a layer runs
-    as it was trained."""
+def add_sparse_args(parser: argparse.ArgumentParser, settings_file: bool = True) -> None:
+    """--strategy/--k/--threshold for MLP routers, --att-* for attention routers, and (``settings_file``)
+    --settings FILE for per-layer settings written by `dsmoe tune`. Without a strategy a layer runs as it was
+    trained."""
     g = parser.add_argument_group("sparse inference")
+    if settings_file:
+        g.add_argument(
+            "--settings",
+            metavar="FILE",
+            help="per-layer attention and MLP settings (a JSON file written by `dsmoe tune`); replaces the flags below",
+        )
     g.add_argument("--strategy", choices=STRATEGIES, help=f"MLP expert selection; default: {AS_TRAINED}")
     g.add_argument("--k", type=int, help="experts per token for topk")
     g.add_argument("--threshold", type=float, help="eps for threshold strategies (compares S_i * N)")
@@ -32,6 +42,25 @@ def sparse_setting(
     if strategy == "topk" and (k is None or k < 1):
         raise ConfigError(f"strategy 'topk' needs k >= 1 (got k={k!r}); {give_k}")
     return SparseSetting(strategy, k=k, threshold=threshold, normalize=normalize)
+
+
+def resolve_sparse_args(args: argparse.Namespace, cfg: ModelConfig) -> tuple[LayerSettings, LayerSettings]:
+    """(attention, MLP) settings of a model with config ``cfg``: the --settings file's per-layer lists, or the
+    flags' one setting for every layer (None: as trained), checked against the model."""
+    path = getattr(args, "settings", None)
+    if path is None:
+        att, mlp = sparse_settings(args)
+        check_settings(cfg, att, mlp)
+        return att, mlp
+    given = [
+        f
+        for f in ("strategy", "k", "threshold", "att_strategy", "att_k", "att_threshold")
+        if getattr(args, f) is not None
+    ]
+    if given:
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise ConfigError(f"--settings gives every layer's setting; drop {flags} or drop --settings")
+    return load_settings(path, cfg)
 
 
 def sparse_settings(args: argparse.Namespace) -> tuple[SparseSetting | None, SparseSetting | None]:
@@ -53,10 +82,22 @@ def _flag_setting(
     return sparse_setting(strategy, k, threshold, give_k=f"pass {flag}k N")
 
 
-def check_settings(cfg: ModelConfig, att: SparseSetting | None, mlp: SparseSetting | None) -> None:
-    """Raise the ConfigError that sparsify() would once the weights are loaded: k above a layer's experts. Layers
-    with one expert have no router and ignore their setting."""
-    if att is not None and cfg.has_att_router:
-        att.check(cfg.n_att_experts, "attention")
-    if mlp is not None and cfg.has_mlp_router:
-        mlp.check(cfg.n_mlp_experts, "the MLP")
+def check_settings(cfg: ModelConfig, att: LayerSettings, mlp: LayerSettings) -> None:
+    """Raise the ConfigError that sparsify() would once the weights are loaded: k above a layer's experts, or a
+    list that is not one setting per layer. Layers with one expert have no router and ignore their setting."""
+    for kind, settings, n_experts, routed, where in (
+        ("att", att, cfg.n_att_experts, cfg.has_att_router, "attention"),
+        ("mlp", mlp, cfg.n_mlp_experts, cfg.has_mlp_router, "the MLP"),
+    ):
+        if settings is None or isinstance(settings, SparseSetting):
+            if settings is not None and routed:
+                settings.check(n_experts, where)
+            continue
+        if len(settings) != cfg.n_layers:
+            raise ConfigError(
+                f"{kind} settings: got {len(settings)} for a model with {cfg.n_layers} layers; "
+                "give one setting for all layers or one per layer"
+            )
+        for i, setting in enumerate(settings):
+            if setting is not None and routed:
+                setting.check(n_experts, f"{where} layer {i}")

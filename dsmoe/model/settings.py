@@ -3,6 +3,7 @@ read and check settings without importing torch. ``routing.py`` turns a setting 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dsmoe.config import ConfigError
@@ -65,6 +66,10 @@ def trained_setting(regime: str, smoe_top_k: int) -> SparseSetting:
     return SparseSetting("topk", k=smoe_top_k) if regime == "smoe" else DENSE
 
 
-def describe_setting(setting: SparseSetting | None) -> str:
-    """A setting's label; None (no setting given) is "trained"."""
-    return setting.describe() if setting is not None else "trained"
+def describe_setting(setting: SparseSetting | Sequence[SparseSetting | None] | None) -> str:
+    """A setting's label; None (no setting given) is "trained"; a list (one per layer) is "per-layer[...]"."""
+    if setting is None:
+        return "trained"
+    if isinstance(setting, SparseSetting):
+        return setting.describe()
+    return "per-layer[" + ", ".join(describe_setting(s) for s in setting) + "]"

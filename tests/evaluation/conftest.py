@@ -48,3 +48,29 @@ def docs_file(tmp_path_factory, eval_docs):
     path = tmp_path_factory.mktemp("text") / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in eval_docs))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_checkpoint(tmp_path_factory):
+    """A tiny DS-MoE trained for 150 steps on the synthetic corpus (about 10 s on one core), with the MI loss, so
+    its routers prefer some experts and sparse settings trade perplexity for active parameters as in a real
+    model. 3 layers, so per-layer settings have room to differ."""
+    root = tmp_path_factory.mktemp("ckpt-trained")
+    docs = synthetic_corpus(n_docs=200, seed=3)
+    tokenizer = train_bpe(docs, VOCAB)
+    tok_file = save_tokenizer(tokenizer, root / "tok")
+    torch.manual_seed(0)
+    cfg = small_config("dsmoe", vocab_size=VOCAB, max_seq_len=48, n_layers=3)
+    model = Transformer(cfg)
+    stream = torch.tensor([i for d in docs for i in tokenizer.encode(d).ids])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(stream) - 49, (16,), generator=gen)
+        batch = torch.stack([stream[s : s + 49] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return write_checkpoint(root / "trained", model.state_dict(), cfg, tokenizer_file=tok_file)

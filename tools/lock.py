@@ -41,7 +41,9 @@ def frozen(python: str) -> list[str]:
     return [line for line in result.stdout.splitlines() if "==" in line]
 
 
-CONSTRAINTS = "Used as pip constraints by `make test`, `make demo` and CI; pyproject.toml keeps the ranges for users."
+CONSTRAINTS = (
+    "Used as pip constraints by `make test`, `make demo` and CI; pyproject.toml keeps the ranges for users."
+)
 
 
 def freeze(python: str, out: str, use: str = CONSTRAINTS) -> None:

@@ -4,6 +4,8 @@ setting, with prompts of different lengths scheduled together in one batch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from vllm_fixtures import MAX_NEW, PROMPTS, export_folder, native_tokens, vllm_engine
 
@@ -54,6 +56,26 @@ def test_per_layer_settings_from_config_json(tmp_path_factory):
     expected = native_tokens(checkpoint, PROMPTS, att=att, mlp=mlp)
     assert expected != native_tokens(checkpoint, PROMPTS)
     with vllm_engine(folder, hf_overrides=overrides) as llm:
+        assert vllm_tokens(llm, PROMPTS) == expected
+
+
+def test_a_settings_file_exported_into_config_json(tmp_path_factory, tmp_path):
+    """What ``dsmoe tune`` writes, through ``dsmoe export --settings``, is what vLLM serves."""
+    from dsmoe.model.settings_file import load_settings, settings_to_dict
+    from dsmoe.training.checkpoint import checkpoint_config
+
+    chosen = {
+        "att": [SparseSetting("threshold", threshold=1.1), SparseSetting("topk", k=3)],
+        "mlp": [SparseSetting("topk", k=1), SparseSetting("threshold", threshold=0.9)],
+    }
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(settings_to_dict(chosen["att"], chosen["mlp"])))
+    checkpoint, _ = export_folder(tmp_path_factory, "dsmoe")
+    att, mlp = load_settings(path, checkpoint_config(checkpoint))
+    _, folder = export_folder(tmp_path_factory, "dsmoe", att=att, mlp=mlp)
+    expected = native_tokens(checkpoint, PROMPTS, att=att, mlp=mlp)
+    assert expected != native_tokens(checkpoint, PROMPTS)
+    with vllm_engine(folder) as llm:
         assert vllm_tokens(llm, PROMPTS) == expected
 
 

@@ -14,7 +14,6 @@ from dsmoe.data.tokenizer import save_tokenizer, train_bpe
 from dsmoe.hf.export import export
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import sparsify
-from dsmoe.model.settings import SparseSetting, describe_setting
 from dsmoe.model.transformer import Transformer
 from dsmoe.training.checkpoint import load_pretrained, write_checkpoint
 
@@ -51,12 +50,10 @@ def checkpoint_for(tmp_path_factory, regime: str) -> Path:
     return _checkpoints[regime]
 
 
-def export_folder(
-    tmp_path_factory, regime: str, att: SparseSetting | None = None, mlp: SparseSetting | None = None
-) -> tuple[Path, Path]:
+def export_folder(tmp_path_factory, regime: str, att=None, mlp=None) -> tuple[Path, Path]:
+    """(checkpoint, exported folder) with ``att`` / ``mlp`` settings (one, one per layer, or None) in config.json."""
     checkpoint = checkpoint_for(tmp_path_factory, regime)
-    name = f"export-{regime}-{describe_setting(att)}-{describe_setting(mlp)}"
-    out = tmp_path_factory.mktemp(name.replace("(", "").replace(")", "").replace("=", ""))
+    out = tmp_path_factory.mktemp(f"export-{regime}")
     return checkpoint, export(checkpoint, out, att=att, mlp=mlp, overwrite=True)
 
 

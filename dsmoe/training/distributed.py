@@ -92,6 +92,10 @@ def load_full_state_dicts(
     )
 
 
-def cleanup() -> None:
+def cleanup(wait_for_all: bool = False) -> None:
+    """Leave the process group. ``wait_for_all`` (a run that finished): first a barrier, so that no process tears
+    down its connections while another still uses them (once in CI a gloo process aborted at exit without it)."""
     if dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()

@@ -46,12 +46,11 @@ def _check(args: argparse.Namespace) -> ModelConfig:
     return cfg
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, text): the text first, as it may fail on bad input; the weights last."""
+def _text(args: argparse.Namespace):
+    """The evaluation text the --text / --dataset / --source flags name."""
     from dsmoe.evaluation.text import load_eval_text
-    from dsmoe.training.checkpoint import load_pretrained
 
-    text = load_eval_text(
+    return load_eval_text(
         args.text,
         args.dataset,
         args.source,
@@ -60,6 +59,13 @@ def _load(args: argparse.Namespace):
         max_docs=args.max_docs,
         data_dir=args.data_dir,
     )
+
+
+def _load(args: argparse.Namespace):
+    """(model, tokenizer, text): the text first, as it may fail on bad input; the weights last."""
+    from dsmoe.training.checkpoint import load_pretrained
+
+    text = _text(args)
     model, tokenizer = load_pretrained(args.checkpoint)
     return model, tokenizer, text
 
@@ -135,7 +141,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from dsmoe.evaluation.text import load_eval_text
     from dsmoe.evaluation.tune import TuneOptions
     from dsmoe.evaluation.tune_run import report_table, run_tune
 
@@ -152,15 +157,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     if args.out.exists() and args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a folder; give the path of the settings file to write")
-    text = load_eval_text(
-        args.text,
-        args.dataset,
-        args.source,
-        field=args.field,
-        split=args.split,
-        max_docs=args.max_docs,
-        data_dir=args.data_dir,
-    )
+    text = _text(args)
     record = run_tune(
         args.checkpoint,
         text.documents,

@@ -156,26 +156,21 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
         pts = sorted((r["active_params"], r["word_perplexity"]) for r in rows if r["strategy"] == strategy)
         if pts:
             ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+    marks = {  # single points beside the curves: strategy -> (marker, size, colour, label or None for the row's)
+        "settings": ("D", 9, "crimson", None),
+        "dense": ("*", 14, "black", "dense (all experts)"),
+    }
     for r in rows:
-        if r["strategy"] == "settings":
+        if r["strategy"] in marks:
+            marker, size, color, label = marks[r["strategy"]]
             ax.plot(
                 r["active_params"] / 1e6,
                 r["word_perplexity"],
-                marker="D",
-                markersize=9,
-                color="crimson",
+                marker=marker,
+                markersize=size,
+                color=color,
                 linestyle="none",
-                label=r["label"],
-            )
-        if r["strategy"] == "dense":
-            ax.plot(
-                r["active_params"] / 1e6,
-                r["word_perplexity"],
-                marker="*",
-                markersize=14,
-                color="black",
-                linestyle="none",
-                label="dense (all experts)",
+                label=label or r["label"],
             )
     ax.set_xlabel("active non-embedding parameters (M)")
     ax.set_ylabel("word perplexity")

@@ -27,6 +27,10 @@ def held_out(tmp_path_factory):
     return path, *split_dev_test(docs)
 
 
+def tune_argv(checkpoint, held_out) -> list[str]:
+    return ["tune", "--checkpoint", str(checkpoint), "--text", str(held_out[0])]
+
+
 def write_jsonl(path, docs):
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return path
@@ -39,7 +43,7 @@ def tuned(tiny_trained_checkpoint, held_out, tmp_path_factory):
     root = tmp_path_factory.mktemp("tuned")
     for budget in BUDGETS:
         path = root / f"settings-{budget}.json"
-        argv = ["tune", "--checkpoint", str(tiny_trained_checkpoint), "--text", str(held_out[0])]
+        argv = tune_argv(tiny_trained_checkpoint, held_out)
         assert main([*argv, "--budget", str(budget), "--out", str(path)]) == 0
         out[budget] = path, json.loads(path.read_text())["meta"]
     return out
@@ -134,15 +138,7 @@ def test_latency_objective_is_never_slower_than_the_global_threshold(
     tiny_trained_checkpoint, held_out, tmp_path, capsys
 ):
     path = tmp_path / "latency.json"
-    argv = [
-        "tune",
-        "--checkpoint",
-        str(tiny_trained_checkpoint),
-        "--text",
-        str(held_out[0]),
-        "--budget",
-        "0.1",
-    ]
+    argv = [*tune_argv(tiny_trained_checkpoint, held_out), "--budget", "0.1"]
     assert main([*argv, "--objective", "latency", "--out", str(path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     dev = record["dev"]
@@ -177,7 +173,7 @@ def test_greedy_path_takes_free_savings_first_and_ends_fully_sparse():
 def test_bad_arguments_fail_before_any_weight_loads(
     tiny_trained_checkpoint, held_out, extra, message, capsys, tmp_path
 ):
-    argv = ["tune", "--checkpoint", str(tiny_trained_checkpoint), "--text", str(held_out[0])]
+    argv = tune_argv(tiny_trained_checkpoint, held_out)
     assert main([*argv, "--out", str(tmp_path / "s.json"), *extra]) == 2
     assert message in capsys.readouterr().err
 
@@ -191,15 +187,7 @@ def test_settings_flag_conflicts_with_strategy_flags(tiny_trained_checkpoint, he
 
 def test_topk_tuning_and_dev_tokens(tiny_trained_checkpoint, held_out, tmp_path, capsys):
     path = tmp_path / "topk.json"
-    argv = [
-        "tune",
-        "--checkpoint",
-        str(tiny_trained_checkpoint),
-        "--text",
-        str(held_out[0]),
-        "--budget",
-        "0.1",
-    ]
+    argv = [*tune_argv(tiny_trained_checkpoint, held_out), "--budget", "0.1"]
     assert main([*argv, "--strategy", "topk", "--dev-tokens", "600", "--out", str(path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["split"]["dev_documents"] < len(held_out[1])  # stopped once 600 tokens were in

@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dsmoe.data.corpus import read_documents
 from dsmoe.data.errors import DataError
-from dsmoe.data.shards import SPLITS
+from dsmoe.data.shards import SPLITS, is_val_document
 
 
 def read_index(data_dir: str | Path) -> dict[str, Any]:
@@ -28,6 +29,26 @@ def read_index(data_dir: str | Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path} is not valid JSON ({err}); prepare the folder again") from None
+
+
+def held_out_documents(data_dir: str | Path) -> list[str]:
+    """The text of the val documents of a prepared corpus, in corpus order: read again from the sources that
+    ``index.json`` names and split by the same seeded hash. Nothing trains on them, so they are an in-domain
+    held-out set whose bytes and words can be counted (the shards hold only token ids)."""
+    index = read_index(data_dir)
+    seed, fraction = index.get("seed"), index.get("val_fraction")
+    if seed is None or fraction is None or not index.get("sources"):
+        raise DataError(
+            f"{data_dir}/index.json does not record its sources, seed and val_fraction (prepared by an older "
+            "dsmoe): prepare the corpus again to read its held-out documents"
+        )
+    docs = [text for text in read_documents(index["sources"]) if is_val_document(text, seed, fraction)]
+    if len(docs) != index["documents"]["val"]:
+        raise DataError(
+            f"the sources of {data_dir} give {len(docs)} held-out documents, index.json counts "
+            f"{index['documents']['val']}: the corpus files changed since it was prepared; prepare it again"
+        )
+    return docs
 
 
 class TokenLoader:

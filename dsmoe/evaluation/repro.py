@@ -1,10 +1,16 @@
 """`dsmoe repro`: the paper's Table 3, Figures 3-4 and Table 4 at CPU scale, in one resumable command.
 
-Trains the Table-1-matched micro models of ``configs/repro/`` on the same corpus and schedule, then evaluates each
-on held-out Wikipedia articles (perplexity, active parameters, active hidden) and on the six zero-shot tasks, sweeps
-the DS-MoE models' sparsity (the articles alternate into a dev split, where the operating point is chosen, and a
-test split, which is what the tables report), and writes ``table.md`` (Table 3), ``ablation.md`` (Table 4),
-``perplexity_vs_active.png`` (Figures 3-4) and ``results.json``. Every step skips work already done, so a killed run is simply started again.
+Trains the Table-1-matched micro models of ``configs/repro/`` on one corpus and schedule, once per seed, and
+evaluates each run as soon as it is trained:
+
+* in-domain: the held-out (val) documents of the training corpus, which no model trains on and nothing selects on;
+* Wikipedia: held-out articles alternated into a dev half, where a DS-MoE model's operating point is chosen, and a
+  test half, which is what the tables report;
+* the six zero-shot tasks, at the operating point.
+
+Every run's result goes into ``results.json`` under ``<model>/seed-<seed>`` as soon as it exists, so a run killed
+at any point, or a session that trains only some of the runs (``--only``), loses nothing; ``repro_tables`` turns
+whatever runs are there into the tables (mean and spread over seeds) and the plot.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dsmoe.config import ConfigError
 from dsmoe.files import write_atomic
 from dsmoe.model.settings import SparseSetting
 
@@ -27,6 +34,9 @@ TASK_COLUMNS = (
     ("dsmoe_arc_easy", "Arc-e"),
     ("dsmoe_arc_challenge", "Arc-c"),
 )
+# Table 3's rule for a DS-MoE operating point: the sparsest threshold within this factor of the model's dense
+# perplexity, here token perplexity on the Wikipedia dev half.
+WITHIN = 1.03
 
 
 def ensure_corpus(data: Path, source: str, vocab: int) -> None:
@@ -90,154 +100,109 @@ def split_dev_test(docs: list[str]) -> tuple[list[str], list[str]]:
     """Alternate documents into a dev split (the operating point is chosen on it) and a test split (reported;
     never used for choosing)."""
     if len(docs) < 2:
-        from dsmoe.config import ConfigError
-
         raise ConfigError(f"need at least 2 held-out documents for a dev and a test split, got {len(docs)}")
     return docs[0::2], docs[1::2]
 
 
-def evaluation_key(checkpoint: Path, args) -> str:
-    """Every setting that changes a model's evaluation: results cached under another key are recomputed."""
+def run_name(model: str, seed: int) -> str:
+    return f"{model}/seed-{seed}"
+
+
+def select_runs(models: list[str], seeds: list[int], only: list[str]) -> list[tuple[str, int]]:
+    """(model, seed) pairs to train and evaluate: every model x seed, or those ``only`` names ('model' for all
+    seeds, 'model:seed' for one)."""
+    runs = [(m, s) for m in models for s in seeds]
+    if not only:
+        return runs
+    chosen = []
+    for item in only:
+        model, _, seed = item.partition(":")
+        if model not in models:
+            raise ConfigError(f"--only {item}: no config '{model}'; the configs are {', '.join(models)}")
+        if seed and not seed.isdigit():
+            raise ConfigError(f"--only {item}: the seed after ':' must be a whole number")
+        chosen += [(m, s) for m, s in runs if m == model and (not seed or s == int(seed))]
+        if seed and int(seed) not in seeds:
+            chosen.append((model, int(seed)))
+    return list(dict.fromkeys(chosen))
+
+
+def evaluation_key(checkpoint: Path, in_domain: list[str], args) -> str:
+    """Every setting that changes a run's evaluation: results cached under another key are recomputed."""
     import hashlib
 
     settings = {
         "checkpoint": str(checkpoint),
+        "in_domain_documents": hashlib.sha256("\x00".join(in_domain).encode()).hexdigest(),
         "held_out": args.eval_text or "wikipedia",
         "eval_docs": args.eval_docs,
         "split": "alternate dev/test",
         "thresholds": list(args.thresholds),
         "ks": list(args.ks),
         "task_limit": args.task_limit,
+        "within": WITHIN,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def evaluate_model(
-    name: str, checkpoint: Path, dev: list[str], test: list[str], thresholds: list[float], args
+def _row(result: dict) -> dict[str, Any]:
+    return {
+        k: result[k]
+        for k in ("token_perplexity", "bits_per_byte", "word_perplexity", "active_params", "active_hidden")
+    } | {"mlp_active": mlp_active_share(result["layers"])}
+
+
+def evaluate_run(
+    checkpoint: Path, texts: dict[str, list[str]], thresholds: list[float], args
 ) -> dict[str, Any]:
-    """Perplexity and active parameters on the test split (dense and over the sparsity sweep), the operating point
-    chosen on the dev split, and zero-shot accuracy there."""
+    """One trained run on the three held-out texts ('in_domain', 'dev', 'test'): as trained and, for DS-MoE, over
+    the sparsity sweep, with the operating point chosen on dev; zero-shot accuracy at that point."""
     from dsmoe.evaluation.text import evaluate_text
     from dsmoe.training.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(checkpoint)
 
-    def rows(att: SparseSetting | None, mlp: SparseSetting | None) -> tuple[dict, dict]:
-        dev_row, test_row = (
-            _row(evaluate_text(model, tokenizer, docs, att, mlp, batch_size=args.batch_size))
-            for docs in (dev, test)
-        )
-        return dev_row, test_row
+    def rows(att: SparseSetting | None, mlp: SparseSetting | None, label: dict) -> dict[str, dict]:
+        return {
+            name: label | _row(evaluate_text(model, tokenizer, docs, att, mlp, batch_size=args.batch_size))
+            for name, docs in texts.items()
+        }
 
-    dev_trained, test_trained = rows(None, None)
+    trained = rows(None, None, {})
     entry: dict[str, Any] = {
         "checkpoint": str(checkpoint),
-        "eval_key": evaluation_key(checkpoint, args),
+        "eval_key": evaluation_key(checkpoint, texts["in_domain"], args),
         "regime": model.cfg.regime,
+        "alpha_mlp": model.cfg.alpha_mlp,
         "non_embedding_params": model.cfg.non_embedding_params,
-        "trained": test_trained,
-        "dev": {"documents": len(dev), "trained": dev_trained},
-        "test_documents": len(test),
+        "documents": {name: len(docs) for name, docs in texts.items()},
+        "trained": trained,
     }
     operating: tuple[SparseSetting | None, SparseSetting | None] = (None, None)  # as trained
     if model.cfg.regime == "dsmoe":
-        entry["sweep"], entry["dev"]["sweep"] = [], []
-        points = [({"threshold": eps}, SparseSetting("threshold", threshold=eps)) for eps in thresholds]
-        for label, setting in points:
-            dev_row, test_row = rows(setting, setting)
-            entry["dev"]["sweep"].append({**label, **dev_row})
-            entry["sweep"].append({**label, **test_row})
+        sweep: list[dict[str, dict]] = []
+        for eps in thresholds:
+            setting = SparseSetting("threshold", threshold=eps)
+            sweep.append(rows(setting, setting, {"threshold": eps}))
         for k in args.ks:
-            dev_row, test_row = rows(None, SparseSetting("topk", k=k))
-            entry["dev"]["sweep"].append({"topk": k, **dev_row})
-            entry["sweep"].append({"topk": k, **test_row})
-        # The operating point, as Table 3 picks it, chosen on dev: the sparsest threshold within 3% of this model's
-        # dense dev perplexity (falling back to the least sparse one). Reported: the same threshold on test.
-        limit = 1.03 * dev_trained["word_perplexity"]
-        within = [r for r in entry["dev"]["sweep"] if "threshold" in r and r["word_perplexity"] <= limit]
-        best = min(within, key=lambda r: r["active_params"]) if within else entry["dev"]["sweep"][0]
-        eps = best["threshold"]
-        entry["sparse"] = next(r for r in entry["sweep"] if r.get("threshold") == eps)
+            sweep.append(rows(None, SparseSetting("topk", k=k), {"topk": k}))
+        entry["sweep"] = sweep
+        limit = WITHIN * trained["dev"]["token_perplexity"]
+        within = [p for p in sweep if "threshold" in p["dev"] and p["dev"]["token_perplexity"] <= limit]
+        # falling back to the least sparse threshold when none is within the limit
+        best = min(within, key=lambda p: p["dev"]["active_params"]) if within else sweep[0]
+        entry["operating_point"] = best
+        eps = best["dev"]["threshold"]
         operating = (SparseSetting("threshold", threshold=eps), SparseSetting("threshold", threshold=eps))
     if args.task_limit != 0:
         entry["zero_shot"] = zero_shot(checkpoint, *operating, args.task_limit, args.batch_size)
     return entry
 
 
-def _row(result: dict) -> dict[str, Any]:
-    return {
-        k: result[k]
-        for k in ("word_perplexity", "token_perplexity", "bits_per_byte", "active_params", "active_hidden")
-    } | {"mlp_active": mlp_active_share(result["layers"])}
-
-
-def table3(results: dict[str, dict]) -> str:
-    head = (
-        "| Model | " + " | ".join(c for _, c in TASK_COLUMNS) + " | Avg | Wikipedia PPL | Active params | "
-        "Active hidden | Active MLP |"
-    )
-    lines = [head, "|" + "---|" * (len(TASK_COLUMNS) + 6)]
-    for name, entry in results.items():
-        row = entry.get("sparse", entry["trained"])
-        scores = entry.get("zero_shot")
-        cells = [f"{scores[t]:.1f}" for t, _ in TASK_COLUMNS] if scores else ["-"] * len(TASK_COLUMNS)
-        avg = f"{sum(scores.values()) / len(scores):.1f}" if scores else "-"
-        lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {avg} | {row['word_perplexity']:.2f} | "
-            f"{row['active_params'] / 1e6:.2f}M | {row['active_hidden']:.0%} | {row['mlp_active']:.0%} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def ablation(results: dict[str, dict], pairs: list[tuple[str, float]]) -> str:
-    """Table 4: each DS-MoE model at the same sparsity levels (thresholds), with its alpha_mlp."""
-    lines = [
-        "| Model | alpha_mlp | threshold | Active params | Active hidden | Wikipedia PPL |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, alpha in pairs:
-        for r in results[name].get("sweep", []):
-            if "threshold" in r:
-                lines.append(
-                    f"| {name} | {alpha:g} | {r['threshold']:g} | {r['active_params'] / 1e6:.2f}M | "
-                    f"{r['active_hidden']:.0%} | {r['word_perplexity']:.2f} |"
-                )
-    return "\n".join(lines) + "\n"
-
-
-def plot(results: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, entry in results.items():
-        trained = entry["trained"]
-        ax.scatter(
-            trained["active_params"] / 1e6, trained["word_perplexity"], marker="*", s=120, label=f"{name}"
-        )
-        for kind in ("threshold", "topk"):
-            rows = sorted((r for r in entry.get("sweep", []) if kind in r), key=lambda r: r["active_params"])
-            if rows:
-                ax.plot(
-                    [r["active_params"] / 1e6 for r in rows],
-                    [r["word_perplexity"] for r in rows],
-                    "o-",
-                    label=f"{name} {kind}",
-                )
-    ax.set_xlabel("active non-embedding parameters (M)")
-    ax.set_ylabel("Wikipedia word perplexity")
-    ax.set_title("Perplexity vs active parameters (paper Figs. 3-4, CPU scale)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def run_repro(args) -> dict[str, Any]:
+    """Train (resumably) and evaluate the selected runs; write results.json, the tables and the plot."""
+    from dsmoe.data.loader import held_out_documents
+    from dsmoe.evaluation.repro_tables import write_tables
     from dsmoe.evaluation.text import load_eval_text
     from dsmoe.training.checkpoint import list_checkpoints
     from dsmoe.training.config import load_train_config
@@ -245,39 +210,34 @@ def run_repro(args) -> dict[str, Any]:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = sorted(Path(args.configs).glob("*.yaml"))
+    configs = {path.stem: path for path in sorted(Path(args.configs).glob("*.yaml"))}
     if not configs:
-        from dsmoe.config import ConfigError
-
         raise ConfigError(f"no *.yaml run configs in {args.configs}")
+    results_path = out / "results.json"
+    results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    held_out = {"text": args.eval_text} if args.eval_text else {"source": "wikipedia"}
+    dev, test = split_dev_test(load_eval_text(**held_out, max_docs=args.eval_docs).documents)
     timings: dict[str, float] = {}
-    runs = {}
-    for path in configs:
-        name = path.stem
-        cfg = load_train_config(path, [f"out_dir={out / name}", *args.overrides])
+    for model_name, seed in select_runs(list(configs), args.seeds, args.only):
+        name = run_name(model_name, seed)
+        cfg = load_train_config(
+            configs[model_name], [f"out_dir={out / name}", f"seed={seed}", *args.overrides]
+        )
         ensure_corpus(Path(cfg.data), args.corpus, args.vocab)
         start = time.perf_counter()
         train(cfg, resume=True)
         timings[name] = time.perf_counter() - start
-        runs[name] = (cfg, list_checkpoints(cfg.out_dir)[-1])
-    held_out = {"text": args.eval_text} if args.eval_text else {"source": "wikipedia"}
-    dev, test = split_dev_test(load_eval_text(**held_out, max_docs=args.eval_docs).documents)
-    results_path = out / "results.json"
-    results: dict[str, dict] = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    for name, (cfg, checkpoint) in runs.items():
-        if results.get(name, {}).get("eval_key") != evaluation_key(checkpoint, args):
-            results[name] = evaluate_model(name, checkpoint, dev, test, args.thresholds, args)
-            results[name]["alpha_mlp"] = cfg.model_config().alpha_mlp
+        checkpoint = list_checkpoints(cfg.out_dir)[-1]
+        texts = {"in_domain": held_out_documents(cfg.data), "dev": dev, "test": test}
+        if results.get(name, {}).get("eval_key") != evaluation_key(checkpoint, texts["in_domain"], args):
+            results[name] = {"model": model_name, "seed": seed} | evaluate_run(
+                checkpoint, texts, args.thresholds, args
+            )
             write_atomic(results_path, json.dumps(results, indent=1))
-    ds = [(n, r["alpha_mlp"]) for n, r in results.items() if r["regime"] == "dsmoe"]
-    write_atomic(out / "table.md", table3(results))
-    write_atomic(out / "ablation.md", ablation(results, ds))
-    plot(results, out / "perplexity_vs_active.png")
-    write_atomic(
-        out / "machine.json",
-        json.dumps(
-            {"machine": platform.platform(), "cpus": os.cpu_count(), "train_seconds_this_call": timings},
-            indent=1,
-        ),
-    )
+    write_tables(results, out)
+    machine_path = out / "machine.json"
+    machine = json.loads(machine_path.read_text()) if machine_path.is_file() else {}
+    machine.update(machine=platform.platform(), cpus=os.cpu_count())
+    machine.setdefault("train_seconds_last_call", {}).update(timings)
+    write_atomic(machine_path, json.dumps(machine, indent=1))
     return results

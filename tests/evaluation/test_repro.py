@@ -1,12 +1,17 @@
-"""`dsmoe repro` end to end at toy scale: two configs, tiny training, evaluation, tables, plot, resume."""
+"""`dsmoe repro` end to end at toy scale: two configs, two seeds, tiny training, evaluation on the corpus's held-out
+documents and a dev/test split of other text, tables with spread over seeds, plot, resume, --only."""
 
 import json
 from argparse import Namespace
 
+import pytest
 import yaml
 from helpers import prepared_data, tiny_model_dict
 
-from dsmoe.evaluation.repro import run_repro
+from dsmoe.config import ConfigError
+from dsmoe.data.loader import held_out_documents, read_index
+from dsmoe.evaluation.repro import run_repro, select_runs
+from dsmoe.evaluation.repro_tables import Stat, compare
 
 
 def test_repro_trains_evaluates_and_writes_tables(tmp_path):
@@ -42,29 +47,88 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
         ks=[2],
         task_limit=0,
         batch_size=4,
+        seeds=[0, 1],
+        only=["dense:0", "ds-moe"],
         overrides=[],
     )
-    results = run_repro(args)
-    assert set(results) == {"dense", "ds-moe"}
-    assert results["dense"]["trained"]["active_hidden"] == 1.0 and "sweep" not in results["dense"]
-    sweep = results["ds-moe"]["sweep"]
-    assert [r.get("threshold", r.get("topk")) for r in sweep] == [0.5, 1.5, 2]
-    assert results["ds-moe"]["sparse"]["active_params"] <= results["ds-moe"]["trained"]["active_params"]
     out = tmp_path / "out"
+    results = run_repro(args)
+    assert set(results) == {"dense/seed-0", "ds-moe/seed-0", "ds-moe/seed-1"}  # --only
+    dense, ds0, ds1 = results["dense/seed-0"], results["ds-moe/seed-0"], results["ds-moe/seed-1"]
+    # the seed reaches training: another initialisation, another model
+    assert ds0["trained"]["in_domain"]["token_perplexity"] != ds1["trained"]["in_domain"]["token_perplexity"]
+    # in-domain: exactly the corpus's val documents
+    assert dense["documents"] == {"in_domain": read_index(data)["documents"]["val"], "dev": 2, "test": 2}
+    assert dense["trained"]["in_domain"]["active_hidden"] == 1.0 and "sweep" not in dense
+    sweep = ds0["sweep"]
+    assert [p["test"].get("threshold", p["test"].get("topk")) for p in sweep] == [0.5, 1.5, 2]
+    point = ds0["operating_point"]
+    assert point in sweep and "threshold" in point["dev"]  # chosen on dev, among the thresholds
+    assert point["in_domain"]["active_params"] <= ds0["trained"]["in_domain"]["active_params"]
+    assert ds0["trained"]["dev"] != ds0["trained"]["test"]
     table = (out / "table.md").read_text()
-    assert "| dense |" in table and "| ds-moe |" in table
-    assert "| ds-moe |" in (out / "ablation.md").read_text()
+    assert "| dense | 1 | as trained |" in table and "| ds-moe | 2 | operating point" not in table
+    assert "| ds-moe | 2 | threshold " in table and " ± " in table  # two seeds: a spread
+    assert "spread unknown (one seed)" in table  # against the one-seed dense
+    assert "| ds-moe | 0.01 | threshold 0.5 |" in (out / "ablation.md").read_text()
     assert (out / "perplexity_vs_active.png").stat().st_size > 1000
+
     before = (out / "results.json").read_text()
     run_repro(args)  # everything done: nothing retrained or re-evaluated
     assert (out / "results.json").read_text() == before
-    # chosen on dev, reported on test: two disjoint halves of the held-out documents
-    ds = results["ds-moe"]
-    assert ds["dev"]["documents"] == ds["test_documents"] == 2
-    chosen = ds["sparse"]["threshold"]
-    assert any(r.get("threshold") == chosen for r in ds["dev"]["sweep"])
-    assert ds["dev"]["trained"] != ds["trained"]
-    # a changed evaluation setting is recomputed, not served from the cache
-    run_repro(Namespace(**{**vars(args), "thresholds": [0.5]}))
+    run_repro(Namespace(**{**vars(args), "only": ["dense:1"]}))  # a later call adds a run, keeps the others
     again = json.loads((out / "results.json").read_text())
-    assert [r.get("threshold", r.get("topk")) for r in again["ds-moe"]["sweep"]] == [0.5, 2]
+    assert set(again) == set(results) | {"dense/seed-1"}
+    assert again["ds-moe/seed-0"] == ds0
+    # a changed evaluation setting is recomputed, not served from the cache
+    run_repro(Namespace(**{**vars(args), "only": ["ds-moe:0"], "thresholds": [0.5]}))
+    again = json.loads((out / "results.json").read_text())
+    assert [p["test"].get("threshold", p["test"].get("topk")) for p in again["ds-moe/seed-0"]["sweep"]] == [
+        0.5,
+        2,
+    ]
+
+
+def test_held_out_documents_are_the_val_split(tmp_path):
+    data = prepared_data(tmp_path / "corpus")
+    docs = held_out_documents(data)
+    assert len(docs) == read_index(data)["documents"]["val"] > 0
+    # ... and they are held out: the val shard decodes to them, the train shard does not contain them
+    from dsmoe.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(data / "tokenizer.json")
+    import numpy as np
+
+    val = np.fromfile(next(data.glob("val-*.bin")), dtype=read_index(data)["dtype"])
+    assert tok.decode(val.tolist(), skip_special_tokens=True).replace(" ", "") == "".join(docs).replace(
+        " ", ""
+    )
+    (tmp_path / "corpus" / "docs.jsonl").write_text(json.dumps({"text": "changed"}) + "\n")
+    with pytest.raises(Exception, match="changed since it was prepared"):
+        held_out_documents(data)
+
+
+def test_select_runs_and_bad_only():
+    models, seeds = ["dense", "ds-moe"], [0, 1, 2]
+    assert select_runs(models, seeds, []) == [(m, s) for m in models for s in seeds]
+    assert select_runs(models, seeds, ["ds-moe:1", "dense"]) == [
+        ("ds-moe", 1),
+        ("dense", 0),
+        ("dense", 1),
+        ("dense", 2),
+    ]
+    assert select_runs(models, seeds, ["dense:7"]) == [
+        ("dense", 7)
+    ]  # a seed beyond --seeds, asked for by name
+    with pytest.raises(ConfigError, match="no config 'smoe'"):
+        select_runs(models, seeds, ["smoe"])
+    with pytest.raises(ConfigError, match="whole number"):
+        select_runs(models, seeds, ["dense:x"])
+
+
+def test_compare_needs_two_seeds_and_uses_the_standard_error():
+    one, a, b = Stat([10.0]), Stat([10.0, 10.2, 9.8]), Stat([12.0, 12.1, 11.9])
+    assert compare(one, b)[1] == "spread unknown (one seed)"
+    diff, verdict = compare(a, b)
+    assert diff == pytest.approx(10.0 / 12.0 - 1) and verdict.startswith("exceeds")
+    assert compare(a, Stat([10.1, 9.9, 10.3]))[1].startswith("within")

@@ -68,6 +68,7 @@ def main() -> None:
     p.add_argument("--test-tokens", type=int)
     p.add_argument("--budgets", default="0.01,0.02,0.05")
     p.add_argument("--strategy", default="threshold")
+    p.add_argument("--metric", default="word", help="perplexity the budget is on: word, token or byte")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--name", help="model name in the table (default: the output's name)")
     p.add_argument("--out", required=True, type=Path, help="output prefix, e.g. benchmarks/tune/ds-moe")
@@ -85,7 +86,9 @@ def main() -> None:
     records = []
     started = time.perf_counter()
     for budget in (float(b) for b in args.budgets.split(",")):
-        opts = TuneOptions(budget=budget, strategy=args.strategy, batch_size=args.batch_size)
+        opts = TuneOptions(
+            budget=budget, strategy=args.strategy, metric=args.metric, batch_size=args.batch_size
+        )
         chosen, record = tune_and_report(model, tokenizer, dev, test, opts, memo=memo, test_memo=test_memo)
         record = {"checkpoint": str(args.checkpoint), "data": text_.description, **record}
         records.append(record)

@@ -23,7 +23,7 @@ def test_dense_mlp_equals_sum_of_experts_one_by_one():
     expected = sum(
         probs[:, e : e + 1] * (F.gelu(x @ mlp.experts.w_in[e].T) @ mlp.experts.w_out[e]) for e in range(8)
     )
-    out, _ = mlp(x, None, want_aux=False)
+    out, _ = mlp(x, None)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -54,7 +54,7 @@ def test_dense_moa_equals_sum_of_experts_one_by_one():
     model = Transformer(small_config())
     att = model.blocks[0].att
     x = torch.randn(2, 7, 32)
-    out, _ = att(x, model.rope_cos, model.rope_sin, None, 0, None, want_aux=False)
+    out, _ = att(x, model.rope_cos, model.rope_sin, None, 0, None)
     torch.testing.assert_close(
         out, _moa_by_hand(att, x, model.rope_cos, model.rope_sin), rtol=1e-5, atol=1e-6
     )
@@ -99,14 +99,14 @@ def test_sparse_dispatch_equals_dense_with_unselected_experts_zeroed(setting, ki
     with torch.no_grad():
         if kind == "mlp":
             dense = layer.experts.dense(x.reshape(12, 32), masked)
-            layer.sparse = setting
-            sparse, _ = layer(x.reshape(12, 32), None, want_aux=False)
+            layer.setting = setting
+            sparse, _ = layer(x.reshape(12, 32), None)
         else:
             layer.router.forward = lambda _x, p=masked: p
-            dense, _ = layer(x, model.rope_cos, model.rope_sin, None, 0, None, want_aux=False)
+            dense, _ = layer(x, model.rope_cos, model.rope_sin, None, 0, None)
             layer.router.forward = lambda _x, p=probs: p
-            layer.sparse = setting
-            sparse, _ = layer(x, model.rope_cos, model.rope_sin, None, 0, None, want_aux=False)
+            layer.setting = setting
+            sparse, _ = layer(x, model.rope_cos, model.rope_sin, None, 0, None)
     torch.testing.assert_close(sparse.reshape(dense.shape), dense, rtol=1e-5, atol=1e-6)
 
 
@@ -115,7 +115,10 @@ def test_threshold_selects_varying_counts_and_at_least_one():
     routing = route(probs, SparseSetting("threshold", threshold=1.1))  # S_i * 4 > 1.1  <=>  S_i > 0.275
     assert routing.counts_per_token.tolist() == [1, 3, 1]  # the uniform token keeps its top expert
     tt = route(probs, SparseSetting("threshold_topk", threshold=1.1))
-    assert tt.indices.shape[1] == 2 and tt.mask.all()  # mean count 5/3 rounds to K = 2
+    assert tt.counts_per_token.tolist() == [2, 2, 2]  # mean count 5/3 rounds to K = 2
+    # shapes never depend on the data: all N experts in order, the mask keeps each token's count
+    assert routing.indices.shape == tt.indices.shape == (3, 4)
+    assert routing.indices[:, :1].tolist() == probs.argmax(-1, keepdim=True).tolist()
     token, expert, weight, counts = routing.pairs()
     assert counts.tolist() == [3, 1, 1, 0] and (expert.diff() >= 0).all()
 
@@ -197,7 +200,7 @@ def test_aux_losses_are_returned_and_weighted():
     out = model(idx[:, :-1], idx[:, 1:])
     expected = out.lm_loss + 0.5 * out.mi_att + 0.25 * out.mi_mlp
     torch.testing.assert_close(out.loss, expected)
-    assert len(out.router_stats) == 2 * cfg.n_layers
+    assert len(out.routers) == len(out.router_losses) == 2 * cfg.n_layers
     assert model(idx).loss is None  # no targets, no losses
 
 
@@ -225,9 +228,9 @@ def test_bf16_autocast_forward_and_backward_run():
 def test_threshold_topk_batch_mean_ignores_padding():
     probs = torch.tensor([[0.97, 0.01, 0.01, 0.01]] * 3 + [[0.3, 0.3, 0.3, 0.1]] * 3)
     setting = SparseSetting("threshold_topk", threshold=1.1)
-    assert route(probs, setting).indices.shape[1] == 2  # mean of 1,1,1,3,3,3
+    assert route(probs, setting).counts_per_token.tolist() == [2] * 6  # mean of 1,1,1,3,3,3
     real = torch.tensor([True, True, True, False, False, False])
-    assert route(probs, setting, real).indices.shape[1] == 1  # only the real tokens' counts
+    assert route(probs, setting, real).counts_per_token.tolist() == [1] * 6  # only the real tokens' counts
 
 
 # Router rows over 4 experts keeping 1, 2 or 3 experts above eps = 1.0 (probability above 1/4).
@@ -239,7 +242,7 @@ def test_threshold_topk_rounds_the_batch_mean_half_up(counts, k):
     probs = torch.tensor([ROWS_BY_COUNT[c] for c in counts])
     assert (probs * 4 > 1.0).sum(-1).tolist() == list(counts)
     routing = route(probs, SparseSetting("threshold_topk", threshold=1.0))
-    assert routing.indices.shape[1] == k  # 2.5 -> 3 and 1.5 -> 2 (half up; Python's round gives 2 and 2)
+    assert routing.counts_per_token.tolist() == [k] * len(counts)  # 2.5 -> 3 and 1.5 -> 2 (half up; Python's round gives 2 and 2)
 
 
 def test_router_probabilities_are_computed_in_fp32_under_bf16_autocast():
@@ -260,6 +263,6 @@ def test_switch_loss_is_averaged_over_layers_as_in_dmoe():
     model = Transformer(cfg)
     idx = torch.randint(0, 97, (2, 8))
     out = model(idx[:, :-1], idx[:, 1:])
-    per_router = [r["loss"] for r in out.router_stats]
+    per_router = out.router_losses
     torch.testing.assert_close(out.switch, torch.stack(per_router).sum() / cfg.n_layers)
     torch.testing.assert_close(out.loss, out.lm_loss + cfg.switch_loss_weight * out.switch)

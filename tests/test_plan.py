@@ -11,6 +11,7 @@ from dsmoe.model.transformer import Transformer
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.optim import build_optimizer
 from dsmoe.training.plan import fit, trace_step
+from dsmoe.training.transforms import checkpoint_activations
 
 MODEL = {"preset": "tiny-ds-moe", "n_layers": 3, "vocab_size": 4096, "max_seq_len": 128}
 
@@ -38,7 +39,8 @@ def measured_cpu_peak(cfg: TrainConfig, checkpointing: bool) -> int:
 
     def run():
         model = Transformer(cfg.model_config())
-        model.activation_checkpointing = checkpointing
+        if checkpointing:
+            checkpoint_activations(model)
         optimizer = build_optimizer(model, cfg)
         x = torch.randint(0, cfg.model_config().vocab_size, (cfg.micro_batch_size, cfg.seq_len))
         for _ in range(2):

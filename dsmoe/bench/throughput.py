@@ -210,7 +210,7 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
             flops[f"{e.name}/dense"] = per_pair * s.mlp_tokens
             continue
         with torch.inference_mode():
-            routing = route(mlp.router(x), e.mlp or mlp.train_setting)
+            routing = route(mlp.router(x), e.mlp or mlp.setting)
         pairs = int(routing.mask.sum())
         for kernels in ("fast", "reference"):
 

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from dsmoe.config import ConfigError
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.inference.sparsify import attached_meter, sparsify
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.settings_file import config_fields, load_settings
 from dsmoe.model.transformer import Transformer
@@ -129,7 +129,7 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def sparse(self, meter=None, **settings):
         """``with model.sparse(mlp_strategy="topk", mlp_k=2): ...`` -- settings for the block only."""
         old = {key: getattr(self.config, key) for key in SPARSE_KEYS}
-        old_meter = self.model.blocks[0].mlp.meter
+        old_meter = attached_meter(self.model)
         self.set_sparse(meter=meter, **settings)
         try:
             yield self

@@ -140,8 +140,8 @@ class DSMoEForVLLM(nn.Module):
                 h = h * mlp.router(x_TD)[..., None].to(h.dtype)
             return self.mlp_out[str(i)](h.flatten(1))
         if not self.use_fused_experts:
-            return mlp(x_TD, None, False)[0]
-        routing = route(mlp.router(x_TD), mlp.sparse or mlp.train_setting)
+            return mlp(x_TD)[0]
+        routing = route(mlp.router(x_TD), mlp.setting)
         weights = (routing.weights * routing.mask).float()
         return fused_experts(
             x_TD, mlp.experts.w_in, mlp.experts.w_out_EDF, weights, routing.indices.to(torch.int32)
@@ -179,7 +179,7 @@ class DSMoEForVLLM(nn.Module):
             qkv.append(Projection(torch.cat([att.wq.flatten(0, 1), att.wk.weight, att.wv.weight])))
             wo.append(Projection(att.wo.flatten(0, 1).t()))
             free = [att.wq, att.wo, att.wk.weight, att.wv.weight]
-            if mlp.router is None or (mlp.sparse or mlp.train_setting).strategy == "dense":
+            if mlp.router is None or mlp.setting.strategy == "dense":
                 mlp_in[str(i)] = Projection(mlp.experts.w_in.flatten(0, 1))
                 mlp_out[str(i)] = Projection(mlp.experts.w_out.flatten(0, 1).t())
                 free += [mlp.experts.w_in, mlp.experts.w_out]
@@ -239,7 +239,7 @@ def _add_norm(
 
 def _expert_weights(layer, probs_TN: torch.Tensor) -> torch.Tensor:
     """[T, N] weight of every expert under the layer's setting: its score if selected, else zero."""
-    setting = layer.sparse or layer.train_setting
+    setting = layer.setting
     if setting.strategy == "dense":
         return probs_TN
     routing = route(probs_TN, setting)

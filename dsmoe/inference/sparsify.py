@@ -1,15 +1,20 @@
-"""The one switch from dense to sparse inference, and the meter that counts active parameters."""
+"""The one switch from dense to sparse inference (a transform applied to the model once, not state its layers read
+on the side), and the meter that counts active parameters from the layers' router records, outside the layers."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.model.attention import MoA
 from dsmoe.model.experts import MoEMLP
-from dsmoe.model.settings import SparseSetting
+from dsmoe.model.routing import RouterRecord
+from dsmoe.model.settings import SparseSetting, trained_setting
 from dsmoe.model.transformer import Transformer
 
 LayerSettings = SparseSetting | Sequence[SparseSetting | None] | None
@@ -26,9 +31,11 @@ def sparsify(
     """Set the inference routing of every attention and MLP layer, in place, and return the model.
 
     ``att`` / ``mlp``: one SparseSetting for all layers, a list with one per layer, or None for the layer's trained
-    behaviour (all experts for DS-MoE, top-k for SMoE). ``meter``: an ActiveMeter to record active experts, or None.
-    Calling ``sparsify(model)`` restores the trained behaviour.
+    behaviour (all experts for DS-MoE, top-k for SMoE). ``meter``: an ActiveMeter to record active experts from
+    then on (it replaces any meter attached before), or None to detach it. ``sparsify(model)`` restores the trained
+    behaviour.
     """
+    trained = trained_setting(model.cfg.regime, model.cfg.smoe_top_k)
     for kind, settings in (("att", att), ("mlp", mlp)):
         layers = moe_layers(model, kind)
         if settings is None or isinstance(settings, SparseSetting):
@@ -39,13 +46,43 @@ def sparsify(
                 "give one setting for all layers or one per layer"
             )
         for layer, setting in zip(layers, settings, strict=True):
-            if layer.router is None:
-                setting = None  # a single expert is always active
-            elif setting is not None:
+            if setting is not None and layer.router is not None:
                 setting.check(layer.router.weight.shape[0], f"{kind} layer {layer.layer_idx}")
-            layer.sparse = setting
-            layer.meter = meter
+            # a layer without router has one expert, always active
+            layer.setting = trained if setting is None or layer.router is None else setting
+    attach_meter(model, meter)
     return model
+
+
+def layer_settings(model: Transformer, kind: str) -> list[SparseSetting | None]:
+    """Each layer's inference setting, None where the layer runs as trained (what ``sparsify`` takes back)."""
+    trained = trained_setting(model.cfg.regime, model.cfg.smoe_top_k)
+    return [None if layer.setting == trained else layer.setting for layer in moe_layers(model, kind)]
+
+
+_METERS: weakref.WeakKeyDictionary[Transformer, tuple[ActiveMeter, list[RemovableHandle]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def attach_meter(model: Transformer, meter: ActiveMeter | None) -> None:
+    """Count what every MoE layer of ``model`` runs into ``meter`` (forward hooks that read the layers' router
+    records), replacing the meter attached before; None only detaches it."""
+    _, handles = _METERS.pop(model, (None, []))
+    for handle in handles:
+        handle.remove()
+    if meter is None:
+        return
+    handles = [
+        layer.register_forward_hook(meter.hook)
+        for kind in ("att", "mlp")
+        for layer in moe_layers(model, kind)
+    ]
+    _METERS[model] = (meter, handles)
+
+
+def attached_meter(model: Transformer) -> ActiveMeter | None:
+    return _METERS.get(model, (None, []))[0]
 
 
 class ActiveMeter:
@@ -62,6 +99,14 @@ class ActiveMeter:
         self.min: dict[str, list[int | None]] = {k: [None] * n for k in ("att", "mlp")}
         self.max: dict[str, list[int | None]] = {k: [None] * n for k in ("att", "mlp")}
 
+    def hook(self, layer: nn.Module, args: tuple, output: tuple[torch.Tensor, RouterRecord]) -> None:
+        """A forward hook on one MoE layer: count its router record."""
+        self.update(output[1])
+
+    def update(self, record: RouterRecord) -> None:
+        """Add one layer's router record, over its real tokens."""
+        self.record(record.kind, record.layer, record.counts_T(), record.mask_T)
+
     def record(self, kind: str, layer: int, counts_T: torch.Tensor, mask_T: torch.Tensor | None) -> None:
         if mask_T is not None:
             counts_T = counts_T[mask_T.to(counts_T.device)]
@@ -73,9 +118,6 @@ class ActiveMeter:
         old_lo, old_hi = self.min[kind][layer], self.max[kind][layer]
         self.min[kind][layer] = lo if old_lo is None else min(old_lo, lo)
         self.max[kind][layer] = hi if old_hi is None else max(old_hi, hi)
-
-    def record_dense(self, kind: str, layer: int, n_experts: int, mask_T: torch.Tensor | None, n_tokens: int):
-        self.record(kind, layer, torch.full((n_tokens,), n_experts), mask_T)
 
     def mean_active(self, kind: str) -> list[float]:
         """Mean active experts per token in each layer."""

@@ -16,10 +16,9 @@ from torch import nn
 
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
-from dsmoe.model.experts import ExpertMeter, mix_experts, router_aux
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
-from dsmoe.model.routing import Routing
+from dsmoe.model.routing import RouterRecord, Routing, route
 from dsmoe.model.settings import SparseSetting, trained_setting
 
 
@@ -71,7 +70,7 @@ class MoA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.regime = layer_idx, cfg.regime
+        self.layer_idx = layer_idx
         self.n_experts, self.head_dim, self.n_kv = cfg.n_att_experts, cfg.head_dim, cfg.n_kv_heads
         self.n_heads = cfg.n_query_heads
         e, d = cfg.att_expert_dim, cfg.d_model
@@ -80,21 +79,21 @@ class MoA(nn.Module):
         self.wk = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.router = Router(d, self.n_experts) if cfg.has_att_router else None
-        self.train_setting = trained_setting(cfg.regime, cfg.smoe_top_k)
-        self.sparse: SparseSetting | None = None
-        self.meter: ExpertMeter | None = None
+        self.setting: SparseSetting = trained_setting(cfg.regime, cfg.smoe_top_k)
 
     def forward(
         self,
-        x_BTD,
-        cos_Sd,
-        sin_Sd,
-        cache: KVCache | None,
-        start_pos: int,
-        mask_T,
-        want_aux: bool,
+        x_BTD: torch.Tensor,
+        cos_Sd: torch.Tensor,
+        sin_Sd: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask_T: torch.Tensor | None = None,
         padding: Padding | None = None,
-    ):
+    ) -> tuple[torch.Tensor, RouterRecord]:
+        """x_BTD: the tokens; cos/sin: the rotary tables; cache/start_pos: incremental decoding; mask_T: True for
+        real tokens; padding: where a padded batch's real tokens are. Returns the output [B, T, D] and the record of
+        what the router did."""
         b, t, d = x_BTD.shape
         if padding is None:
             cos, sin = (
@@ -132,12 +131,16 @@ class MoA(nn.Module):
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:
-            if self.meter is not None:
-                self.meter.record_dense(self.kind, self.layer_idx, 1, mask_T, b * t)
-            return dense(x_TD, None).view(b, t, d), None
+            return dense(x_TD, None).view(b, t, d), RouterRecord(
+                self.kind, self.layer_idx, b * t, None, None, mask_T
+            )
         probs_TN = self.router(x_TD)
-        out, routing = mix_experts(self, probs_TN, x_TD, dense, sparse, mask_T)
-        return out.view(b, t, d), router_aux(self, probs_TN, routing, mask_T) if want_aux else None
+        if self.setting.strategy == "dense":
+            out, routing = dense(x_TD, probs_TN), None
+        else:
+            routing = route(probs_TN, self.setting, mask_T)
+            out = sparse(x_TD, routing)
+        return out.view(b, t, d), RouterRecord(self.kind, self.layer_idx, b * t, probs_TN, routing, mask_T)
 
 
 def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int, padding: Padding | None = None) -> torch.Tensor:

@@ -6,8 +6,6 @@ at once is one matrix product of width N * F: exactly the cost of a dense FFN of
 
 from __future__ import annotations
 
-from typing import Protocol
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,31 +13,9 @@ from torch import nn
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
 from dsmoe.kernels.reference import activate
-from dsmoe.model.losses import mutual_information_loss, switch_loss
 from dsmoe.model.router import Router
-from dsmoe.model.routing import Routing, route
+from dsmoe.model.routing import RouterRecord, Routing, route
 from dsmoe.model.settings import SparseSetting, trained_setting
-
-
-class ExpertMeter(Protocol):
-    """Where a layer reports how many experts each token used (``dsmoe.inference.sparsify.ActiveMeter``)."""
-
-    def record(self, kind: str, layer: int, counts_T: torch.Tensor, mask_T: torch.Tensor | None) -> None: ...
-
-    def record_dense(
-        self, kind: str, layer: int, n_experts: int, mask_T: torch.Tensor | None, n_tokens: int
-    ) -> None: ...
-
-
-class RoutedLayer(Protocol):
-    """What ``mix_experts`` and ``router_aux`` read of a layer: the MLP and the attention layers both have it."""
-
-    kind: str
-    layer_idx: int
-    regime: str
-    train_setting: SparseSetting
-    sparse: SparseSetting | None
-    meter: ExpertMeter | None
 
 
 class MLPExperts(nn.Module):
@@ -66,66 +42,31 @@ class MLPExperts(nn.Module):
 
 class MoEMLP(nn.Module):
     """Router + experts. Dense regime: one expert, no router. SMoE: top-k in training and inference. DS-MoE: all
-    experts in training; at inference whatever ``self.sparse`` says (set by ``dsmoe.sparsify``)."""
+    experts in training; at inference whatever ``self.setting`` says (set once by ``dsmoe.inference.sparsify``)."""
 
     kind = "mlp"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.regime = layer_idx, cfg.regime
+        self.layer_idx = layer_idx
         self.router = Router(cfg.d_model, cfg.n_mlp_experts) if cfg.has_mlp_router else None
         self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
-        self.train_setting = trained_setting(cfg.regime, cfg.smoe_top_k)
-        self.sparse: SparseSetting | None = None  # inference override
-        self.meter: ExpertMeter | None = None
+        self.setting: SparseSetting = trained_setting(cfg.regime, cfg.smoe_top_k)
 
-    def forward(self, x_TD: torch.Tensor, mask_T: torch.Tensor | None, want_aux: bool):
+    def forward(
+        self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterRecord]:
+        """x_TD: the tokens [T, D]; mask_T: True for real tokens (threshold_topk's batch mean counts only these).
+        Returns the output [T, D] and the record of what the router did."""
+        n_tokens = x_TD.shape[0]
         if self.router is None:
-            if self.meter is not None:
-                self.meter.record_dense(self.kind, self.layer_idx, 1, mask_T, x_TD.shape[0])
-            return self.experts.dense(x_TD, None), None
-        probs_TN = self.router(x_TD)
-        out, routing = mix_experts(self, probs_TN, x_TD, self.experts.dense, self.experts.sparse, mask_T)
-        return out, router_aux(self, probs_TN, routing, mask_T) if want_aux else None
-
-
-def mix_experts(layer: RoutedLayer, probs_TN: torch.Tensor, x, dense_fn, sparse_fn, mask_T):
-    """Run ``layer``'s experts under its active setting; shared by the MLP and attention layers."""
-    setting = layer.sparse or layer.train_setting
-    if setting.strategy == "dense":
-        if layer.meter is not None:
-            layer.meter.record_dense(
-                layer.kind, layer.layer_idx, probs_TN.shape[-1], mask_T, probs_TN.shape[0]
+            return self.experts.dense(x_TD, None), RouterRecord(
+                self.kind, self.layer_idx, n_tokens, None, None, mask_T
             )
-        return dense_fn(x, probs_TN), None
-    routing = route(probs_TN, setting, mask_T)
-    if layer.meter is not None:
-        layer.meter.record(layer.kind, layer.layer_idx, routing.counts_per_token, mask_T)
-    return sparse_fn(x, routing), routing
-
-
-def router_aux(
-    layer: RoutedLayer, probs_TN: torch.Tensor, routing: Routing | None, mask_T: torch.Tensor | None
-):
-    """Auxiliary loss of one router (MI for DS-MoE, switch for SMoE), with its detached probabilities and the mask
-    of counted tokens (None: all), so that a trainer can compute statistics when it logs (not on every step)."""
-    if layer.regime == "smoe":
-        if routing is not None:
-            indices = routing.indices
-        else:  # a dense inference setting: the loss still takes the trained top-k
-            k = layer.train_setting.k
-            if k is None:
-                raise RuntimeError(f"SMoE {layer.kind} layer {layer.layer_idx} has no top-k training setting")
-            indices = probs_TN.topk(k, -1).indices
-        loss = switch_loss(probs_TN, indices, mask_T)
-    else:
-        loss = mutual_information_loss(probs_TN, mask_T)
-    # The mask travels beside the probabilities: indexing by it here would make the shape data-dependent and break
-    # a compiled training step; the trainer selects the counted tokens only when it logs.
-    return {
-        "kind": layer.kind,
-        "layer": layer.layer_idx,
-        "loss": loss,
-        "probs": probs_TN.detach(),
-        "mask": mask_T,
-    }
+        probs_TN = self.router(x_TD)
+        if self.setting.strategy == "dense":
+            out, routing = self.experts.dense(x_TD, probs_TN), None
+        else:
+            routing = route(probs_TN, self.setting, mask_T)
+            out = self.experts.sparse(x_TD, routing)
+        return out, RouterRecord(self.kind, self.layer_idx, n_tokens, probs_TN, routing, mask_T)

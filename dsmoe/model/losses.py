@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from dsmoe.model.routing import RouterRecord
+
 
 def _masked_mean(x_T: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
     """Mean over dim 0, counting only rows where mask is True."""
@@ -48,3 +50,14 @@ def switch_loss(
     f_N = _masked_mean(one_hot_TN, mask_T) / indices_TK.shape[1]
     p_N = _masked_mean(probs_TN, mask_T)
     return n_experts * (f_N.detach() * p_N).sum()
+
+
+def router_loss(record: RouterRecord, regime: str, smoe_top_k: int) -> torch.Tensor:
+    """The auxiliary loss of one router from its record, over its real tokens: the switch loss of its trained
+    top-k for an SMoE (whatever setting ran), the MI loss otherwise."""
+    if record.probs_TN is None:
+        raise ValueError(f"{record.kind} layer {record.layer} has no router, so no router loss")
+    if regime == "smoe":
+        indices_TK = record.probs_TN.topk(smoe_top_k, dim=-1).indices
+        return switch_loss(record.probs_TN, indices_TK, record.mask_T)
+    return mutual_information_loss(record.probs_TN, record.mask_T)

@@ -7,7 +7,6 @@ dispatch path: kernels only ever see the valid (token, expert, weight) pairs.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -41,32 +40,30 @@ class Routing:
 
 def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor | None = None) -> Routing:
     """Select experts for each token from router probabilities [T, N]. ``mask_T`` (True for real tokens) keeps
-    padding out of the batch statistics of threshold / threshold_topk."""
+    padding out of the batch statistics of threshold_topk.
+
+    Shapes never depend on the data, so selection compiles without graph breaks and never waits for the device:
+    the variable-K strategies take all N experts in descending order and mask those past each token's count (the
+    kernels only ever see the valid pairs, so the masked ones cost nothing but their place in the sort)."""
     n_experts = probs_TN.shape[-1]
-    if setting.strategy == "dense":
-        k = n_experts
-    elif setting.strategy == "topk":
-        k = setting.k  # type: ignore[assignment]
+    k = setting.k if setting.strategy == "topk" else n_experts
+    weights, indices = torch.topk(probs_TN, k, dim=-1, sorted=True)  # type: ignore[arg-type]
+    if setting.strategy in ("dense", "topk"):
+        mask = torch.ones_like(indices, dtype=torch.bool)
     else:
         if setting.threshold is None:  # SparseSetting.__post_init__ rules this out
             raise ConfigError(f"strategy '{setting.strategy}' needs a threshold")
-        keep_TN = probs_TN * n_experts > setting.threshold
-        counts_T = keep_TN.sum(dim=-1).clamp_min(1)  # at least one expert per token
-        real_T = counts_T if mask_T is None else counts_T[mask_T]
-        if setting.strategy == "threshold":
-            k = int(counts_T.max()) if counts_T.numel() else 1
-        else:
-            # The batch mean rounds half up (2.5 -> 3, 3.5 -> 4), not to even as Python's round() would.
-            k = (
-                max(1, min(n_experts, math.floor(float(real_T.float().mean()) + 0.5)))
-                if real_T.numel()
-                else 1
-            )
-    weights, indices = torch.topk(probs_TN, k, dim=-1, sorted=True)
-    if setting.strategy == "threshold":
-        mask = torch.arange(k, device=probs_TN.device)[None, :] < counts_T[:, None]
-    else:
-        mask = torch.ones_like(indices, dtype=torch.bool)
+        # at least one expert per token
+        counts_T = (probs_TN * n_experts > setting.threshold).sum(dim=-1).clamp_min(1)
+        if setting.strategy == "threshold_topk":
+            # One K for the batch: the mean count over real tokens, rounded half up (2.5 -> 3, 3.5 -> 4; not to
+            # even as Python's round() would), in [1, N]; 1 when no token is real.
+            real_T = torch.ones_like(counts_T, dtype=torch.bool) if mask_T is None else mask_T
+            total = (counts_T * real_T).sum().float()
+            mean = total / real_T.sum().clamp_min(1)
+            k_mean = torch.where(real_T.any(), torch.floor(mean + 0.5), torch.ones_like(mean))
+            counts_T = k_mean.clamp(1, n_experts).long().expand_as(counts_T)
+        mask = torch.arange(n_experts, device=probs_TN.device)[None, :] < counts_T[:, None]
     if setting.normalize:
         weights = weights * mask / (weights * mask).sum(dim=-1, keepdim=True)
     return Routing(
@@ -74,5 +71,27 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
         weights=weights,
         mask=mask,
         n_experts=n_experts,
-        all_valid=setting.strategy != "threshold",
+        all_valid=setting.strategy in ("dense", "topk"),
     )
+
+
+@dataclass
+class RouterRecord:
+    """What one MoE layer's router did in one forward: the model returns one per layer, and losses, training
+    statistics and the active-parameter meter are computed from these, outside the layers."""
+
+    kind: str  # "att" or "mlp"
+    layer: int
+    n_tokens: int
+    probs_TN: torch.Tensor | None  # router probabilities (with their gradient); None: a layer with one expert
+    routing: Routing | None  # the selection that ran; None: every expert ran (dense computation)
+    mask_T: torch.Tensor | None = (
+        None  # True for the real tokens (losses and the meter count these); None: all
+    )
+
+    def counts_T(self) -> torch.Tensor:
+        """Experts each token used [T]."""
+        if self.routing is not None:
+            return self.routing.counts_per_token
+        n = 1 if self.probs_TN is None else self.probs_TN.shape[-1]
+        return torch.full((self.n_tokens,), n, dtype=torch.long)

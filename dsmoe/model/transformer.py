@@ -10,12 +10,13 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dsmoe.config import ModelConfig
 from dsmoe.model.attention import KVCache, MoA, Padding
 from dsmoe.model.experts import MoEMLP
+from dsmoe.model.losses import router_loss
 from dsmoe.model.rope import rope_tables
+from dsmoe.model.routing import RouterRecord
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -30,12 +31,21 @@ class Block(nn.Module):
         self.att_norm, self.att = make_norm(cfg), MoA(cfg, layer_idx)
         self.mlp_norm, self.mlp = make_norm(cfg), MoEMLP(cfg, layer_idx)
 
-    def forward(self, x_BTD, cos, sin, cache, start_pos, mask_T, want_aux, padding=None):
-        a, att_aux = self.att(self.att_norm(x_BTD), cos, sin, cache, start_pos, mask_T, want_aux, padding)
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask_T: torch.Tensor | None = None,
+        padding: Padding | None = None,
+    ) -> tuple[torch.Tensor, RouterRecord, RouterRecord]:
+        a, att_record = self.att(self.att_norm(x_BTD), cos, sin, cache, start_pos, mask_T, padding)
         x_BTD = x_BTD + a
         b, t, d = x_BTD.shape
-        m, mlp_aux = self.mlp(self.mlp_norm(x_BTD).reshape(b * t, d), mask_T, want_aux)
-        return x_BTD + m.view(b, t, d), [aux for aux in (att_aux, mlp_aux) if aux is not None]
+        m, mlp_record = self.mlp(self.mlp_norm(x_BTD).reshape(b * t, d), mask_T)
+        return x_BTD + m.view(b, t, d), att_record, mlp_record
 
 
 @dataclass
@@ -46,9 +56,10 @@ class ModelOutput:
     mi_att: torch.Tensor | None = None  # sum over layers of the attention routers' MI loss
     mi_mlp: torch.Tensor | None = None  # sum over layers of the MLP routers' MI loss
     switch: torch.Tensor | None = None  # mean over layers of the SMoE switch loss (dMoE's definition)
-    router_stats: list[dict] = field(
+    routers: list[RouterRecord] = field(
         default_factory=list
-    )  # per router: kind, layer, loss, probs [T, N], mask
+    )  # per MoE layer, attention and MLP, in depth order
+    router_losses: list[torch.Tensor] = field(default_factory=list)  # per layer with a router, in that order
 
 
 class Transformer(nn.Module):
@@ -65,9 +76,6 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.activation_checkpointing = (
-            False  # recompute each block in backward instead of keeping activations
-        )
         self.reset_parameters()
 
     @torch.no_grad()
@@ -100,7 +108,7 @@ class Transformer(nn.Module):
         start_pos: int = 0,
         last_only: bool = False,
         key_mask_BS: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[dict]]:
+    ) -> tuple[torch.Tensor, list[RouterRecord]]:
         """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
         True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
         target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding.
@@ -108,8 +116,8 @@ class Transformer(nn.Module):
         ([B, start_pos + T], Hugging Face's attention_mask); padding anywhere, e.g. left-padded prompts of different
         lengths, is then never attended to and does not advance the rotary positions.
 
-        Returns the final-normed hidden states [B, T, D] (or [B, 1, D]) before the LM head, and the router records;
-        ``forward`` applies ``head``. Routers' auxiliary losses are computed when ``targets_BT`` is given."""
+        Returns the final-normed hidden states [B, T, D] (or [B, 1, D]) before the LM head (``forward`` applies
+        ``head``), and the routers' records."""
         b, t = idx_BT.shape
         if start_pos + t > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -127,18 +135,15 @@ class Transformer(nn.Module):
             real_BT = key_mask_BS[:, start_pos:]
             token_mask_BT = real_BT if token_mask_BT is None else token_mask_BT & real_BT
         mask_T = None if token_mask_BT is None else token_mask_BT.reshape(b * t)
-        want_aux = targets_BT is not None
 
         x = self.embed(idx_BT)
-        aux: list[dict] = []
+        routers: list[RouterRecord] = []
         for block in self.blocks:
-            args = (x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, want_aux, padding)
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x, block_aux = checkpoint(block, *args, use_reentrant=False)
-            else:
-                x, block_aux = block(*args)
-            aux.extend(block_aux)
-        return self.final_norm(x[:, -1:] if last_only else x), aux
+            x, att_record, mlp_record = block(
+                x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, padding
+            )
+            routers += [att_record, mlp_record]
+        return self.final_norm(x[:, -1:] if last_only else x), routers
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The LM head: logits over the vocabulary (tied to the embedding when ``tie_embeddings``)."""
@@ -156,7 +161,7 @@ class Transformer(nn.Module):
         key_mask_BS: torch.Tensor | None = None,
     ) -> ModelOutput:
         """Logits [B, T, V] and, with ``targets_BT``, the losses; the arguments are those of ``hidden``."""
-        x, aux = self.hidden(
+        x, routers = self.hidden(
             idx_BT,
             targets_BT,
             token_mask_BT=token_mask_BT,
@@ -166,20 +171,26 @@ class Transformer(nn.Module):
             key_mask_BS=key_mask_BS,
         )
         logits = self.head(x)
-        out = ModelOutput(logits=logits, router_stats=aux)
+        out = ModelOutput(logits=logits, routers=routers)
         if targets_BT is None:
             return out
+        cfg = self.cfg
         out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
         out.loss = out.lm_loss
-        losses = {kind: [a["loss"] for a in aux if a["kind"] == kind] for kind in ("att", "mlp")}
-        if self.cfg.regime == "smoe":  # as dMoE (MegaBlocks): the routers' switch losses averaged over layers
-            out.switch = torch.stack(losses["att"] + losses["mlp"]).sum() / self.cfg.n_layers
-            out.loss = out.loss + self.cfg.switch_loss_weight * out.switch
+        routed = [r for r in routers if r.probs_TN is not None]
+        out.router_losses = [router_loss(r, cfg.regime, cfg.smoe_top_k) for r in routed]
+        losses = {
+            kind: [loss for r, loss in zip(routed, out.router_losses, strict=True) if r.kind == kind]
+            for kind in ("att", "mlp")
+        }
+        if cfg.regime == "smoe":  # as dMoE (MegaBlocks): the routers' switch losses averaged over layers
+            out.switch = torch.stack(losses["att"] + losses["mlp"]).sum() / cfg.n_layers
+            out.loss = out.loss + cfg.switch_loss_weight * out.switch
         else:  # DS-MoE: MI loss per router, summed over layers, weighted separately for attention and MLP
             if losses["att"]:
                 out.mi_att = torch.stack(losses["att"]).sum()
-                out.loss = out.loss + self.cfg.alpha_att * out.mi_att
+                out.loss = out.loss + cfg.alpha_att * out.mi_att
             if losses["mlp"]:
                 out.mi_mlp = torch.stack(losses["mlp"]).sum()
-                out.loss = out.loss + self.cfg.alpha_mlp * out.mi_mlp
+                out.loss = out.loss + cfg.alpha_mlp * out.mi_mlp
         return out

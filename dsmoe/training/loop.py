@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 from pathlib import Path
@@ -23,11 +22,11 @@ from dsmoe.training.distributed import (
     all_reduce_mean,
     init_distributed,
     load_full_state_dicts,
-    shard_model,
 )
 from dsmoe.training.metrics import MetricsLogger, collapsed_routers, router_metrics
 from dsmoe.training.optim import build_optimizer, lr_at, set_lr
 from dsmoe.training.resume import check_changes, find_checkpoint, say, set_aside_newer
+from dsmoe.training.transforms import apply_transforms
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -55,15 +54,13 @@ def build_model(cfg: TrainConfig, info: DistInfo) -> Transformer:
     if cfg.trainable == "routers":
         for name, p in model.named_parameters():
             p.requires_grad_(".router." in name)
-    model.activation_checkpointing = cfg.activation_checkpointing
-    if info.world_size > 1:
-        shard_model(
-            model, info, torch.bfloat16 if use_bf16(cfg, info.device) and info.device.type == "cuda" else None
-        )
-    if cfg.compile:
-        for block in model.blocks:
-            block.compile()
-    return model
+    return apply_transforms(
+        model,
+        info,
+        activation_checkpointing=cfg.activation_checkpointing,
+        compile=cfg.compile,
+        param_dtype=torch.bfloat16 if use_bf16(cfg, info.device) and info.device.type == "cuda" else None,
+    )
 
 
 def _nonfinite_culprit(model: torch.nn.Module) -> str:
@@ -227,13 +224,14 @@ def train(
     window_start, window_tokens = time.perf_counter(), 0
     warned: set[tuple[str, int]] = set()
     n_experts = {"att": model_cfg.n_att_experts, "mlp": model_cfg.n_mlp_experts}
+    zero = torch.zeros((), device=info.device)
     while step < stop_at:
         lr = lr_at(tokens, cfg)
         set_lr(optimizer, lr)
-        sums = torch.zeros(5)  # loss, lm_loss, mi_att, mi_mlp, switch
-        bad_batches = []
+        # Loss terms stay on the device (no host sync per micro-batch): loss, lm_loss, mi_att, mi_mlp, switch.
+        micro_values, positions = [], []
         for micro in range(accum):
-            position = loader.state_dict()
+            positions.append(loader.state_dict())
             x, y = next(batches)
             if info.world_size > 1 and hasattr(model, "set_requires_gradient_sync"):  # sharded by FSDP2
                 fsdp = cast("FSDPModule", model)
@@ -242,17 +240,21 @@ def train(
                 out = model(x.to(info.device), y.to(info.device))
             (out.loss / accum).backward()
             parts = (out.loss, out.lm_loss, out.mi_att, out.mi_mlp, out.switch)
-            values = torch.tensor([float(p.detach()) if p is not None else 0.0 for p in parts])
-            if not torch.isfinite(values).all():
-                bad_batches.append(
-                    f"micro-batch {micro} (loader epoch {position['epoch']}, batch {position['position']})"
-                )
-            sums += values / accum
+            micro_values.append(torch.stack([p.detach().float() if p is not None else zero for p in parts]))
+        values = torch.stack(micro_values)  # [accum, 5]
+        sums = values.mean(dim=0)
         total_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = float(total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm)
-        if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
+        total_norm = total_norm.full_tensor() if hasattr(total_norm, "full_tensor") else total_norm
+        # The one host sync of a step that does not log: whether its update may be applied.
+        if not bool(torch.isfinite(sums[0]) & torch.isfinite(total_norm)):
+            grad_norm = float(total_norm)
             where = _nonfinite_culprit(model)
-            bad = ", ".join(bad_batches) or "every micro-batch's loss was finite"
+            bad = ", ".join(
+                f"micro-batch {micro} (loader epoch {p['epoch']}, batch {p['position']})"
+                for micro, p in enumerate(positions)
+                if not bool(torch.isfinite(values[micro]).all())
+            )
+            bad = bad or "every micro-batch's loss was finite"
             message = (
                 f"non-finite loss or gradient at step {step + 1} (loss {float(sums[0])}, grad norm "
                 f"{grad_norm}); batches: {bad}; first non-finite: {where}"
@@ -273,6 +275,7 @@ def train(
         window_tokens += cfg.global_batch_tokens
         bar.update(1)
         if step % cfg.log_every == 0 or step == stop_at:
+            grad_norm = float(total_norm)
             sums = all_reduce_mean(sums, info)
             elapsed = time.perf_counter() - window_start
             last = {
@@ -285,8 +288,8 @@ def train(
             }
             logged = {"dsmoe": ((2, "mi_att"), (3, "mi_mlp")), "smoe": ((4, "switch"),)}
             last.update({name: float(sums[i]) for i, name in logged.get(model_cfg.regime, ())})
-            last.update(router_metrics(out.router_stats))
-            for kind, layer, share in collapsed_routers(out.router_stats):
+            last.update(router_metrics(out.routers))
+            for kind, layer, share in collapsed_routers(out.routers):
                 if (kind, layer) not in warned and info.is_main:
                     warned.add((kind, layer))
                     bar.write(

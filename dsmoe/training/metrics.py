@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from dsmoe.model.losses import entropy
+from dsmoe.model.routing import RouterRecord
 
 
 class MetricsLogger:
@@ -46,20 +47,18 @@ class MetricsLogger:
                 self.writer.close()
 
 
-def counted_probs(stat: dict) -> torch.Tensor:
-    """A router record's probabilities [T, N] over the tokens its losses counted (padding left out)."""
-    mask = stat.get("mask")
-    return stat["probs"] if mask is None else stat["probs"][mask]
+def counted_probs(record: RouterRecord) -> torch.Tensor:
+    """A router's detached probabilities [T, N] over the tokens its losses counted (padding left out)."""
+    probs = cast(torch.Tensor, record.probs_TN).detach()
+    return probs if record.mask_T is None else probs[record.mask_T]
 
 
-def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
+def router_metrics(routers: list[RouterRecord]) -> dict[str, Any]:
     """Mean router entropy, and per layer the largest share of tokens whose top expert is one expert (the load of
     the busiest expert: 1/N is balanced, 1.0 is collapse)."""
-    if not router_stats:
-        return {}
     out: dict[str, Any] = {}
     for kind in ("att", "mlp"):
-        probs = [counted_probs(s) for s in router_stats if s["kind"] == kind]
+        probs = [counted_probs(r) for r in routers if r.kind == kind and r.probs_TN is not None]
         if probs:
             out[f"router_entropy_{kind}"] = float(torch.stack([entropy(p).mean() for p in probs]).mean())
             top1 = [
@@ -69,12 +68,14 @@ def router_metrics(router_stats: list[dict]) -> dict[str, Any]:
     return out
 
 
-def collapsed_routers(router_stats: list[dict], threshold: float = 0.9) -> list[tuple[str, int, float]]:
+def collapsed_routers(routers: list[RouterRecord], threshold: float = 0.9) -> list[tuple[str, int, float]]:
     """(kind, layer, share) of routers whose busiest expert holds more than ``threshold`` of the mean router
     probability: the router sends almost every token to one expert."""
     found = []
-    for s in router_stats:
-        share = float(counted_probs(s).mean(0).max())
+    for r in routers:
+        if r.probs_TN is None:
+            continue
+        share = float(counted_probs(r).mean(0).max())
         if share > threshold:
-            found.append((s["kind"], s["layer"], share))
+            found.append((r.kind, r.layer, share))
     return found

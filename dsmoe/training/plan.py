@@ -23,6 +23,7 @@ from dsmoe.model.transformer import Transformer
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.distributed import DistInfo, shard_model
 from dsmoe.training.optim import build_optimizer
+from dsmoe.training.transforms import checkpoint_activations
 
 if TYPE_CHECKING:
     from torch.distributed.fsdp import FSDPModule
@@ -112,7 +113,8 @@ def _trace(
     if cfg.trainable == "routers":
         for name, p in model.named_parameters():
             p.requires_grad_(".router." in name)
-    model.activation_checkpointing = checkpointing
+    if checkpointing:
+        checkpoint_activations(model)
     if world_size > 1:
         shard_model(model, DistInfo(0, world_size), torch.bfloat16 if bf16 else None, mesh)
     optimizer = build_optimizer(model, cfg)

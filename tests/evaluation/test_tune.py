@@ -12,6 +12,7 @@ from dsmoe.config import ConfigError
 from dsmoe.evaluation.repro import split_dev_test
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.evaluation.tune import TuneOptions, greedy_path, levels
+from dsmoe.inference.sparsify import layer_settings
 from dsmoe.model.settings_file import load_settings
 from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
@@ -129,7 +130,7 @@ def test_lm_eval_model_reads_the_settings_file(tiny_trained_checkpoint, held_out
     path, record = tuned[0.1]
     lm = DSMoELM(checkpoint=str(tiny_trained_checkpoint), settings=str(path), device="cpu")
     att, mlp = load_settings(path, lm.cfg)
-    assert [b.att.sparse for b in lm.model.blocks] == att and [b.mlp.sparse for b in lm.model.blocks] == mlp
+    assert layer_settings(lm.model, "att") == att and layer_settings(lm.model, "mlp") == mlp
     with pytest.raises(ConfigError, match="drop strategy"):
         DSMoELM(checkpoint=str(tiny_trained_checkpoint), settings=str(path), strategy="topk", k=2)
 

@@ -9,7 +9,7 @@ from dsmoe.config import ConfigError
 from dsmoe.hf import DSMoEConfig, DSMoEForCausalLM
 from dsmoe.hf.modeling import CACHE_FIELD
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.inference.sparsify import ActiveMeter, layer_settings, sparsify
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
@@ -137,12 +137,12 @@ def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):
     wrapped.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, mlp_strategy="topk", mlp_k=4)
     assert isinstance(loaded, DSMoEForCausalLM)
-    assert [b.mlp.sparse for b in loaded.model.blocks] == [SparseSetting("topk", k=4)] * 2
-    assert all(b.att.sparse is None for b in loaded.model.blocks)
+    assert layer_settings(loaded.model, "mlp") == [SparseSetting("topk", k=4)] * 2
+    assert layer_settings(loaded.model, "att") == [None, None]
     per_layer = AutoModelForCausalLM.from_pretrained(
         tmp_path, mlp_strategy=["topk", "threshold"], mlp_k=[1, None], mlp_threshold=[None, 1.5]
     )
-    assert [b.mlp.sparse for b in per_layer.model.blocks] == [
+    assert layer_settings(per_layer.model, "mlp") == [
         SparseSetting("topk", k=1),
         SparseSetting("threshold", threshold=1.5),
     ]
@@ -150,7 +150,7 @@ def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):
     with loaded.sparse(meter=meter, mlp_k=1), torch.no_grad():
         loaded(torch.randint(0, 97, (1, 6)))
     assert meter.mean_active("mlp") == [1.0, 1.0]
-    assert loaded.config.mlp_k == 4 and loaded.model.blocks[0].mlp.sparse.k == 4
+    assert loaded.config.mlp_k == 4 and loaded.model.blocks[0].mlp.setting.k == 4
     with pytest.raises(ConfigError, match="k=9 is larger than the 8 experts"):
         loaded.set_sparse(mlp_k=9)
     assert loaded.config.mlp_k == 4  # a rejected change leaves the model as it was

@@ -11,7 +11,7 @@ from hf_fixtures import isolated_python
 
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.inference.sparsify import layer_settings, sparsify
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.settings_file import load_settings, settings_to_dict
 from dsmoe.training.checkpoint import load_pretrained
@@ -37,8 +37,8 @@ def native_logits(checkpoint):
         return ids, native(ids).logits
 
 
-def layer_settings(model):
-    return [b.att.sparse for b in model.model.blocks], [b.mlp.sparse for b in model.model.blocks]
+def settings_of(model):
+    return layer_settings(model.model, "att"), layer_settings(model.model, "mlp")
 
 
 def test_export_writes_the_settings_into_config_json(exported, settings_file, tmp_path):
@@ -54,7 +54,7 @@ def test_export_writes_the_settings_into_config_json(exported, settings_file, tm
     assert config["mlp_strategy"] == ["topk", "threshold"] and config["mlp_k"] == [3, None]
     assert config["att_strategy"] == ["threshold", None] and config["att_threshold"] == [0.75, None]
     model = DSMoEForCausalLM.from_pretrained(out).eval()
-    assert layer_settings(model) == (ATT, MLP)
+    assert settings_of(model) == (ATT, MLP)
     ids, expected = native_logits(checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
@@ -82,13 +82,13 @@ def test_load_sparse_settings_replaces_config_settings_and_is_saved(exported, se
     checkpoint, folder = exported  # exported with mlp topk k=3 for every layer
     model = DSMoEForCausalLM.from_pretrained(folder).eval()
     model.load_sparse_settings(settings_file)
-    assert layer_settings(model) == (ATT, MLP)
+    assert settings_of(model) == (ATT, MLP)
     ids, expected = native_logits(checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     model.save_pretrained(tmp_path / "saved")
     again = DSMoEForCausalLM.from_pretrained(tmp_path / "saved")
-    assert layer_settings(again) == (ATT, MLP)
+    assert settings_of(again) == (ATT, MLP)
 
 
 def test_load_sparse_settings_checks_the_file_and_keeps_the_old_settings(exported, tmp_path):
@@ -96,12 +96,12 @@ def test_load_sparse_settings_checks_the_file_and_keeps_the_old_settings(exporte
 
     _, folder = exported
     model = DSMoEForCausalLM.from_pretrained(folder)
-    before = layer_settings(model)
+    before = settings_of(model)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"mlp": [{"strategy": "topk", "k": 3}] * 3}))
     with pytest.raises(ConfigError, match="3 entries for a model with 2 layers"):
         model.load_sparse_settings(bad)
-    assert layer_settings(model) == before
+    assert settings_of(model) == before
 
 
 CHILD = """
@@ -131,7 +131,7 @@ def test_serve_uses_the_settings_file(exported, settings_file, tmp_path):
 
     checkpoint, folder = exported
     completer = Completer(folder, "m", "cpu", settings=settings_file)
-    assert layer_settings(completer.model) == (ATT, MLP)
+    assert settings_of(completer.model) == (ATT, MLP)
     assert load_settings(settings_file, completer.model.config.model_config()) == (ATT, MLP)
     with pytest.raises(ConfigError, match="settings file .* does not exist"):
         serve(folder, settings=tmp_path / "missing.json")

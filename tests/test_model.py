@@ -242,7 +242,8 @@ def test_threshold_topk_rounds_the_batch_mean_half_up(counts, k):
     probs = torch.tensor([ROWS_BY_COUNT[c] for c in counts])
     assert (probs * 4 > 1.0).sum(-1).tolist() == list(counts)
     routing = route(probs, SparseSetting("threshold_topk", threshold=1.0))
-    assert routing.counts_per_token.tolist() == [k] * len(counts)  # 2.5 -> 3 and 1.5 -> 2 (half up; Python's round gives 2 and 2)
+    # 2.5 -> 3 and 1.5 -> 2 (half up; Python's round gives 2 and 2)
+    assert routing.counts_per_token.tolist() == [k] * len(counts)
 
 
 def test_router_probabilities_are_computed_in_fp32_under_bf16_autocast():

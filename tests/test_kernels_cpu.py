@@ -137,13 +137,14 @@ def test_moa_cpu_any_token_layout_falls_back_to_reference():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_dispatch_uses_reference_when_a_gradient_is_needed(monkeypatch):
+def test_dispatch_takes_a_differentiable_path_when_a_gradient_is_needed(monkeypatch):
     x, w_in, w_out = mlp_inputs(4, 8, 32, 16, "gelu", torch.float32)
     assert kernels.select(x, w_in, w_out) == "cpu"
-    assert kernels.select(x, w_in.requires_grad_(), w_out) == "reference"
+    assert kernels.select(x, w_in.requires_grad_(), w_out) == "grouped"
     with torch.no_grad():
         assert kernels.select(x, w_in, w_out) == "cpu"
     monkeypatch.setenv("DSMOE_KERNELS", "reference")
+    assert kernels.select(x, w_in, w_out) == "reference"
     assert kernels.select(x.detach(), w_in.detach(), w_out) == "reference"
 
 

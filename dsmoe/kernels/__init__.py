@@ -1,9 +1,14 @@
 """Sparse expert kernels. ``expert_mlp`` and ``moa`` pick the fastest implementation for the device; every
 implementation has the signature of its plain reference in ``reference.py`` and is tested against it.
 
-Dispatch: a gradient is needed (SMoE training) -> the differentiable reference; CUDA tensors with Triton installed
--> the Triton scatter-to-scatter kernels; CPU -> sorted dispatch with grouped products (``cpu.py``); anything else
--> the reference. ``DSMOE_KERNELS=reference`` forces the reference everywhere (for debugging and benchmarks).
+Inference runs through two ``torch.library`` custom ops, ``dsmoe::expert_mlp`` and ``dsmoe::moa``, with fake
+(shape-only) implementations, so ``torch.compile`` traces a sparse forward as one graph: the data-dependent work
+(sorting pairs by expert, their counts) happens inside the op. In the op: CUDA tensors with Triton installed -> the
+Triton scatter-to-scatter kernels; CPU -> sorted dispatch with grouped products (``cpu.py``); anything else -> the
+reference. ``DSMOE_KERNELS=reference`` forces the reference everywhere (for debugging and benchmarks).
+
+A gradient is needed (SMoE training) -> no custom op, but a differentiable path: on the CPU the sorted grouped
+products (autograd runs through ``grouped_mm``), elsewhere the reference.
 """
 
 from __future__ import annotations
@@ -12,18 +17,25 @@ import os
 
 import torch
 
-from dsmoe.kernels.cpu import expert_mlp_cpu, moa_cpu
+from dsmoe.kernels.cpu import expert_mlp_cpu, expert_mlp_sorted, moa_cpu, moa_sorted, project_sorted
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, expert_mlp_triton, moa_triton
+from dsmoe.model.routing import Routing
 
 __all__ = ["expert_mlp", "moa", "select"]
 
 
 def select(x: torch.Tensor, *params: torch.Tensor) -> str:
-    """Which implementation serves these tensors: 'reference', 'triton' or 'cpu'."""
-    if os.environ.get("DSMOE_KERNELS") == "reference":
-        return "reference"
+    """Which implementation serves these tensors: 'reference', 'triton', 'cpu', or (with a gradient) 'grouped'
+    (the differentiable sorted path on the CPU)."""
+    forced = os.environ.get("DSMOE_KERNELS") == "reference"
     if torch.is_grad_enabled() and any(p.requires_grad for p in (x, *params)):
+        return "grouped" if x.device.type == "cpu" and not forced else "reference"
+    return _inference_impl(x)
+
+
+def _inference_impl(x: torch.Tensor) -> str:
+    if os.environ.get("DSMOE_KERNELS") == "reference":
         return "reference"
     if x.is_cuda and TRITON_AVAILABLE:
         return "triton"
@@ -36,13 +48,83 @@ _EXPERT_MLP = {"reference": expert_mlp_reference, "cpu": expert_mlp_cpu, "triton
 _MOA = {"reference": moa_reference, "cpu": moa_cpu, "triton": moa_triton}
 
 
-def expert_mlp(x_TD, w_in_NFD, w_out_NFD, routing, activation):
+def _routing(
+    indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n_experts: int, all_valid: bool
+):
+    return Routing(indices=indices, weights=weights, mask=mask, n_experts=n_experts, all_valid=all_valid)
+
+
+@torch.library.custom_op("dsmoe::expert_mlp", mutates_args=())
+def expert_mlp_op(
+    x_TD: torch.Tensor,
+    w_in_NFD: torch.Tensor,
+    w_out_NFD: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    mask_TK: torch.Tensor,
+    all_valid: bool,
+    activation: str,
+) -> torch.Tensor:
+    """Sparse expert MLP for inference (``reference.expert_mlp_reference`` with the Routing as its tensors)."""
+    routing = _routing(indices_TK, weights_TK, mask_TK, w_in_NFD.shape[0], all_valid)
+    return _EXPERT_MLP[_inference_impl(x_TD)](x_TD, w_in_NFD, w_out_NFD, routing, activation)
+
+
+@expert_mlp_op.register_fake
+def _(x_TD, w_in_NFD, w_out_NFD, indices_TK, weights_TK, mask_TK, all_valid, activation):
+    return torch.empty_like(x_TD)
+
+
+@torch.library.custom_op("dsmoe::moa", mutates_args=())
+def moa_op(
+    x_TD: torch.Tensor,
+    wq_NED: torch.Tensor,
+    wo_NED: torch.Tensor,
+    k_BHSd: torch.Tensor,
+    v_BHSd: torch.Tensor,
+    indices_TK: torch.Tensor,
+    weights_TK: torch.Tensor,
+    mask_TK: torch.Tensor,
+    all_valid: bool,
+    batch_T: torch.Tensor,
+    pos_T: torch.Tensor,
+    cos_Sd: torch.Tensor,
+    sin_Sd: torch.Tensor,
+    visible_TS: torch.Tensor | None,
+) -> torch.Tensor:
+    """Sparse mixture of attention heads for inference (``reference.moa_reference``)."""
+    routing = _routing(indices_TK, weights_TK, mask_TK, wq_NED.shape[0], all_valid)
+    impl = _MOA[_inference_impl(x_TD)]
+    return impl(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+
+
+@moa_op.register_fake
+def _(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, indices_TK, weights_TK, mask_TK, all_valid, *rest):
+    return torch.empty_like(x_TD)
+
+
+def expert_mlp(
+    x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
     """Sparse expert MLP (see ``reference.expert_mlp_reference``) on the fastest path for the inputs."""
-    impl = _EXPERT_MLP[select(x_TD, w_in_NFD, w_out_NFD, routing.weights)]
-    return impl(x_TD, w_in_NFD, w_out_NFD, routing, activation)
+    impl = select(x_TD, w_in_NFD, w_out_NFD, routing.weights)
+    if impl == "grouped":
+        return expert_mlp_sorted(x_TD, w_in_NFD, w_out_NFD, routing, activation, project_sorted)
+    if impl == "reference":
+        return expert_mlp_reference(x_TD, w_in_NFD, w_out_NFD, routing, activation)
+    r = routing
+    return expert_mlp_op(x_TD, w_in_NFD, w_out_NFD, r.indices, r.weights, r.mask, r.all_valid, activation)
 
 
 def moa(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS=None):
     """Sparse mixture of attention heads (see ``reference.moa_reference``) on the fastest path for the inputs."""
-    impl = _MOA[select(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing.weights)]
-    return impl(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+    args = (x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd)
+    impl = select(*args, routing.weights)
+    if impl == "grouped":
+        return moa_sorted(*args, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS, project_sorted)
+    if impl == "reference":
+        return moa_reference(*args, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+    r = routing
+    return moa_op(
+        *args, r.indices, r.weights, r.mask, r.all_valid, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
+    )

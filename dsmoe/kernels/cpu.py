@@ -9,8 +9,7 @@ tested against it.
 * long prefill (MLP): one expert at a time over the sorted pairs, so that each expert's rows stay in cache between
   its two products (see LOOP_PAIRS_PER_EXPERT).
 
-Inference only (no autograd through grouped_mm on CPU): ``dsmoe.kernels`` falls back to the reference whenever a
-gradient is needed.
+The grouped products are a custom op with their own backward, so the sorted path also trains (SMoE) and compiles.
 """
 
 from __future__ import annotations
@@ -34,9 +33,16 @@ class SortedPairs:
         # fixed-K and threshold routings share this one path.
         expert_flat = routing.indices.masked_fill(~routing.mask, n).flatten()
         order = torch.argsort(expert_flat, stable=True)
-        counts = torch.bincount(expert_flat, minlength=n + 1)[:n]
-        self.offs_N = counts.cumsum(0).to(torch.int32)
-        order = order[: int(self.offs_N[-1])]
+        # scatter_add rather than bincount: its output shape is known before it runs, so this compiles
+        ones = torch.ones_like(expert_flat)
+        counts = torch.zeros(n + 1, dtype=expert_flat.dtype, device=ones.device).scatter_add_(
+            0, expert_flat, ones
+        )
+        self.offs_N = counts[:n].cumsum(0).to(torch.int32)
+        if (
+            not routing.all_valid
+        ):  # how many pairs are valid depends on the data: the one graph break, if compiled
+            order = order[: int(self.offs_N[-1])]
         self.token_P = torch.div(order, routing.indices.shape[1], rounding_mode="floor")
         self.expert_P = expert_flat[order]
         self.weight_P = routing.weights.flatten()[order]
@@ -70,7 +76,10 @@ def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) ->
     return _grouped_mm(a_PK, b_NKM, offs_N)
 
 
+@torch.library.custom_op("dsmoe::grouped_mm", mutates_args=())
 def _grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as a custom op with its own backward: torch's meta function for ``_grouped_mm`` accepts only
+    bf16, so without the op a compiled fp32 SMoE training step could not trace the grouped products at all."""
     if a_PK.dtype == b_NKM.dtype and _aligned(a_PK.contiguous()) and _aligned(b_NKM):
         return F.grouped_mm(a_PK.contiguous(), b_NKM, offs=offs_N)
     out = a_PK.new_empty(a_PK.shape[0], b_NKM.shape[2])
@@ -80,6 +89,44 @@ def _grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -
             out[start:end] = a_PK[start:end] @ b_NKM[e].to(a_PK.dtype)
         start = end
     return out
+
+
+@_grouped_mm.register_fake
+def _(a_PK, b_NKM, offs_N):
+    return a_PK.new_empty(a_PK.shape[0], b_NKM.shape[2])
+
+
+@torch.library.custom_op("dsmoe::grouped_mm_weight_grad", mutates_args=())
+def _grouped_weight_grad(a_PK: torch.Tensor, grad_PM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
+    """d(loss)/d(b) of ``_grouped_mm``: each group's a^T grad -> [N, K, M] (zero for groups without rows)."""
+    if a_PK.dtype == grad_PM.dtype and _aligned(a_PK.t().contiguous()) and _aligned(grad_PM.contiguous()):
+        return F.grouped_mm(a_PK.t().contiguous(), grad_PM.contiguous(), offs=offs_N)
+    out = a_PK.new_zeros(offs_N.shape[0], a_PK.shape[1], grad_PM.shape[1])
+    start = 0
+    for e, end in enumerate(offs_N.tolist()):
+        if end > start:
+            out[e] = a_PK[start:end].t() @ grad_PM[start:end]
+        start = end
+    return out
+
+
+@_grouped_weight_grad.register_fake
+def _(a_PK, grad_PM, offs_N):
+    return a_PK.new_empty(offs_N.shape[0], a_PK.shape[1], grad_PM.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad_PM):
+    a_PK, b_NKM, offs_N = ctx.saved_tensors
+    grad_a = _grouped_mm(grad_PM.contiguous(), b_NKM.transpose(1, 2).contiguous(), offs_N)
+    grad_b = _grouped_weight_grad(a_PK, grad_PM, offs_N).to(b_NKM.dtype)
+    return grad_a.to(a_PK.dtype), grad_b, None
+
+
+_grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def _scale(h_PF: torch.Tensor, pairs: SortedPairs) -> torch.Tensor:

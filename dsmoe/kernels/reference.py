@@ -80,15 +80,18 @@ def moa_reference(
         kv_heads = torch.arange(e * n_head, (e + 1) * n_head, device=x_TD.device) // group
         q_MHd = F.linear(x_TD[tokens], wq_NED[e]).view(n, n_head, head_dim)
         q_MHd = apply_rope(q_MHd, cos_Sd[pos_T[tokens]][:, None], sin_Sd[pos_T[tokens]][:, None])
-        k_MHSd = k_BHSd[batch_T[tokens]][:, kv_heads]
-        v_MHSd = v_BHSd[batch_T[tokens]][:, kv_heads]
-        scores = torch.einsum("mhd,mhsd->mhs", q_MHd.float(), k_MHSd.float()) / math.sqrt(head_dim)
-        if visible_TS is None:
-            visible = key_pos_S[None, None, :] <= pos_T[tokens][:, None, None]
-        else:
-            visible = visible_TS[tokens][:, None, :]
-        attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        o_ME = torch.einsum("mhs,mhsd->mhd", attn, v_MHSd.float()).reshape(n, width).to(x_TD.dtype)
+        o_ME = x_TD.new_empty(n, width)
+        # one batch row at a time, so every token reads its row's keys and values in place (no per-token copies)
+        for row in torch.unique(batch_T[tokens]).tolist():
+            here = batch_T[tokens] == row
+            k_HSd, v_HSd = k_BHSd[row, kv_heads].float(), v_BHSd[row, kv_heads].float()
+            scores = torch.einsum("mhd,hsd->mhs", q_MHd[here].float(), k_HSd) / math.sqrt(head_dim)
+            if visible_TS is None:
+                visible = key_pos_S[None, None, :] <= pos_T[tokens][here][:, None, None]
+            else:
+                visible = visible_TS[tokens][here][:, None, :]
+            attn = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            o_ME[here] = torch.einsum("mhs,hsd->mhd", attn, v_HSd).reshape(-1, width).to(x_TD.dtype)
         y = (o_ME @ wo_NED[e]) * weights[:, None].to(o_ME.dtype)
         out_TD.index_add_(0, tokens, y.to(out_TD.dtype))
     return out_TD

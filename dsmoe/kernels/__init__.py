@@ -17,7 +17,14 @@ import os
 
 import torch
 
-from dsmoe.kernels.cpu import expert_mlp_cpu, expert_mlp_sorted, moa_cpu, moa_sorted, project_sorted
+from dsmoe.kernels.cpu import (
+    OP_NAMESPACE,
+    expert_mlp_cpu,
+    expert_mlp_sorted,
+    moa_cpu,
+    moa_sorted,
+    project_sorted,
+)
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, expert_mlp_triton, moa_triton
 from dsmoe.model.routing import Routing
@@ -54,7 +61,7 @@ def _routing(
     return Routing(indices=indices, weights=weights, mask=mask, n_experts=n_experts, all_valid=all_valid)
 
 
-@torch.library.custom_op("dsmoe::expert_mlp", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::expert_mlp", mutates_args=())
 def expert_mlp_op(
     x_TD: torch.Tensor,
     w_in_NFD: torch.Tensor,
@@ -71,11 +78,11 @@ def expert_mlp_op(
 
 
 @expert_mlp_op.register_fake
-def _(x_TD, w_in_NFD, w_out_NFD, indices_TK, weights_TK, mask_TK, all_valid, activation):
+def _expert_mlp_fake(x_TD, w_in_NFD, w_out_NFD, indices_TK, weights_TK, mask_TK, all_valid, activation):
     return torch.empty_like(x_TD)
 
 
-@torch.library.custom_op("dsmoe::moa", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::moa", mutates_args=())
 def moa_op(
     x_TD: torch.Tensor,
     wq_NED: torch.Tensor,
@@ -99,7 +106,7 @@ def moa_op(
 
 
 @moa_op.register_fake
-def _(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, indices_TK, weights_TK, mask_TK, all_valid, *rest):
+def _moa_fake(x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, indices_TK, weights_TK, mask_TK, all_valid, *rest):
     return torch.empty_like(x_TD)
 
 

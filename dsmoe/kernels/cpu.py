@@ -14,6 +14,8 @@ The grouped products are a custom op with their own backward, so the sorted path
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -76,7 +78,12 @@ def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) ->
     return _grouped_mm(a_PK, b_NKM, offs_N)
 
 
-@torch.library.custom_op("dsmoe::grouped_mm", mutates_args=())
+# The ops live in the "dsmoe" namespace; a copy of this code bundled into an exported Hugging Face folder (loaded
+# under another module name, perhaps beside dsmoe itself) registers its own namespace instead of colliding.
+OP_NAMESPACE = "dsmoe" if __name__.startswith("dsmoe.") else "dsmoe_" + re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::grouped_mm", mutates_args=())
 def _grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
     """grouped_mm as a custom op with its own backward: torch's meta function for ``_grouped_mm`` accepts only
     bf16, so without the op a compiled fp32 SMoE training step could not trace the grouped products at all."""
@@ -92,11 +99,11 @@ def _grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -
 
 
 @_grouped_mm.register_fake
-def _(a_PK, b_NKM, offs_N):
+def _grouped_mm_fake(a_PK, b_NKM, offs_N):
     return a_PK.new_empty(a_PK.shape[0], b_NKM.shape[2])
 
 
-@torch.library.custom_op("dsmoe::grouped_mm_weight_grad", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::grouped_mm_weight_grad", mutates_args=())
 def _grouped_weight_grad(a_PK: torch.Tensor, grad_PM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(b) of ``_grouped_mm``: each group's a^T grad -> [N, K, M] (zero for groups without rows)."""
     if a_PK.dtype == grad_PM.dtype and _aligned(a_PK.t().contiguous()) and _aligned(grad_PM.contiguous()):
@@ -111,7 +118,7 @@ def _grouped_weight_grad(a_PK: torch.Tensor, grad_PM: torch.Tensor, offs_N: torc
 
 
 @_grouped_weight_grad.register_fake
-def _(a_PK, grad_PM, offs_N):
+def _grouped_weight_grad_fake(a_PK, grad_PM, offs_N):
     return a_PK.new_empty(offs_N.shape[0], a_PK.shape[1], grad_PM.shape[1])
 
 

@@ -1,58 +1,80 @@
-"""Training tokens/s of tiny-dense, tiny-ds-moe and tiny-smoe in one process, steps interleaved so that all three
-see the same machine load. Reproduce: .venv/bin/python benchmarks/train_throughput.py [--steps 12] [--compile]"""
+"""Training tokens/s of tiny-dense, tiny-ds-moe and tiny-smoe, eager and compiled (``compile_blocks``, what
+``compile: true`` applies in training), all in one process with their steps interleaved so that every variant sees
+the same machine load. Each figure is the median over rounds of one timed step per variant.
+
+Reproduce: .venv/bin/python benchmarks/train_throughput.py [--rounds 10] [--modes eager,compiled] [--out FILE]"""
 
 import argparse
 import json
+import platform
+import statistics
 import time
 
 import torch
 
 from dsmoe import Transformer, preset
+from dsmoe.training.transforms import compile_blocks
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--steps", type=int, default=12)
+parser.add_argument("--rounds", type=int, default=10)
 parser.add_argument("--batch", type=int, default=8)
 parser.add_argument("--seq", type=int, default=256)
-parser.add_argument("--compile", action="store_true")
+parser.add_argument("--modes", default="eager,compiled")
+parser.add_argument("--models", default="tiny-dense,tiny-ds-moe,tiny-smoe")
+parser.add_argument("--out", help="also write the JSON result here")
 args = parser.parse_args()
 
-torch.manual_seed(0)
-names = ["tiny-dense", "tiny-ds-moe", "tiny-smoe"]
-models = {n: Transformer(preset(n)) for n in names}
-if args.compile:
-    for m in models.values():
-        for block in m.blocks:
-            block.compile()
-optims = {n: torch.optim.AdamW(m.parameters(), lr=1e-3) for n, m in models.items()}
-x = torch.randint(0, 8192, (args.batch, args.seq + 1))
-seconds = {n: 0.0 for n in names}
-
-
-def step(name):
-    out = models[name](x[:, :-1], x[:, 1:])
-    out.loss.backward()
-    optims[name].step()
-    optims[name].zero_grad(set_to_none=True)
-
-
-for name in names:  # warm-up (and compilation)
-    for _ in range(2):
-        step(name)
-for _ in range(args.steps):
+names, modes = args.models.split(","), args.modes.split(",")
+variants = {}
+for mode in modes:
     for name in names:
+        torch.manual_seed(0)  # the same weights in both modes
+        model = Transformer(preset(name))
+        if mode == "compiled":
+            compile_blocks(model)
+        variants[f"{name}/{mode}"] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+x = torch.randint(0, 8192, (args.batch, args.seq + 1))
+
+
+def step(model, optim):
+    out = model(x[:, :-1], x[:, 1:])
+    out.loss.backward()
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+
+
+for variant in variants.values():  # warm-up (and compilation)
+    for _ in range(2):
+        step(*variant)
+seconds: dict[str, list[float]] = {v: [] for v in variants}
+for _ in range(args.rounds):
+    for key, variant in variants.items():
         start = time.perf_counter()
-        step(name)
-        seconds[name] += time.perf_counter() - start
-tps = {n: args.steps * args.batch * args.seq / seconds[n] for n in names}
-print(
-    json.dumps(
-        {
-            "tokens_per_s": {n: round(v) for n, v in tps.items()},
-            "ratio_vs_dense": {n: round(v / tps["tiny-dense"], 3) for n, v in tps.items()},
-            "threads": torch.get_num_threads(),
-            "compile": args.compile,
-            "torch": torch.__version__,
-        },
-        indent=1,
-    )
-)
+        step(*variant)
+        seconds[key].append(time.perf_counter() - start)
+tokens = args.batch * args.seq
+tps = {k: tokens / statistics.median(s) for k, s in seconds.items()}
+spread = {k: round((max(s) - min(s)) / statistics.median(s), 3) for k, s in seconds.items()}
+result = {
+    "tokens_per_s": {k: round(v) for k, v in tps.items()},
+    "ratio_vs_dense_same_mode": {
+        k: round(v / tps[f"tiny-dense/{k.split('/')[1]}"], 3) for k, v in tps.items()
+    },
+    "ratio_compiled_vs_eager": {
+        n: round(tps[f"{n}/compiled"] / tps[f"{n}/eager"], 3)
+        for n in names
+        if {"eager", "compiled"} <= set(modes)
+    },
+    "step_time_range_over_median": spread,
+    "rounds": args.rounds,
+    "batch_tokens": tokens,
+    "threads": torch.get_num_threads(),
+    "torch": torch.__version__,
+    "machine": platform.platform(),
+    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+}
+text = json.dumps(result, indent=1)
+print(text)
+if args.out:
+    with open(args.out, "w") as f:
+        f.write(text + "\n")

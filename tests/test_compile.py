@@ -41,3 +41,21 @@ def test_training_step_compiles_to_one_graph_and_matches_eager(regime):
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-5, atol=1e-6)
     for name, grad in eager[2].items():
         torch.testing.assert_close(compiled[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_compiled_blocks_share_one_graph():
+    """compile_blocks (training's ``compile: true``): every block runs one compiled graph. A layer's forward reads
+    no per-layer integer, or torch.compile would make one graph per layer and, past 8 layers, leave the rest eager."""
+    from torch._dynamo.utils import counters
+
+    from dsmoe.training.transforms import compile_blocks
+
+    torch.manual_seed(0)
+    model = compile_blocks(Transformer(small_config("dsmoe", n_layers=3)))
+    idx = torch.randint(0, 97, (2, 17))
+    torch._dynamo.reset()
+    counters.clear()
+    out = model(idx[:, :-1], idx[:, 1:])
+    out.loss.backward()
+    assert counters["stats"]["unique_graphs"] == 1
+    assert [r.layer for r in out.routers] == [0, 0, 1, 1, 2, 2]

@@ -36,20 +36,28 @@ CACHE_FIELD = (
 
 
 class HFCacheAdapter:
-    """dsmoe's per-layer cache interface ``update(layer, start, k, v) -> (k_all, v_all)`` over a transformers
-    ``Cache``, whose ``update(k, v, layer_idx)`` appends and returns the layer's keys and values [B, n_kv, S, d]."""
+    """dsmoe's cache interface (``layer(i).update(start, k, v) -> (k_all, v_all)``) over a transformers ``Cache``,
+    whose ``update(k, v, layer_idx)`` appends and returns the layer's keys and values [B, n_kv, S, d]."""
 
     def __init__(self, cache: Cache):
         self.cache = cache
 
-    def update(self, layer: int, start: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
-        held = self.cache.get_seq_length(layer)
+    def layer(self, i: int) -> HFLayerCache:
+        return HFLayerCache(self.cache, i)
+
+
+class HFLayerCache:
+    def __init__(self, cache: Cache, layer: int):
+        self.cache, self.index = cache, layer
+
+    def update(self, start: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        held = self.cache.get_seq_length(self.index)
         if held != start:
             raise ValueError(
-                f"cache of layer {layer} holds {held} positions but the input starts at {start}; "
+                f"cache of layer {self.index} holds {held} positions but the input starts at {start}; "
                 "pass the past_key_values returned by the previous call"
             )
-        return self.cache.update(k_BHTd, v_BHTd, layer)
+        return self.cache.update(k_BHTd, v_BHTd, self.index)
 
 
 @dataclasses.dataclass

@@ -1,14 +1,91 @@
-"""Autoregressive generation: one prefill, then one token per step through the shared KV cache."""
+"""Autoregressive generation: one prefill, then one token per step through the shared KV cache, eager or as one
+compiled graph per step (``Decoder``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
 
 if TYPE_CHECKING:
+    from dsmoe.model.attention import KVCache
     from dsmoe.model.transformer import Transformer
+
+# Graphs one process may keep for the decode step (torch's default of 8 counts every model, sparse setting, batch
+# size and cache length together, and past it dynamo falls back to eager with a warning).
+COMPILED_GRAPHS = 64
+
+
+def _decode_step(
+    model: Transformer, token_B1: torch.Tensor, pos: torch.Tensor, key_mask_BS: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    return model(token_B1, cache=cache, start_pos=pos, last_only=True, key_mask_BS=key_mask_BS).logits[:, -1]
+
+
+@functools.cache
+def _compiled_decode_step():
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+
+
+def cache_length(needed: int, max_seq_len: int) -> int:
+    """The compiled decoder's cache length for ``needed`` slots: the next power of two from 64 (capped at the model's
+    max_seq_len), so that requests of nearby lengths share one compiled graph."""
+    if needed > max_seq_len:
+        raise ValueError(f"{needed} tokens exceed the model's max_seq_len {max_seq_len}")
+    return min(max_seq_len, max(64, 1 << (needed - 1).bit_length()))
+
+
+class Decoder:
+    """Prefill, then one token per step through a preallocated KV cache of ``batch_size`` x ``needed`` slots.
+
+    Eager: the cache is read up to the last written slot. Compiled (``compile=True``): each step is one call of a
+    ``torch.compile``'d graph (``fullgraph``, static shapes): the token's slot is a 0-d tensor, attention reads every
+    slot with the unwritten ones masked, and the step writes its keys and values in place, so nothing recompiles from
+    step to step; a graph is made once per model, sparse setting, batch size and cache length (rounded up by
+    ``cache_length``). Both give the same tokens (tests/test_decode.py). The prefill runs eager either way."""
+
+    def __init__(self, model: Transformer, batch_size: int, needed: int, *, compile: bool = False):
+        if compile and any(m._forward_hooks for m in model.modules()):
+            raise ValueError(
+                "compiled decoding cannot trace forward hooks (an ActiveMeter from sparsify(..., meter=) is one): "
+                "measure active parameters eagerly, then sparsify again without a meter"
+            )
+        self.model, self.compile = model, compile
+        length = cache_length(needed, model.cfg.max_seq_len) if compile else needed
+        self.cache = model.new_cache(batch_size, length)
+        device = model.embed.weight.device
+        self.key_mask_BS = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        self.padded = False
+        self.pos = 0
+
+    @torch.inference_mode()
+    def prefill(self, prompt_BT: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, V] after the prompts (left-padded, ``prompt_mask_BT`` False on the padding)."""
+        t = prompt_BT.shape[1]
+        padded = {}
+        if prompt_mask_BT is not None:
+            self.key_mask_BS[:, :t] = prompt_mask_BT
+            self.padded = True
+            padded = {"key_mask_BS": self.key_mask_BS[:, :t]}
+        self.pos = t
+        return self.model(prompt_BT, cache=self.cache, last_only=True, **padded).logits[:, -1]
+
+    @torch.inference_mode()
+    def step(self, token_B: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] after one more token per row, written at the next slot."""
+        pos, self.pos = self.pos, self.pos + 1
+        if self.compile:
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
+                slot = torch.tensor(pos, device=token_B.device)
+                return _compiled_decode_step()(
+                    self.model, token_B[:, None], slot, self.key_mask_BS, self.cache
+                )
+        padded = {"key_mask_BS": self.key_mask_BS[:, : pos + 1]} if self.padded else {}
+        return self.model(token_B[:, None], cache=self.cache, start_pos=pos, last_only=True, **padded).logits[
+            :, -1
+        ]
 
 
 def sample_next(
@@ -39,25 +116,21 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     prompt_mask_BT: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens``; returns prompt + generated ids. Prompts of different lengths
     are left-padded, with ``prompt_mask_BT`` False on the padding; each then continues exactly as it would alone.
     Runs under whatever sparse setting the model has (see ``dsmoe.sparsify``). Sequences that emit ``eos_token_id``
-    are padded with it until all have finished."""
+    are padded with it until all have finished. ``compile``: decode through the compiled step (see ``Decoder``)."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     b, t = prompt_BT.shape
     total = t + max_new_tokens
-    cache = model.new_cache(b, total)
+    decoder = Decoder(model, b, total, compile=compile)
     out = torch.empty(b, total, dtype=prompt_BT.dtype, device=prompt_BT.device)
     out[:, :t] = prompt_BT
     done = torch.zeros(b, dtype=torch.bool, device=prompt_BT.device)
-    padded = {}
-    if prompt_mask_BT is not None:
-        key_mask = torch.ones(b, total, dtype=torch.bool, device=prompt_BT.device)
-        key_mask[:, :t] = prompt_mask_BT
-        padded = {"key_mask_BS": key_mask[:, :t]}
-    logits = model(prompt_BT, cache=cache, last_only=True, **padded).logits[:, -1]
+    logits = decoder.prefill(prompt_BT, prompt_mask_BT)
     for pos in range(t, total):
         token = sample_next(logits, temperature, top_p, generator)
         if eos_token_id is not None:
@@ -66,9 +139,7 @@ def generate(
         out[:, pos] = token
         if pos + 1 == total or (eos_token_id is not None and bool(done.all())):
             return out[:, : pos + 1]
-        if padded:
-            padded["key_mask_BS"] = key_mask[:, : pos + 1]
-        logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True, **padded).logits[:, -1]
+        logits = decoder.step(token)
     return out
 
 
@@ -82,18 +153,19 @@ def stream(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    compile: bool = False,
 ) -> Iterator[int]:
     """One prompt's continuation, one token id at a time as it is chosen: what ``generate`` gives a batch of one,
     for callers that pass tokens on as they come (``dsmoe serve``). Stops after ``max_new_tokens`` or after
-    yielding ``eos_token_id``."""
+    yielding ``eos_token_id``. ``compile``: decode through the compiled step (see ``Decoder``)."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     t = prompt_T.shape[0]
-    cache = model.new_cache(1, t + max_new_tokens)
-    logits = model(prompt_T[None], cache=cache, last_only=True).logits[:, -1]
+    decoder = Decoder(model, 1, t + max_new_tokens, compile=compile)
+    logits = decoder.prefill(prompt_T[None])
     for pos in range(t, t + max_new_tokens):
         token = sample_next(logits, temperature, top_p, generator)
         yield int(token)
         if int(token) == eos_token_id or pos + 1 == t + max_new_tokens:
             return
-        logits = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1]
+        logits = decoder.step(token)

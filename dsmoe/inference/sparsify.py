@@ -7,7 +7,6 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from dsmoe.config import ConfigError, ModelConfig
@@ -99,9 +98,11 @@ class ActiveMeter:
         self.min: dict[str, list[int | None]] = {k: [None] * n for k in ("att", "mlp")}
         self.max: dict[str, list[int | None]] = {k: [None] * n for k in ("att", "mlp")}
 
-    def hook(self, layer: nn.Module, args: tuple, output: tuple[torch.Tensor, RouterRecord]) -> None:
-        """A forward hook on one MoE layer: count its router record."""
-        self.update(output[1])
+    def hook(self, layer: MoA | MoEMLP, args: tuple, output: tuple[torch.Tensor, RouterRecord]) -> None:
+        """A forward hook on one MoE layer: count its router record (the layer knows its depth; the record gets it
+        only from ``Transformer.hidden``, after the hook has run)."""
+        record = output[1]
+        self.record(record.kind, layer.layer_idx, record.counts_T(), record.mask_T)
 
     def update(self, record: RouterRecord) -> None:
         """Add one layer's router record, over its real tokens."""

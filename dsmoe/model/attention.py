@@ -23,7 +23,8 @@ from dsmoe.model.settings import SparseSetting, trained_setting
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [n_layers, B, n_kv, max_len, head_dim]."""
+    """Preallocated keys and values for every layer: [n_layers, B, n_kv, max_len, head_dim]. Each layer reads and
+    writes its own slice through ``layer(i)``."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
         if max_len > cfg.max_seq_len:
@@ -36,13 +37,31 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, start: int, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
-        end = start + k_BHTd.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache is full: writing position {end - 1} into a cache of {self.max_len}")
-        self.k[layer, :, :, start:end] = k_BHTd
-        self.v[layer, :, :, start:end] = v_BHTd
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i])
+
+
+class LayerKV:
+    """One layer's keys and values [B, n_kv, max_len, head_dim] (views into a ``KVCache``, written in place)."""
+
+    def __init__(self, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor):
+        self.k, self.v = k_BHSd, v_BHSd
+
+    def update(self, start: int | torch.Tensor, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor):
+        """Write the new keys/values at slots start, start+1, ...; return what attention reads. An int start
+        returns the filled slots only; a tensor start (0-d: the compiled decode step, whose shapes never change)
+        returns every slot, and the caller masks the ones not yet written."""
+        t, max_len = k_BHTd.shape[2], self.k.shape[2]
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(t, device=start.device)
+            self.k.index_copy_(2, slots, k_BHTd)
+            self.v.index_copy_(2, slots, v_BHTd)
+            return self.k, self.v
+        if start + t > max_len:
+            raise ValueError(f"KV cache is full: writing position {start + t - 1} into a cache of {max_len}")
+        self.k[:, :, start : start + t] = k_BHTd
+        self.v[:, :, start : start + t] = v_BHTd
+        return self.k[:, :, : start + t], self.v[:, :, : start + t]
 
 
 @dataclass
@@ -55,13 +74,17 @@ class Padding:
     visible_BTS: torch.Tensor
 
     @classmethod
-    def from_key_mask(cls, key_mask_BS: torch.Tensor, t: int) -> Padding:
-        """key_mask_BS: True for real tokens over every slot, cached and new (Hugging Face's attention_mask)."""
+    def from_key_mask(
+        cls, key_mask_BS: torch.Tensor, t: int, start: int | torch.Tensor | None = None
+    ) -> Padding:
+        """key_mask_BS: True for real tokens over every slot, cached and new (Hugging Face's attention_mask). The
+        t new tokens sit in slots start, start+1, ... (default: the last t slots)."""
         s = key_mask_BS.shape[1]
-        positions = (key_mask_BS.long().cumsum(-1) - 1).clamp(min=0)[:, s - t :]
         slots = torch.arange(s, device=key_mask_BS.device)
-        causal_TS = slots[None, :] <= slots[s - t :, None]
-        visible = (causal_TS[None] & key_mask_BS[:, None, :]) | (slots[None, :] == slots[s - t :, None])[None]
+        new_T = (s - t if start is None else start) + torch.arange(t, device=key_mask_BS.device)
+        positions = (key_mask_BS.long().cumsum(-1) - 1).clamp(min=0).index_select(1, new_T)
+        causal_TS = slots[None, :] <= new_T[:, None]
+        visible = (causal_TS[None] & key_mask_BS[:, None, :]) | (slots[None, :] == new_T[:, None])[None]
         return cls(positions, visible)
 
 
@@ -70,7 +93,9 @@ class MoA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = (
+            layer_idx  # for messages and hooks; forward never reads it (one compiled graph for all)
+        )
         self.n_experts, self.head_dim, self.n_kv = cfg.n_att_experts, cfg.head_dim, cfg.n_kv_heads
         self.n_heads = cfg.n_query_heads
         e, d = cfg.att_expert_dim, cfg.d_model
@@ -86,30 +111,35 @@ class MoA(nn.Module):
         x_BTD: torch.Tensor,
         cos_Sd: torch.Tensor,
         sin_Sd: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
+        cache: LayerKV | None = None,
+        start_pos: int | torch.Tensor = 0,
         mask_T: torch.Tensor | None = None,
         padding: Padding | None = None,
     ) -> tuple[torch.Tensor, RouterRecord]:
-        """x_BTD: the tokens; cos/sin: the rotary tables; cache/start_pos: incremental decoding; mask_T: True for
-        real tokens; padding: where a padded batch's real tokens are. Returns the output [B, T, D] and the record of
+        """x_BTD: the tokens; cos/sin: the rotary tables; cache/start_pos: incremental decoding (a tensor start_pos
+        comes with ``padding``: the compiled decode step); mask_T: True for real tokens; padding: where a padded batch's real tokens are. Returns the output [B, T, D] and the record of
         what the router did."""
         b, t, d = x_BTD.shape
         if padding is None:
+            assert isinstance(start_pos, int), (
+                "a tensor start_pos comes with its padding (Transformer.hidden)"
+            )
             cos, sin = (
                 cos_Sd[start_pos : start_pos + t, None],
                 sin_Sd[start_pos : start_pos + t, None],
             )  # [T, 1, d]
+            pos_T, visible_TS = torch.arange(start_pos, start_pos + t, device=x_BTD.device).repeat(b), None
         else:
             pos_BT = padding.positions_BT
             cos, sin = cos_Sd[pos_BT][:, :, None], sin_Sd[pos_BT][:, :, None]  # [B, T, 1, d]
+            pos_T, visible_TS = pos_BT.flatten(), padding.visible_BTS.flatten(0, 1)
         k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos, sin)
         k_BHSd, v_BHSd = (
             k.transpose(1, 2),
             self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
         )
         if cache is not None:
-            k_BHSd, v_BHSd = cache.update(self.layer_idx, start_pos, k_BHSd, v_BHSd)
+            k_BHSd, v_BHSd = cache.update(start_pos, k_BHSd, v_BHSd)
 
         def dense(x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
             q = F.linear(x_TD, self.wq.flatten(0, 1)).view(b, t, self.n_heads, self.head_dim)
@@ -121,29 +151,25 @@ class MoA(nn.Module):
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)
-            if padding is None:
-                pos_T, visible_TS = torch.arange(start_pos, start_pos + t, device=x_TD.device).repeat(b), None
-            else:
-                pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
             return kernels.moa(
                 x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
             )
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:
-            return dense(x_TD, None).view(b, t, d), RouterRecord(
-                self.kind, self.layer_idx, b * t, None, None, mask_T
-            )
+            return dense(x_TD, None).view(b, t, d), RouterRecord(self.kind, b * t, None, None, mask_T)
         probs_TN = self.router(x_TD)
         if self.setting.strategy == "dense":
             out, routing = dense(x_TD, probs_TN), None
         else:
             routing = route(probs_TN, self.setting, mask_T)
             out = sparse(x_TD, routing)
-        return out.view(b, t, d), RouterRecord(self.kind, self.layer_idx, b * t, probs_TN, routing, mask_T)
+        return out.view(b, t, d), RouterRecord(self.kind, b * t, probs_TN, routing, mask_T)
 
 
-def _attend(q_BHTd, k_BHSd, v_BHSd, start_pos: int, padding: Padding | None = None) -> torch.Tensor:
+def _attend(
+    q_BHTd, k_BHSd, v_BHSd, start_pos: int | torch.Tensor, padding: Padding | None = None
+) -> torch.Tensor:
     t, s = q_BHTd.shape[2], k_BHSd.shape[2]
     gqa = q_BHTd.shape[1] != k_BHSd.shape[1]
     if padding is not None:

@@ -48,7 +48,9 @@ class MoEMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.layer_idx = (
+            layer_idx  # for messages and hooks; forward never reads it (one compiled graph for all)
+        )
         self.router = Router(cfg.d_model, cfg.n_mlp_experts) if cfg.has_mlp_router else None
         self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
         self.setting: SparseSetting = trained_setting(cfg.regime, cfg.smoe_top_k)
@@ -60,13 +62,11 @@ class MoEMLP(nn.Module):
         Returns the output [T, D] and the record of what the router did."""
         n_tokens = x_TD.shape[0]
         if self.router is None:
-            return self.experts.dense(x_TD, None), RouterRecord(
-                self.kind, self.layer_idx, n_tokens, None, None, mask_T
-            )
+            return self.experts.dense(x_TD, None), RouterRecord(self.kind, n_tokens, None, None, mask_T)
         probs_TN = self.router(x_TD)
         if self.setting.strategy == "dense":
             out, routing = self.experts.dense(x_TD, probs_TN), None
         else:
             routing = route(probs_TN, self.setting, mask_T)
             out = self.experts.sparse(x_TD, routing)
-        return out, RouterRecord(self.kind, self.layer_idx, n_tokens, probs_TN, routing, mask_T)
+        return out, RouterRecord(self.kind, n_tokens, probs_TN, routing, mask_T)

@@ -81,13 +81,15 @@ class RouterRecord:
     statistics and the active-parameter meter are computed from these, outside the layers."""
 
     kind: str  # "att" or "mlp"
-    layer: int
     n_tokens: int
     probs_TN: torch.Tensor | None  # router probabilities (with their gradient); None: a layer with one expert
     routing: Routing | None  # the selection that ran; None: every expert ran (dense computation)
     mask_T: torch.Tensor | None = (
         None  # True for the real tokens (losses and the meter count these); None: all
     )
+    # depth, set by Transformer.hidden: a layer's forward never reads its own index, so that every block of a model
+    # compiles to one graph (torch.compile specialises on integer attributes, one recompile per layer otherwise)
+    layer: int = -1
 
     def counts_T(self) -> torch.Tensor:
         """Experts each token used [T]."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
-from dsmoe.model.attention import KVCache, MoA, Padding
+from dsmoe.model.attention import KVCache, LayerKV, MoA, Padding
 from dsmoe.model.experts import MoEMLP
 from dsmoe.model.losses import router_loss
 from dsmoe.model.rope import rope_tables
@@ -36,8 +36,8 @@ class Block(nn.Module):
         x_BTD: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
+        cache: LayerKV | None = None,
+        start_pos: int | torch.Tensor = 0,
         mask_T: torch.Tensor | None = None,
         padding: Padding | None = None,
     ) -> tuple[torch.Tensor, RouterRecord, RouterRecord]:
@@ -105,26 +105,32 @@ class Transformer(nn.Module):
         *,
         token_mask_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         last_only: bool = False,
         key_mask_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RouterRecord]]:
         """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
         True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
-        target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding.
-        last_only: logits of the last position. key_mask_BS: True for real tokens in every slot, cached and new
-        ([B, start_pos + T], Hugging Face's attention_mask); padding anywhere, e.g. left-padded prompts of different
+        target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding; a 0-d
+        tensor start_pos (the compiled decode step: shapes that never change) reads every slot of the cache through
+        a mask, and needs key_mask_BS over all of them ([B, cache.max_len]; slots past the new tokens are never
+        read). last_only: logits of the last position. key_mask_BS: True for real tokens in every slot, cached and
+        new ([B, start_pos + T], Hugging Face's attention_mask); padding anywhere, e.g. left-padded prompts of different
         lengths, is then never attended to and does not advance the rotary positions.
 
         Returns the final-normed hidden states [B, T, D] (or [B, 1, D]) before the LM head (``forward`` applies
         ``head``), and the routers' records."""
         b, t = idx_BT.shape
-        if start_pos + t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if token_mask_BT is None and targets_BT is not None:
             token_mask_BT = targets_BT != -100
         padding = None
-        if key_mask_BS is not None and not bool(key_mask_BS.bool().all()):  # all real: nothing to mask
+        if isinstance(start_pos, torch.Tensor):  # static shapes: attend to every slot of the cache, masked
+            if cache is None or key_mask_BS is None or tuple(key_mask_BS.shape) != (b, cache.max_len):
+                raise ValueError("a tensor start_pos needs a cache and key_mask_BS over all of its slots")
+            padding = Padding.from_key_mask(key_mask_BS.bool(), t, start_pos)
+        elif start_pos + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + t} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        elif key_mask_BS is not None and not bool(key_mask_BS.bool().all()):  # all real: nothing to mask
             if tuple(key_mask_BS.shape) != (b, start_pos + t):
                 raise ValueError(
                     f"key_mask_BS has shape {tuple(key_mask_BS.shape)}; it must cover the cached and "
@@ -138,10 +144,12 @@ class Transformer(nn.Module):
 
         x = self.embed(idx_BT)
         routers: list[RouterRecord] = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layer(i)
             x, att_record, mlp_record = block(
-                x, self.rope_cos, self.rope_sin, cache, start_pos, mask_T, padding
+                x, self.rope_cos, self.rope_sin, layer_cache, start_pos, mask_T, padding
             )
+            att_record.layer = mlp_record.layer = i
             routers += [att_record, mlp_record]
         return self.final_norm(x[:, -1:] if last_only else x), routers
 
@@ -156,7 +164,7 @@ class Transformer(nn.Module):
         *,
         token_mask_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start_pos: int = 0,
+        start_pos: int | torch.Tensor = 0,
         last_only: bool = False,
         key_mask_BS: torch.Tensor | None = None,
     ) -> ModelOutput:

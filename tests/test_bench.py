@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from dsmoe.bench.commands import format_table
 from dsmoe.bench.models import bench_models
 from dsmoe.bench.throughput import BenchSettings, run_benchmark
 from dsmoe.cli import main
@@ -34,6 +35,7 @@ TINY = dict(
     latency_new=2,
     mlp_tokens=16,
     repeats=1,
+    bandwidth_mb=1,
 )
 
 
@@ -77,6 +79,28 @@ def test_run_benchmark_reports_every_figure_and_ratios_to_dense():
     assert result["mlp_flops"]["ds-moe/sparse-fast"]["gflop"] == pytest.approx(
         result["mlp_flops"]["dense/dense"]["gflop"] * 4 / 32
     )
+
+
+def test_run_benchmark_compiled_decode_rows_and_bandwidth_share():
+    """--decode both: each of our models also decodes through the compiled step, as a '+compiled' row with the same
+    active parameters; batch-1 decode's weight reads are (active params + LM head) x bytes x tokens/s, divided by
+    the read bandwidth measured in the same run."""
+    result = run_benchmark(BenchSettings(**TINY, models=["dense", "ds-moe"], decode="both"))
+    rows = result["models"]
+    assert set(rows) == {"dense", "dense+compiled", "ds-moe", "ds-moe+compiled"}
+    assert rows["ds-moe+compiled"]["active_params"] == rows["ds-moe"]["active_params"]
+    read = result["memory_bandwidth"]["read_gb_per_s"]
+    assert read > 0 and result["memory_bandwidth"]["copy_gb_per_s"] > 0
+    for r in rows.values():
+        per_token = (r["active_params"] + 64 * 64) * 4  # fp32; LM head of vocabulary x width
+        assert r["decode_b1_weight_bytes_per_token"] == per_token
+        assert r["decode_b1_bandwidth_share"] == pytest.approx(per_token * r["output_tps_b1"] / 1e9 / read)
+    assert "share of read bandwidth" in format_table(result)
+
+
+def test_bench_rejects_an_unknown_decode_mode():
+    with pytest.raises(ConfigError, match="decode mode"):
+        BenchSettings(decode="jit").check()
 
 
 @pytest.mark.parametrize("peers", [False, True])

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsmoe.bench.settings import METRICS, SHAPES, BenchSettings
+from dsmoe.bench.settings import DECODE_MODES, METRICS, SHAPES, BenchSettings
 from dsmoe.files import write_atomic
 
 
@@ -57,6 +57,19 @@ def add_commands(sub) -> None:
         help="also measure transformers' LlamaForCausalLM (peer of Dense) and OlmoeForCausalLM (peer of DS-MoE) "
         "at the same shape, in the same rounds, and report our ratio to each (needs --shape llama)",
     )
+    p.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default=d.decode,
+        help="our models' decode steps (output throughput, latency): eager, compiled (one torch.compile'd graph "
+        "per step over a static KV cache), or both, each model then also as a '+compiled' row",
+    )
+    p.add_argument(
+        "--bandwidth-mb",
+        type=int,
+        default=d.bandwidth_mb,
+        help="buffer size for measuring memory bandwidth (batch-1 decode is reported as a share of it)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -82,6 +95,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         threads=args.threads,
         shape=args.shape,
         peers=args.peers,
+        decode=args.decode,
+        bandwidth_mb=args.bandwidth_mb,
     )
     from dsmoe.bench.throughput import run_benchmark
 
@@ -138,6 +153,7 @@ def format_table(result: dict) -> str:
                 + f"): {check['peer']:,} non-embedding parameters, {peer['of']} {check['dsmoe']:,}; "
                 + ("identical" if not apart else f"{check['shared']:,} shared, " + ", ".join(apart))
             )
+    lines += _bandwidth_lines(result)
     lines += [
         "",
         "| MLP path (layer 0) | GFLOP | seconds | GFLOP/s | share of dense GFLOP/s |",
@@ -153,6 +169,30 @@ def format_table(result: dict) -> str:
         f"latency_s ratio < 1 means faster than dense"
     )
     return "\n".join(lines)
+
+
+def _bandwidth_lines(result: dict) -> list[str]:
+    """The measured memory bandwidth and, for batch-1 decode, each model's weight reads as a share of it."""
+    memory = result.get("memory_bandwidth")
+    if not memory:
+        return []
+    lines = [
+        "",
+        f"memory bandwidth, this run: copy {memory['copy_gb_per_s']:.1f} GB/s, read {memory['read_gb_per_s']:.1f} GB/s",
+    ]
+    rows = {n: r for n, r in result["models"].items() if "decode_b1_bandwidth_share" in r}
+    if rows:
+        lines += [
+            "",
+            "| batch-1 decode | weights read per token | weights read, GB/s | share of read bandwidth |",
+            "|---|---|---|---|",
+        ]
+        for name, r in rows.items():
+            lines.append(
+                f"| {name} | {r['decode_b1_weight_bytes_per_token'] / 1e6:.1f} MB | "
+                f"{r['decode_b1_weight_gb_per_s']:.2f} | {r['decode_b1_bandwidth_share']:.0%} |"
+            )
+    return lines
 
 
 __all__ = ["METRICS", "add_commands", "cmd_bench"]

@@ -9,6 +9,7 @@ from dsmoe.config import ConfigError
 DTYPE_NAMES = ("fp32", "bf16")
 METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
 SHAPES = ("table6", "llama")  # see dsmoe.bench.models
+DECODE_MODES = ("eager", "compiled", "both")  # how our models decode (both: a "+compiled" row beside each)
 PEERS = {"dense": "hf-llama", "ds-moe": "hf-olmoe"}  # our model -> the transformers model measured beside it
 
 
@@ -37,6 +38,12 @@ class BenchSettings:
     models: list[str] = field(default_factory=lambda: ["dense", "smoe", "ds-moe"])
     shape: str = "table6"  # table6: the paper's GELU/LayerNorm layout; llama: SwiGLU/RMSNorm, as the peers
     peers: bool = False  # also measure transformers' Llama and OLMoE at the same shape (needs shape "llama")
+    decode: str = (
+        "eager"  # one of DECODE_MODES: our models' decode steps eager, compiled, or both side by side
+    )
+    bandwidth_mb: int = (
+        1024  # buffer whose copy and read time this machine's memory bandwidth (beyond its caches)
+    )
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -47,6 +54,8 @@ class BenchSettings:
             raise ConfigError(f"unknown device '{self.device}': choose cpu or cuda")
         if self.shape not in SHAPES:
             raise ConfigError(f"unknown shape '{self.shape}': choose one of {', '.join(SHAPES)}")
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"unknown decode mode '{self.decode}': choose one of {', '.join(DECODE_MODES)}")
         if self.peers and self.shape != "llama":
             raise ConfigError(
                 "--peers builds transformers' Llama and OLMoE, which have SwiGLU MLPs and RMSNorm: "
@@ -67,6 +76,7 @@ class BenchSettings:
             "d_model",
             "n_layers",
             "vocab_size",
+            "bandwidth_mb",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -4,7 +4,13 @@
 * input throughput: forward passes over sequences of ``input_len`` tokens, the batch as large as the memory budget
   allows (capped to keep CPU runs short);
 * output throughput: ``decode_tokens`` tokens decoded one step at a time with the KV cache, at each decode batch;
-* MLP FLOP/s: the dense MLP path and the sparse expert paths on the same token count (see ``mlp_flops``).
+* MLP FLOP/s: the dense MLP path and the sparse expert paths on the same token count (see ``mlp_flops``);
+* memory bandwidth: this machine's copy and read bandwidth, measured in the same run, and for batch-1 decode the
+  bytes of weights each token reads (active parameters and the LM head) times tokens/s, as a share of the read
+  bandwidth: how close decoding comes to its physical limit (see ``bandwidth``).
+
+Our models decode eagerly or through the compiled decode step (``--decode compiled``; ``both`` adds a "+compiled"
+row per model), see ``dsmoe.inference.generate.Decoder``; the prefill (input throughput) is eager either way.
 
 Timings are the best of ``repeats`` rounds, the models taking turns within each round so that load from other
 processes hits all of them alike. Ratios divide each model's figure by the Dense model's from the same run.
@@ -29,7 +35,7 @@ from torch import nn
 from dsmoe.bench.models import BenchModel, bench_models
 from dsmoe.bench.settings import BenchSettings
 from dsmoe.config import ConfigError
-from dsmoe.inference.generate import generate
+from dsmoe.inference.generate import Decoder, generate
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
@@ -102,26 +108,27 @@ class Runner(Protocol):
 
 
 class DSMoERunner:
-    def __init__(self, model: Transformer, device: str):
+    def __init__(self, model: Transformer, device: str, compile: bool = False):
         self.module = model
         self.device = device
+        self.compile = compile
 
     def forward(self, idx_BT: torch.Tensor) -> None:
         self.module(idx_BT, last_only=True)
 
     def decode(self, prompt_BT: torch.Tensor, n_tokens: int) -> float:
-        model, (batch, prompt_len) = self.module, prompt_BT.shape
-        cache = model.new_cache(batch, prompt_len + n_tokens)
-        token = model(prompt_BT, cache=cache, last_only=True).logits[:, -1].argmax(-1)
+        batch, prompt_len = prompt_BT.shape
+        decoder = Decoder(self.module, batch, prompt_len + n_tokens, compile=self.compile)
+        token = decoder.prefill(prompt_BT).argmax(-1)
         _sync(self.device)
         start = time.perf_counter()
-        for pos in range(prompt_len, prompt_len + n_tokens):
-            token = model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
+        for _ in range(n_tokens):
+            token = decoder.step(token).argmax(-1)
         _sync(self.device)
         return time.perf_counter() - start
 
     def generate(self, prompt_BT: torch.Tensor, n_new: int) -> None:
-        generate(self.module, prompt_BT, n_new)
+        generate(self.module, prompt_BT, n_new, compile=self.compile)
 
 
 def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, torch.Tensor]:
@@ -239,6 +246,41 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
     return out
 
 
+def bandwidth(s: BenchSettings) -> dict[str, float]:
+    """This machine's memory bandwidth, GB/s (10^9 bytes) over a ``bandwidth_mb`` buffer (by default larger than
+    the last-level cache of the machines we measure on): ``copy`` counts the bytes copied (each read once and written
+    once); ``read`` the bytes of a matrix-vector product's matrix, which is what a decode step does with its weights
+    (on the 2-core VM of benchmarks/throughput.md it reads faster than a sum over the same buffer: 29 against 26 GB/s).
+    Best of ``repeats`` rounds, at the benchmark's thread count."""
+    n = s.bandwidth_mb * 2**20 // 4
+    matrix = torch.rand(n // 1024, 1024, device=s.device)
+    vector = torch.rand(1024, device=s.device)
+    dst = torch.empty_like(matrix)
+
+    def copy() -> None:
+        dst.copy_(matrix)
+
+    def read() -> None:
+        matrix @ vector
+
+    times = best_of(
+        {"copy": copy, "read": read}, s.repeats, s.device, f"memory bandwidth, {s.bandwidth_mb} MB"
+    )
+    return {f"{name}_gb_per_s": n * 4 / t / 1e9 for name, t in times.items()}
+
+
+def decode_bandwidth(row: dict, vocab_size: int, d_model: int, itemsize: int, read_gb_per_s: float) -> dict:
+    """Batch-1 decode as bytes of weights read per second: each token reads its active (non-embedding)
+    parameters and the whole LM head (one embedding row is left out)."""
+    weight_bytes = (row["active_params"] + vocab_size * d_model) * itemsize
+    rate = weight_bytes * row["output_tps_b1"] / 1e9
+    return {
+        "decode_b1_weight_bytes_per_token": weight_bytes,
+        "decode_b1_weight_gb_per_s": rate,
+        "decode_b1_bandwidth_share": rate / read_gb_per_s,
+    }
+
+
 def run_benchmark(s: BenchSettings) -> dict:
     s.check()
     torch.manual_seed(s.seed)
@@ -253,7 +295,15 @@ def run_benchmark(s: BenchSettings) -> dict:
     for e in entries:
         model = Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval()
         models[e.name] = sparsify(model, att=e.att, mlp=e.mlp)
-    runners: dict[str, Runner] = {name: DSMoERunner(m, s.device) for name, m in models.items()}
+    runners: dict[str, Runner] = {}
+    compiled_rows = {}  # row name -> the model it decodes compiled
+    for name, m in models.items():
+        if s.decode != "compiled":
+            runners[name] = DSMoERunner(m, s.device)
+        if s.decode != "eager":
+            row = name if s.decode == "compiled" else f"{name}+compiled"
+            runners[row] = DSMoERunner(m, s.device, compile=True)
+            compiled_rows[row] = name
     peers = []
     if s.peers:
         from dsmoe.bench.peers import HFRunner, build_peers
@@ -261,24 +311,40 @@ def run_benchmark(s: BenchSettings) -> dict:
         peers = build_peers(entries, models, s.device, DTYPES[s.dtype])
         runners.update({p.name: HFRunner(p.model, s.device) for p in peers})
     measured, x_in = measure_models(s, runners)
+    figures = measured["models"]
     for e in entries:
-        measured["models"][e.name].update(active_params(e, models[e.name], x_in))
+        counts = active_params(e, models[e.name], x_in)
+        for row in runners:
+            if row == e.name or compiled_rows.get(row) == e.name:
+                figures[row].update(counts)
     for p in peers:
-        measured["models"][p.name].update(
+        figures[p.name].update(
             active_params=p.active_params, total_params=p.total_params, embedding_params=p.embedding_params
         )
+    memory = bandwidth(s)
+    if 1 in s.decode_batches:
+        itemsize = DTYPES[s.dtype].itemsize
+        for row in figures.values():
+            row.update(decode_bandwidth(row, s.vocab_size, s.d_model, itemsize, memory["read_gb_per_s"]))
     keys = (*_metric_keys(s), "active_params", "total_params")
-    figures = measured["models"]
+    baseline = figures["dense"]
     result = {
         "settings": asdict(s),
         "machine": machine(s.device),
+        "memory_bandwidth": memory,
         "input_batch": measured["input_batch"],
         "models": figures,
-        "ratios": {name: {k: r[k] / figures["dense"][k] for k in keys} for name, r in figures.items()},
+        "ratios": {name: {k: r[k] / baseline[k] for k in keys} for name, r in figures.items()},
     }
     if s.peers:
+        ours = {
+            p.of: [p.of] + [row for row, of in compiled_rows.items() if of == p.of and row != p.of]
+            for p in peers
+        }
         result["peer_ratios"] = {
-            p.of: {"peer": p.name, **{k: figures[p.of][k] / figures[p.name][k] for k in keys}} for p in peers
+            row: {"peer": p.name, **{k: figures[row][k] / figures[p.name][k] for k in keys}}
+            for p in peers
+            for row in ours[p.of]
         }
         result["peers"] = {p.name: p.describe() for p in peers}
     result.update(

@@ -65,7 +65,9 @@ class RequestError(Exception):
 class Completer:
     """The model, its tokenizer, and the lock that makes completions take turns."""
 
-    def __init__(self, folder: Path, name: str, device: str, settings: str | Path | None = None):
+    def __init__(
+        self, folder: Path, name: str, device: str, settings: str | Path | None = None, compile: bool = False
+    ):
         import torch
         from tokenizers import Tokenizer
 
@@ -82,6 +84,7 @@ class Completer:
         self.name = name
         self.created = int((folder / "config.json").stat().st_mtime)
         self.lock = threading.Lock()
+        self.compile = compile  # decode through the compiled step (dsmoe.inference.generate.Decoder)
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "dsmoe"}
@@ -171,6 +174,7 @@ class Completer:
             top_p=req["top_p"],
             eos_token_id=self.eos,
             generator=generator,
+            compile=self.compile,
         )
         ids: list[int] = []
         sent, reason = "", "length"
@@ -344,16 +348,18 @@ def serve(
     log_level: str = "warning",
     name: str | None = None,
     settings: str | Path | None = None,
+    compile: bool = False,
 ) -> None:
     """Serve ``folder`` (written by ``dsmoe export``) until interrupted, as model ``name`` (default: ``folder`` as
-    given). ``settings``: a per-layer sparse settings file (``dsmoe tune``) that replaces config.json's."""
+    given). ``settings``: a per-layer sparse settings file (``dsmoe tune``) that replaces config.json's.
+    ``compile``: decode through the compiled step (each new cache length, in steps of 64, compiles once)."""
     path = Path(folder)
     for needed in ("config.json", "tokenizer.json", "model.safetensors"):
         if not (path / needed).is_file():
             raise ConfigError(f"{path} has no {needed}; serve a folder written by `dsmoe export`")
     if settings is not None and not Path(settings).is_file():
         raise ConfigError(f"settings file {settings} does not exist; write one with `dsmoe tune`")
-    completer = Completer(path, str(folder) if name is None else name, device, settings)
+    completer = Completer(path, str(folder) if name is None else name, device, settings, compile)
     server = ThreadingHTTPServer(
         (host, port), make_handler(completer, log_level.lower() in ("debug", "info"))
     )
@@ -380,6 +386,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         log_level=args.log_level,
         settings=args.settings,
+        compile=args.compile,
     )
     return 0
 
@@ -403,5 +410,11 @@ def add_commands(sub) -> None:
         "--settings",
         metavar="FILE",
         help="per-layer sparse settings (a JSON file from `dsmoe tune`) instead of config.json's",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through a torch.compile'd step over a static KV cache (the first request of each length, "
+        "in steps of 64 tokens, waits for its compilation)",
     )
     p.set_defaults(func=cmd_serve)

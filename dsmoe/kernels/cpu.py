@@ -1,8 +1,8 @@
 """CPU fast paths for sparse experts, chosen by the number of tokens; same signatures as ``reference.py`` and
 tested against it.
 
-* batch-1 decode (MLP): gather the K selected experts' input rows into one matrix-vector product and take the output
-  as one weighted sum of their W_out rows (``embedding_bag``): only K/N of the weights are read, in a handful of ops;
+* batch-1 decode (MLP): two matrix-vector products per selected expert, its weights read in place: only K/N of the
+  weights are read, each once;
 * small batches (decode at batch > 1, short prefill): tokens sorted by expert, each expert's rows one contiguous
   group, and one grouped product per projection (``torch.nn.functional.grouped_mm``), with no Python loop over
   experts; experts without tokens are empty groups whose weights are never touched;
@@ -187,30 +187,20 @@ def expert_mlp_cpu(
 def expert_mlp_one_token(
     x_1D: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
 ) -> torch.Tensor:
-    """Batch-1 decode: the selected experts' input rows gathered into one matrix-vector product, and the output as
-    one weighted sum of W_out rows (``embedding_bag`` reads the selected rows in place). Only the selected experts'
-    weights are read, with no sorting and a handful of operations: 0.29 vs 0.42 ms for the sorted path
-    (benchmarks/cpu_mlp_paths.md)."""
-    if routing.all_valid:
-        experts, weights = routing.indices.view(-1), routing.weights.view(-1)
-    else:
-        keep = routing.mask.view(-1)
-        experts, weights = routing.indices.view(-1)[keep], routing.weights.view(-1)[keep]
-        if experts.numel() == 0:
-            return torch.zeros_like(x_1D)
-    f_in, d = w_in_NFD.shape[1], w_in_NFD.shape[2]
-    f = w_out_NFD.shape[1]
-    h = w_in_NFD.index_select(0, experts).view(-1, d) @ x_1D.view(-1).to(w_in_NFD.dtype)
-    h = activate(h.view(-1, f_in), activation) * weights[:, None].to(h.dtype)
-    rows = (experts[:, None] * f + torch.arange(f, device=experts.device)).view(-1)
-    y = F.embedding_bag(
-        rows,
-        w_out_NFD.view(-1, d),
-        rows.new_zeros(1),
-        mode="sum",
-        per_sample_weights=h.view(-1).to(w_out_NFD.dtype),
-    )
-    return y.to(x_1D.dtype)
+    """Batch-1 decode: per selected expert, one matrix-vector product with its input rows and one (accumulating)
+    with its output rows, both read in place. Only the selected experts' weights are read, each once, nothing is
+    gathered or copied: 0.163 ms against 0.275 ms for gathering the input rows into one product (D=1024, 4 of 32
+    GeLU experts of 128, 2 threads; benchmarks/cpu_mlp_paths.md). The loop is over K experts, not N, and runs
+    inside the custom op, where the host sync that lists them costs nothing."""
+    keep = routing.mask.view(-1)
+    experts = routing.indices.view(-1)[keep].tolist()
+    weights = routing.weights.view(-1)[keep].tolist()
+    x_D = x_1D.view(-1).to(w_in_NFD.dtype)
+    y_D = torch.zeros(x_D.shape[0], dtype=w_out_NFD.dtype, device=x_D.device)
+    for e, weight in zip(experts, weights, strict=True):
+        h_F = activate(w_in_NFD[e] @ x_D, activation)
+        y_D.addmv_(w_out_NFD[e].t(), h_F.to(y_D.dtype), alpha=weight)
+    return y_D.view(1, -1).to(x_1D.dtype)
 
 
 def expert_mlp_per_expert(

@@ -23,19 +23,20 @@ from dsmoe.model.settings import SparseSetting, trained_setting
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [n_layers, B, n_kv, max_len, head_dim]. Each layer reads and
-    writes its own slice through ``layer(i)``."""
+    """Preallocated keys and values, one tensor per layer: [B, n_kv, max_len, head_dim] each. Each layer reads and
+    writes its own through ``layer(i)``. (Separate tensors rather than one [n_layers, ...] block: a compiled step
+    that writes into a slice of one shared block copies the whole block, for every layer, at every step.)"""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.k[i], self.v[i])
@@ -54,8 +55,8 @@ class LayerKV:
         t, max_len = k_BHTd.shape[2], self.k.shape[2]
         if isinstance(start, torch.Tensor):
             slots = start + torch.arange(t, device=start.device)
-            self.k.index_copy_(2, slots, k_BHTd)
-            self.v.index_copy_(2, slots, v_BHTd)
+            self.k[:, :, slots] = k_BHTd
+            self.v[:, :, slots] = v_BHTd
             return self.k, self.v
         if start + t > max_len:
             raise ValueError(f"KV cache is full: writing position {start + t - 1} into a cache of {max_len}")

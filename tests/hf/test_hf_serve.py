@@ -155,3 +155,22 @@ def test_serve_names_a_folder_that_is_not_an_export(tmp_path, capsys):
 
     assert main(["serve", "--model", str(tmp_path)]) == 2
     assert "has no config.json; serve a folder written by `dsmoe export`" in capsys.readouterr().err
+
+
+def test_compiled_serving_gives_the_eager_completion(exported):
+    """`dsmoe serve --compile`: the completer decodes through the compiled step, with the eager completer's text,
+    greedy and seeded."""
+    from dsmoe.hf.serve import Completer
+
+    _, folder = exported
+    texts = {}
+    for compile in (False, True):
+        completer = Completer(folder, "m", "cpu", compile=compile)
+        for body in (
+            {"model": "m", "prompt": PROMPT, "max_tokens": 12},
+            {"model": "m", "prompt": PROMPT, "max_tokens": 12, "temperature": 0.9, "seed": 5},
+        ):
+            finish: dict = {}
+            texts[compile, "temperature" in body] = "".join(completer.pieces(completer.parse(body), finish))
+    assert texts[True, False] == texts[False, False] and texts[True, False]
+    assert texts[True, True] == texts[False, True]

@@ -81,6 +81,9 @@ def test_run_benchmark_reports_every_figure_and_ratios_to_dense():
     )
 
 
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)  # inductor's own use
 def test_run_benchmark_compiled_decode_rows_and_bandwidth_share():
     """--decode both: each of our models also decodes through the compiled step, as a '+compiled' row with the same
     active parameters; batch-1 decode's weight reads are (active params + LM head) x bytes x tokens/s, divided by

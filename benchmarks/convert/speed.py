@@ -1,9 +1,11 @@
 """CPU tokens/s of converted SmolLM2-135M under sparse settings against the original dense model, in one process:
 prefill (forward over batch x seq tokens) and batch-1 decode with the KV cache. Models take turns within every
 round and each figure is the best round. The DS-MoE routers are calibrated on bbc-news first, so that tokens spread
-over experts as they do in use. Reproduce (about 7 minutes on 2 CPU cores):
+over experts as they do in use. With --compiled-decode, each of our models decodes a second time through the
+compiled decode step (``Decoder(compile=True)``), as a "+compiled" row. Reproduce (about 10 minutes on 2 CPU cores):
 
-    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/speed.py --out benchmarks/convert/speed.json
+    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/speed.py --compiled-decode \
+        --out benchmarks/convert/speed.json
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from measure import (  # this folder: the script's own directory is on sys.path
 )
 
 from dsmoe.convert.from_hf import convert_model
+from dsmoe.inference.generate import Decoder
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.settings import SparseSetting
 
@@ -42,7 +45,7 @@ def prefill_job(model, idx, hf: bool):
     return job
 
 
-def decode_job(model, prompt, n_new: int, hf: bool):
+def decode_job(model, prompt, n_new: int, hf: bool, compile: bool = False):
     def job():
         with torch.inference_mode():
             if hf:
@@ -53,13 +56,11 @@ def decode_job(model, prompt, n_new: int, hf: bool):
                     out = model(token[:, None], past_key_values=cache, use_cache=True)
                     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
                 return time.perf_counter() - start
-            cache = model.new_cache(1, prompt.shape[1] + n_new)
-            token = model(prompt, cache=cache, last_only=True).logits[:, -1].argmax(-1)
+            decoder = Decoder(model, 1, prompt.shape[1] + n_new, compile=compile)
+            token = decoder.prefill(prompt).argmax(-1)
             start = time.perf_counter()
-            for pos in range(prompt.shape[1], prompt.shape[1] + n_new):
-                token = (
-                    model(token[:, None], cache=cache, start_pos=pos, last_only=True).logits[:, -1].argmax(-1)
-                )
+            for _ in range(n_new):
+                token = decoder.step(token).argmax(-1)
             return time.perf_counter() - start
 
     return job
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--compiled-decode", action="store_true", help="also decode ours compiled (+compiled rows)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf, tokenizer = load_smollm2()
@@ -107,12 +111,18 @@ def main() -> None:
     prompt = torch.randint(0, 49152, (1, 16), generator=gen)
     is_hf = {name: SETTINGS[name] is None for name in models}
     prefill = best_of({n: prefill_job(m, idx, is_hf[n]) for n, m in models.items()}, args.repeats)
-    decode = best_of(
-        {n: decode_job(m, prompt, args.decode_tokens, is_hf[n]) for n, m in models.items()}, args.repeats
-    )
+    decode_jobs = {n: decode_job(m, prompt, args.decode_tokens, is_hf[n]) for n, m in models.items()}
+    if args.compiled_decode:
+        decode_jobs |= {
+            f"{n} +compiled": decode_job(m, prompt, args.decode_tokens, False, compile=True)
+            for n, m in models.items()
+            if not is_hf[n]
+        }
+    decode = best_of(decode_jobs, args.repeats)
+    prefill |= {n: prefill[n.removesuffix(" +compiled")] for n in decode}  # the prefill is eager either way
     base = "original (HF transformers)"
     results = {"settings": vars(args) | {"out": str(args.out)}, "torch": torch.__version__, "models": {}}
-    for name in models:
+    for name in decode:
         p_tps = args.batch * args.seq / prefill[name]
         d_tps = args.decode_tokens / decode[name]
         results["models"][name] = {

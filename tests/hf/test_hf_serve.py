@@ -157,6 +157,9 @@ def test_serve_names_a_folder_that_is_not_an_export(tmp_path, capsys):
     assert "has no config.json; serve a folder written by `dsmoe export`" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)  # inductor's own use
 def test_compiled_serving_gives_the_eager_completion(exported):
     """`dsmoe serve --compile`: the completer decodes through the compiled step, with the eager completer's text,
     greedy and seeded."""

@@ -38,12 +38,10 @@ class BenchSettings:
     models: list[str] = field(default_factory=lambda: ["dense", "smoe", "ds-moe"])
     shape: str = "table6"  # table6: the paper's GELU/LayerNorm layout; llama: SwiGLU/RMSNorm, as the peers
     peers: bool = False  # also measure transformers' Llama and OLMoE at the same shape (needs shape "llama")
-    decode: str = (
-        "eager"  # one of DECODE_MODES: our models' decode steps eager, compiled, or both side by side
-    )
-    bandwidth_mb: int = (
-        1024  # buffer whose copy and read time this machine's memory bandwidth (beyond its caches)
-    )
+    # our models' decode steps: eager, compiled, or both side by side (DECODE_MODES)
+    decode: str = "eager"
+    # the buffer whose copy and read time this machine's memory bandwidth (larger than its caches)
+    bandwidth_mb: int = 1024
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:

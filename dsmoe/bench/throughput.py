@@ -249,9 +249,8 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
 def bandwidth(s: BenchSettings) -> dict[str, float]:
     """This machine's memory bandwidth, GB/s (10^9 bytes) over a ``bandwidth_mb`` buffer (by default larger than
     the last-level cache of the machines we measure on): ``copy`` counts the bytes copied (each read once and written
-    once); ``read`` the bytes of a matrix-vector product's matrix, which is what a decode step does with its weights
-    (on the 2-core VM of benchmarks/throughput.md it reads faster than a sum over the same buffer: 29 against 26 GB/s).
-    Best of ``repeats`` rounds, at the benchmark's thread count."""
+    once); ``read`` the bytes of a matrix-vector product's matrix, which is what a decode step does with its
+    weights. Best of ``repeats`` rounds, at the benchmark's thread count."""
     n = s.bandwidth_mb * 2**20 // 4
     matrix = torch.rand(n // 1024, 1024, device=s.device)
     vector = torch.rand(1024, device=s.device)

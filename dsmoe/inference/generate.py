@@ -77,16 +77,14 @@ class Decoder:
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after one more token per row, written at the next slot."""
         pos, self.pos = self.pos, self.pos + 1
+        token_B1 = token_B[:, None]
         if self.compile:
+            slot = torch.tensor(pos, device=token_B.device)
             with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
-                slot = torch.tensor(pos, device=token_B.device)
-                return _compiled_decode_step()(
-                    self.model, token_B[:, None], slot, self.key_mask_BS, self.cache
-                )
+                return _compiled_decode_step()(self.model, token_B1, slot, self.key_mask_BS, self.cache)
         padded = {"key_mask_BS": self.key_mask_BS[:, : pos + 1]} if self.padded else {}
-        return self.model(token_B[:, None], cache=self.cache, start_pos=pos, last_only=True, **padded).logits[
-            :, -1
-        ]
+        out = self.model(token_B1, cache=self.cache, start_pos=pos, last_only=True, **padded)
+        return out.logits[:, -1]
 
 
 def sample_next(

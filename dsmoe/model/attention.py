@@ -43,7 +43,7 @@ class KVCache:
 
 
 class LayerKV:
-    """One layer's keys and values [B, n_kv, max_len, head_dim] (views into a ``KVCache``, written in place)."""
+    """One layer's keys and values [B, n_kv, max_len, head_dim] (a ``KVCache``'s own tensors, written in place)."""
 
     def __init__(self, k_BHSd: torch.Tensor, v_BHSd: torch.Tensor):
         self.k, self.v = k_BHSd, v_BHSd
@@ -94,9 +94,8 @@ class MoA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = (
-            layer_idx  # for messages and hooks; forward never reads it (one compiled graph for all)
-        )
+        # for messages and hooks; forward never reads it, so that every layer shares one compiled graph
+        self.layer_idx = layer_idx
         self.n_experts, self.head_dim, self.n_kv = cfg.n_att_experts, cfg.head_dim, cfg.n_kv_heads
         self.n_heads = cfg.n_query_heads
         e, d = cfg.att_expert_dim, cfg.d_model
@@ -118,8 +117,8 @@ class MoA(nn.Module):
         padding: Padding | None = None,
     ) -> tuple[torch.Tensor, RouterRecord]:
         """x_BTD: the tokens; cos/sin: the rotary tables; cache/start_pos: incremental decoding (a tensor start_pos
-        comes with ``padding``: the compiled decode step); mask_T: True for real tokens; padding: where a padded batch's real tokens are. Returns the output [B, T, D] and the record of
-        what the router did."""
+        comes with ``padding``: the compiled decode step); mask_T: True for real tokens; padding: where a padded
+        batch's real tokens are. Returns the output [B, T, D] and the record of what the router did."""
         b, t, d = x_BTD.shape
         if padding is None:
             assert isinstance(start_pos, int), (

@@ -48,9 +48,8 @@ class MoEMLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = (
-            layer_idx  # for messages and hooks; forward never reads it (one compiled graph for all)
-        )
+        # for messages and hooks; forward never reads it, so that every layer shares one compiled graph
+        self.layer_idx = layer_idx
         self.router = Router(cfg.d_model, cfg.n_mlp_experts) if cfg.has_mlp_router else None
         self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
         self.setting: SparseSetting = trained_setting(cfg.regime, cfg.smoe_top_k)

@@ -179,15 +179,19 @@ def test_sparse_model_on_fast_path_matches_reference_kernels(regime, monkeypatch
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_bf16_prefill_upcast_and_decode_native_paths_agree(monkeypatch):
-    """Many rows per expert take the fp32-upcast product, few rows the native bf16 one; both match the reference."""
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16-cpu", "avx2-cpu"])
+def test_bf16_prefill_upcast_and_decode_native_paths_agree(monkeypatch, native):
+    """Without native bf16 products, many rows per expert take the fp32-upcast product and few rows the native bf16
+    one; with them (AVX512-BF16/AMX), both take the native one. All match the reference."""
     from dsmoe.kernels import cpu
 
+    monkeypatch.setattr(cpu, "NATIVE_BF16", native)
     seen = []
     inner = cpu._grouped_mm
     monkeypatch.setattr(cpu, "_grouped_mm", lambda a, b, offs: seen.append(a.dtype) or inner(a, b, offs))
+    prefill_dtype = torch.bfloat16 if native else torch.float32
     for n_tokens, path in (
-        (64, torch.float32),
+        (64, prefill_dtype),
         (3, torch.bfloat16),
     ):  # 128 rows >= 8 x 4 experts; 6 rows < 32
         x, w_in, w_out = mlp_inputs(n_tokens, 4, 32, 16, "gelu", torch.bfloat16)
@@ -198,3 +202,21 @@ def test_bf16_prefill_upcast_and_decode_native_paths_agree(monkeypatch):
         torch.testing.assert_close(
             out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), **tolerances(torch.bfloat16)
         )
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "upcast-to-fp32"])
+@pytest.mark.parametrize("path", ["sorted", "per-expert"])
+def test_bf16_products_native_or_upcast_match_reference(monkeypatch, native, path):
+    """bf16 expert products run natively on CPUs with AVX512-BF16/AMX and in fp32 elsewhere (many rows per expert):
+    both branches against the reference, whatever CPU runs the test."""
+    monkeypatch.setattr(cpu, "NATIVE_BF16", native)
+    if path == "per-expert":
+        monkeypatch.setattr(cpu, "LOOP_PAIRS_PER_EXPERT", 2)
+    x, w_in, w_out = mlp_inputs(40, 8, 32, 16, "swiglu", torch.bfloat16)
+    routing = make_routing(40, 8, SparseSetting("topk", k=2))
+    assert cpu.upcast_bf16(x, rows_per_expert=10) is (not native)
+    out = expert_mlp_cpu(x, w_in, w_out, routing, "swiglu")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        out, expert_mlp_reference(x, w_in, w_out, routing, "swiglu"), **tolerances(torch.bfloat16)
+    )

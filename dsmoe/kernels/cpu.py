@@ -59,21 +59,38 @@ def _aligned(t: torch.Tensor) -> bool:
 # bf16 products on AVX2-only CPUs (no AVX512-BF16/AMX) run several times slower than fp32 once they are compute
 # bound. With at least this many rows per expert on average (prefill), upcasting the weights and multiplying in fp32
 # is faster (measured 4-6x at 512 tokens, D=1024, 32 experts); at decode the native bf16 product, which reads half
-# the bytes, is faster. See benchmarks/throughput.md.
+# the bytes, is faster. See benchmarks/throughput.md. CPUs with AVX512-BF16 or AMX multiply bf16 natively, faster
+# than fp32, and never upcast: at 512 tokens the sorted bf16 path takes 5.1 ms native against 9.4 ms upcast on a
+# Xeon with AMX (benchmarks/throughput.md, the bf16 section).
 BF16_UPCAST_ROWS_PER_EXPERT = 8
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); torch's own checks, where it has them."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+NATIVE_BF16 = _native_bf16()
+
+
+def upcast_bf16(a: torch.Tensor, rows_per_expert: float) -> bool:
+    """Whether a CPU bf16 product with this many rows per expert is faster in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT)."""
+    return (
+        a.device.type == "cpu"
+        and a.dtype == torch.bfloat16
+        and not NATIVE_BF16
+        and rows_per_expert >= BF16_UPCAST_ROWS_PER_EXPERT
+    )
 
 
 def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) -> torch.Tensor:
     """Rows offs[e-1]:offs[e] of ``a`` times ``b[e]``, for all experts e at once -> [P, M].
 
     Uses torch's grouped_mm when the strides allow it; otherwise (odd widths, never the case for real model shapes)
-    a loop over the non-empty groups gives the same result. bf16 on the CPU with many rows per expert is computed
-    in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT) and returned in bf16."""
-    if (
-        a_PK.device.type == "cpu"
-        and a_PK.dtype == torch.bfloat16
-        and a_PK.shape[0] >= BF16_UPCAST_ROWS_PER_EXPERT * b_NKM.shape[0]
-    ):
+    a loop over the non-empty groups gives the same result. bf16 on a CPU without native bf16 products, with many
+    rows per expert, is computed in fp32 (see ``upcast_bf16``) and returned in bf16."""
+    if upcast_bf16(a_PK, a_PK.shape[0] / b_NKM.shape[0]):
         return _grouped_mm(a_PK.float(), b_NKM.float(), offs_N).to(torch.bfloat16)
     return _grouped_mm(a_PK, b_NKM, offs_N)
 
@@ -207,9 +224,9 @@ def expert_mlp_per_expert(
     x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
 ) -> torch.Tensor:
     """Long prefill: one expert at a time over the expert-sorted pairs (see LOOP_PAIRS_PER_EXPERT); bf16 is
-    computed in fp32 (see BF16_UPCAST_ROWS_PER_EXPERT)."""
+    computed in fp32 where the CPU has no native bf16 products (see ``upcast_bf16``)."""
     pairs = SortedPairs(routing)
-    compute = torch.float32 if x_TD.dtype == torch.bfloat16 else x_TD.dtype
+    compute = torch.float32 if upcast_bf16(x_TD, LOOP_PAIRS_PER_EXPERT) else x_TD.dtype
     out_TD = torch.zeros(x_TD.shape, dtype=compute, device=x_TD.device)
     start = 0
     for e, end in enumerate(pairs.offs_N.tolist()):

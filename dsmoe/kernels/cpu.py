@@ -60,8 +60,8 @@ def _aligned(t: torch.Tensor) -> bool:
 # bound. With at least this many rows per expert on average (prefill), upcasting the weights and multiplying in fp32
 # is faster (measured 4-6x at 512 tokens, D=1024, 32 experts); at decode the native bf16 product, which reads half
 # the bytes, is faster. See benchmarks/throughput.md. CPUs with AVX512-BF16 or AMX multiply bf16 natively, faster
-# than fp32, and never upcast: at 512 tokens the sorted bf16 path takes 5.1 ms native against 9.4 ms upcast on a
-# Xeon with AMX (benchmarks/throughput.md, the bf16 section).
+# than fp32, and never upcast: at 2,048 tokens the sorted bf16 path takes 14.3 ms native against 41.7 ms upcast on
+# a Xeon with AMX (benchmarks/bf16_expert_paths.py; benchmarks/throughput.md, the AMX section).
 BF16_UPCAST_ROWS_PER_EXPERT = 8
 
 

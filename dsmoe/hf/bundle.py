@@ -29,6 +29,7 @@ BUNDLED_MODULES = (
     "dsmoe.model.attention",
     "dsmoe.model.transformer",
     "dsmoe.inference.sparsify",
+    "dsmoe.inference.generate",
     "dsmoe.hf.configuration",
     "dsmoe.hf.modeling",
 )

@@ -21,6 +21,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from dsmoe.config import ConfigError
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
+from dsmoe.inference.generate import generate as decode
 from dsmoe.inference.sparsify import attached_meter, sparsify
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.settings_file import config_fields, load_settings
@@ -147,6 +148,36 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
     def _apply_sparse(self, meter) -> None:
         att, mlp = self.config.sparse_settings()
         sparsify(self.model, att=att, mlp=mlp, meter=meter)
+
+    # --- compiled decoding -----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def compiled_generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Prompt + continuation ids through dsmoe's compiled decode step (one ``torch.compile`` graph per step over a
+        static KV cache; see ``dsmoe.inference.generate.Decoder``), instead of ``generate``'s eager loop: greedy
+        unless ``temperature`` > 0, left-padded prompts given by ``attention_mask``, and a row that emits
+        ``eos_token_id`` padded with it. Greedy, it gives ``generate(..., do_sample=False)``'s tokens. The first call
+        per batch size and length (in steps of 64) compiles; a model with an ``ActiveMeter`` attached is refused."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        return decode(
+            self.model,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            eos_token_id=self.config.eos_token_id,
+            generator=generator,
+            prompt_mask_BT=mask,
+            compile=True,
+        )
 
     # --- forward ----------------------------------------------------------------------------------------------------
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from dsmoe.model.attention import KVCache
-    from dsmoe.model.transformer import Transformer
+from dsmoe.model.attention import KVCache
+from dsmoe.model.transformer import Transformer
 
 # Graphs one process may keep for the decode step (torch's default of 8 counts every model, sparse setting, batch
 # size and cache length together, and past it dynamo falls back to eager with a warning).

@@ -26,6 +26,7 @@ ids = tokenizer(prompt, return_tensors="pt").input_ids
 with torch.no_grad():
     logits = model(ids).logits
 out = model.generate(ids, max_new_tokens=12, do_sample=False)
+compiled = model.compiled_generate(ids, 12)  # dsmoe's compiled decode step, bundled into the folder's code
 pipe = pipeline("text-generation", model=model, tokenizer=tokenizer)
 text = pipe(prompt, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"]
 prompts = [prompt, "A dog"]  # different lengths: batched, the shorter one is left-padded
@@ -33,7 +34,7 @@ batched = [o[0]["generated_text"] for o in pipe(prompts, batch_size=2, max_new_t
                                                  return_full_text=False)]
 alone = [pipe(p, max_new_tokens=12, do_sample=False, return_full_text=False)[0]["generated_text"] for p in prompts]
 print("RESULT", json.dumps({{"module": type(model).__module__, "ids": ids.tolist(), "logits": logits.tolist(),
-                  "generated": out.tolist(), "pipeline_text": text, "mlp_k": model.config.mlp_k,
+                  "generated": out.tolist(), "compiled": compiled.tolist(), "pipeline_text": text, "mlp_k": model.config.mlp_k,
                   "batched": batched, "alone": alone}}))
 """
 
@@ -55,6 +56,7 @@ def test_exported_folder_loads_without_dsmoe_and_matches_native(exported, tmp_pa
     eos = tokenizer.token_to_id("<|endoftext|>")
     expected = generate(native, ids, 12, eos_token_id=eos)[0].tolist()
     assert result["generated"][0] == expected
+    assert result["compiled"][0] == expected
     assert result["pipeline_text"] == tokenizer.decode(expected[ids.shape[1] :])
     assert result["batched"] == result["alone"]
 

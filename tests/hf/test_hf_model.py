@@ -171,3 +171,18 @@ def test_config_validates_and_round_trips(tmp_path):
         DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=[1, 2, 3])
     with pytest.raises(ConfigError, match="d_model must be a positive integer"):
         DSMoEConfig(d_model=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # inductor's
+@pytest.mark.parametrize("name", ["topk", "threshold"])
+def test_compiled_generate_gives_generates_tokens(name):
+    """DSMoEForCausalLM.compiled_generate (dsmoe's compiled decode step) gives transformers' greedy generate's
+    tokens, for left-padded prompts of different lengths too."""
+    _, wrapped = pair(**SPARSE[name][0])
+    wrapped.config.eos_token_id = None  # random weights: let every row run to max_new_tokens in both
+    prompt = torch.randint(1, 97, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :3] = 0
+    prompt[1, :3] = 0
+    hf = wrapped.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(wrapped.compiled_generate(prompt, 8, attention_mask=mask), hf)

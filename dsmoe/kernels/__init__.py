@@ -4,9 +4,9 @@ implementation has the signature of its plain reference in ``reference.py`` and 
 Inference runs through two ``torch.library`` custom ops, ``dsmoe::expert_mlp`` and ``dsmoe::moa``, with fake
 (shape-only) implementations, so ``torch.compile`` traces a sparse forward as one graph: the data-dependent work
 (sorting pairs by expert, their counts) happens inside the op. Eager calls skip the op's dispatch and run its body
-directly (the same function). In the op: CUDA tensors with Triton installed -> the
-Triton scatter-to-scatter kernels; CPU -> sorted dispatch with grouped products (``cpu.py``); anything else -> the
-reference. ``DSMOE_KERNELS=reference`` forces the reference everywhere (for debugging and benchmarks).
+directly (the same function). In the op: CUDA tensors with Triton installed -> the Triton scatter-to-scatter
+kernels; CPU -> sorted dispatch with grouped products (``cpu.py``); anything else -> the reference.
+``DSMOE_KERNELS=reference`` forces the reference everywhere (for debugging and benchmarks).
 
 A gradient is needed (SMoE training) -> no custom op, but a differentiable path: on the CPU the sorted grouped
 products (autograd runs through ``grouped_mm``), elsewhere the reference.

@@ -84,3 +84,13 @@ def test_cache_length_rounds_up_within_the_model():
     assert cache_length(100, 100) == 100
     with pytest.raises(ValueError, match="max_seq_len"):
         cache_length(101, 100)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_full_cache_is_a_clear_error(compile):
+    model = model_for("dsmoe-topk")
+    decoder = Decoder(model, 1, 64 if compile else 6, compile=compile)
+    token = decoder.prefill(torch.randint(0, 97, (1, 4))).argmax(-1)
+    decoder.pos = decoder.cache.max_len  # every slot written
+    with pytest.raises(ValueError, match="KV cache is full"):
+        decoder.step(token)

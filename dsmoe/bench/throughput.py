@@ -311,11 +311,15 @@ def run_benchmark(s: BenchSettings) -> dict:
         runners.update({p.name: HFRunner(p.model, s.device) for p in peers})
     measured, x_in = measure_models(s, runners)
     figures = measured["models"]
+
+    def rows_of(name: str) -> list[str]:
+        """The rows that measure our model ``name``: eager, compiled, or both."""
+        return [row for row in runners if row == name or compiled_rows.get(row) == name]
+
     for e in entries:
         counts = active_params(e, models[e.name], x_in)
-        for row in runners:
-            if row == e.name or compiled_rows.get(row) == e.name:
-                figures[row].update(counts)
+        for row in rows_of(e.name):
+            figures[row].update(counts)
     for p in peers:
         figures[p.name].update(
             active_params=p.active_params, total_params=p.total_params, embedding_params=p.embedding_params
@@ -336,14 +340,10 @@ def run_benchmark(s: BenchSettings) -> dict:
         "ratios": {name: {k: r[k] / baseline[k] for k in keys} for name, r in figures.items()},
     }
     if s.peers:
-        ours = {
-            p.of: [p.of] + [row for row, of in compiled_rows.items() if of == p.of and row != p.of]
-            for p in peers
-        }
         result["peer_ratios"] = {
             row: {"peer": p.name, **{k: figures[row][k] / figures[p.name][k] for k in keys}}
             for p in peers
-            for row in ours[p.of]
+            for row in rows_of(p.of)
         }
         result["peers"] = {p.name: p.describe() for p in peers}
     result.update(

@@ -75,6 +75,8 @@ class Decoder:
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] after one more token per row, written at the next slot."""
         pos, self.pos = self.pos, self.pos + 1
+        if pos >= self.cache.max_len:
+            raise ValueError(f"KV cache is full: writing position {pos} into a cache of {self.cache.max_len}")
         token_B1 = token_B[:, None]
         if self.compile:
             slot = torch.tensor(pos, device=token_B.device)

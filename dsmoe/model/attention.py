@@ -128,11 +128,9 @@ class MoA(nn.Module):
                 cos_Sd[start_pos : start_pos + t, None],
                 sin_Sd[start_pos : start_pos + t, None],
             )  # [T, 1, d]
-            pos_T, visible_TS = torch.arange(start_pos, start_pos + t, device=x_BTD.device).repeat(b), None
         else:
             pos_BT = padding.positions_BT
             cos, sin = cos_Sd[pos_BT][:, :, None], sin_Sd[pos_BT][:, :, None]  # [B, T, 1, d]
-            pos_T, visible_TS = pos_BT.flatten(), padding.visible_BTS.flatten(0, 1)
         k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos, sin)
         k_BHSd, v_BHSd = (
             k.transpose(1, 2),
@@ -151,6 +149,10 @@ class MoA(nn.Module):
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)
+            if padding is None:
+                pos_T, visible_TS = (torch.arange(t, device=x_TD.device) + start_pos).repeat(b), None
+            else:
+                pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
             return kernels.moa(
                 x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
             )

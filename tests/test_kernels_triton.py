@@ -9,7 +9,15 @@ from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_i
 
 from dsmoe.kernels.cpu import SortedPairs
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
-from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, block_table, expert_mlp_triton, moa_triton
+from dsmoe.kernels.triton_kernels import (
+    TRITON_AVAILABLE,
+    Blocks,
+    block_table,
+    choose_blocks,
+    expert_mlp_triton,
+    moa_triton,
+    scatter2scatter,
+)
 from dsmoe.model.settings import SparseSetting
 
 pytestmark = pytest.mark.skipif(
@@ -23,9 +31,26 @@ interpreted = pytest.mark.skipif(
 
 def test_block_table_splits_experts_and_skips_empty_ones():
     expert_B, start_B, end_B = block_table(torch.tensor([0, 3, 3, 40], dtype=torch.int32), block_m=16)
-    assert expert_B.tolist() == [1, 3, 3, 3]
-    assert start_B.tolist() == [0, 3, 19, 35]
-    assert end_B.tolist() == [3, 40, 40, 40]
+    assert (
+        len(expert_B) == 3 + 4
+    )  # ceil(40 / 16) + one partial block per expert: fixed before the counts are read
+    assert expert_B[:4].tolist() == [1, 3, 3, 3]
+    assert start_B[:4].tolist() == [0, 3, 19, 35]
+    assert end_B[:4].tolist() == [3, 40, 40, 40]
+    assert torch.equal(start_B[4:], end_B[4:]), "the spare blocks must be empty"
+
+
+@pytest.mark.parametrize("offs", [[0, 0, 0], [5, 5, 5], [1, 2, 3], [16, 32, 48], [0, 17, 17]])
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_block_table_covers_every_pair_once(offs, block_m):
+    expert_B, start_B, end_B = block_table(torch.tensor(offs, dtype=torch.int32), block_m)
+    covered = torch.zeros(offs[-1], dtype=torch.long)
+    bounds = [0, *offs]
+    for e, start, end in zip(expert_B.tolist(), start_B.tolist(), end_B.tolist(), strict=True):
+        stop = min(start + block_m, end)
+        assert start == end or bounds[e] <= start < stop <= bounds[e + 1]
+        covered[start:stop] += 1
+    assert covered.tolist() == [1] * offs[-1]
 
 
 @interpreted
@@ -87,8 +112,6 @@ def test_moa_triton_interpreted_long_prefill_after_a_cache():
 @interpreted
 def test_scatter2scatter_reads_rows_in_place():
     """gather=True reads token rows through the pair -> token index, without a gathered copy of x."""
-    from dsmoe.kernels.triton_kernels import scatter2scatter
-
     x, w_in, _ = mlp_inputs(5, 3, 16, 16, "gelu", torch.float32)
     routing = make_routing(5, 3, SparseSetting("topk", k=3))
     pairs = SortedPairs(routing)
@@ -97,6 +120,44 @@ def test_scatter2scatter_reads_rows_in_place():
         [x[t] @ w_in[e].T for t, e in zip(pairs.token_P.tolist(), pairs.expert_P.tolist(), strict=True)]
     )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("blocks", [Blocks(16, 16, 16), Blocks(32, 16, 32), Blocks(64, 32, 16)], ids=str)
+def test_scatter2scatter_interpreted_at_every_block_shape(blocks):
+    x, w_in, _ = mlp_inputs(40, 6, 24, 40, "gelu", torch.float32)
+    routing = make_routing(40, 6, SparseSetting("threshold", threshold=1.0))
+    pairs = SortedPairs(routing)
+    out = scatter2scatter(x, w_in.transpose(1, 2), pairs, gather=True, blocks=blocks)
+    expected = torch.stack(
+        [x[t] @ w_in[e].T for t, e in zip(pairs.token_P.tolist(), pairs.expert_P.tolist(), strict=True)]
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_choose_blocks_grows_row_blocks_with_rows_per_expert():
+    assert choose_blocks(0.1, 1024, 88).m == 16
+    assert choose_blocks(20, 1024, 88).m == 32
+    assert choose_blocks(2048, 1024, 88) == Blocks(64, 64, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "blocks",
+    [Blocks(16, 64, 64), Blocks(64, 64, 64), Blocks(128, 128, 64, 8, 3), Blocks(64, 128, 32, 4, 4)],
+    ids=str,
+)
+def test_scatter2scatter_on_gpu_at_every_block_shape(blocks):
+    x, w_in, _ = (t.cuda() for t in mlp_inputs(600, 32, 256, 88, "gelu", torch.bfloat16))
+    routing = make_routing(600, 32, SparseSetting("threshold", threshold=1.0))
+    routing = type(routing)(
+        routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts
+    )
+    pairs = SortedPairs(routing)
+    out = scatter2scatter(x, w_in.transpose(1, 2), pairs, gather=True, blocks=blocks)
+    expected = (x[pairs.token_P, None, :].float() @ w_in[pairs.expert_P].transpose(1, 2).float())[:, 0]
+    torch.testing.assert_close(out.float(), expected, **tolerances(torch.bfloat16))
 
 
 @pytest.mark.gpu

@@ -1,16 +1,19 @@
 """`make gpu-check`: everything that needs a CUDA GPU, in one run of under 10 minutes on one GPU.
 
-    python3 tools/gpu_check.py [--venv .venv-gpu] [--out benchmarks/gpu] [--no-install]
+    python3 tools/gpu_check.py [--venv .venv-gpu] [--out benchmarks/gpu] [--no-install | --python PATH]
 
 On a GPU machine it builds a venv from requirements.lock, but with PyPI's CUDA build of torch (the lock pins the CPU
-wheel) and the triton that comes with it, then runs each check in a subprocess with its own time limit and prints one
+wheel) and the triton that comes with it; or, with --python, uses a Python that already holds CUDA torch, triton,
+pytest and transformers (a GPU image's own, on a machine without network) with this checkout's dsmoe on PYTHONPATH.
+Then it runs each check in a subprocess with its own time limit and prints one
 line per check (PASS / FAIL / SKIP and why):
 
     gpu-tests       every test marked `gpu` (Triton kernels compiled, TRITON_INTERPRET unset)
     train-tiny      bf16 autocast + torch.compile training steps of tiny-ds-moe (the loop's build_model)
     train-1b-block  one ds-moe-1b-width block (d_model 2048, 16 attention x 2 heads, 32 MLP experts), seq 2048:
                     an eager step's measured peak beside `dsmoe plan`'s trace of it, then compiled bf16 steps
-    bench           `dsmoe bench --device cuda` at a small size
+    bench           `dsmoe bench --device cuda --peers --decode both` at a small size (Llama layout), beside
+                    transformers' Llama and OLMoE
 
 The summary, the machine and every check's output go to OUT/check.json and OUT/check.log, the benchmark's JSON to
 OUT/bench.json. Without a CUDA GPU it says so, runs its CPU self-check (its checks import, the tiny config builds and
@@ -34,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TORCH = "torch==2.13.0"  # PyPI's Linux wheel of this version is the CUDA build
 NOT_FROM_LOCK = ("torch", "triton")  # the lock's CPU torch and its triton; CUDA torch brings its own triton
-LIMITS = {"gpu-tests": 240, "train-tiny": 150, "train-1b-block": 180, "bench": 180}
+# seconds per check; together under 10 minutes, one device call
+LIMITS = {"gpu-tests": 170, "train-tiny": 80, "train-1b-block": 130, "bench": 160}
 
 
 # ---- checks: run as `python tools/gpu_check.py --run NAME [--device D]` under the venv's python ----------------
@@ -134,6 +138,13 @@ def run_check(name: str, device: str) -> int:
 # ---- the driver: system python, standard library only ------------------------------------------------------
 
 
+def gpu_test_files() -> list[str]:
+    """The test files that hold gpu-marked tests: collecting only these, a GPU image without the data and eval
+    extras (datasets, lm-eval) still runs them."""
+    files = sorted(p for p in (ROOT / "tests").rglob("test_*.py") if "pytest.mark.gpu" in p.read_text())
+    return [str(p.relative_to(ROOT)) for p in files]
+
+
 def gpu_present() -> str | None:
     """The GPU's name from nvidia-smi, or None."""
     if shutil.which("nvidia-smi") is None:
@@ -219,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu", help="where results go")
     parser.add_argument("--no-install", action="store_true", help="use --venv as it is")
+    parser.add_argument(
+        "--python",
+        help="use this Python as it is (one holding CUDA torch, triton, pytest, transformers); installs nothing",
+    )
+    parser.add_argument(
+        "--checks", default=",".join(LIMITS), help=f"comma-separated, of {', '.join(LIMITS)} (default: all)"
+    )
     parser.add_argument("--run", choices=sorted(CHECKS), help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -236,7 +254,10 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out / "check.log", "w") as log:
         started = time.monotonic()
         try:
-            python = args.venv / "bin" / "python" if args.no_install else build_venv(args.venv, log)
+            if args.python:
+                python = Path(shutil.which(args.python) or args.python)
+            else:
+                python = args.venv / "bin" / "python" if args.no_install else build_venv(args.venv, log)
         except subprocess.CalledProcessError as err:
             print(f"FAIL install: {' '.join(err.cmd)} exited {err.returncode} (see {args.out / 'check.log'})")
             return 1
@@ -248,22 +269,30 @@ def main(argv: list[str] | None = None) -> int:
         )
         bench_json = args.out / "bench.json"
         commands = {
-            "gpu-tests": [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"],
+            "gpu-tests": [
+                str(python),
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-m",
+                "gpu",
+                *gpu_test_files(),
+            ],
             "train-tiny": [str(python), __file__, "--run", "train-tiny"],
             "train-1b-block": [str(python), __file__, "--run", "train-1b-block"],
             "bench": [str(python), "-m", "dsmoe", "bench", "--device", "cuda", "--dtype", "bf16"]
             + ["--d-model", "1024", "--n-layers", "4", "--max-input-batch", "64", "--memory-gb", "16"]
-            + ["--decode-tokens", "128", "--out", str(bench_json)],
+            + ["--decode-tokens", "128", "--shape", "llama", "--peers", "--decode", "both"]
+            + ["--out", str(bench_json)],
         }
-        for name, cmd in commands.items():
-            status, why = run_step(name, cmd, log, env)
-            results[name] = {"status": status, "detail": why}
-            print(f"{status} {name}: {why}", flush=True)
         probe = subprocess.run(
             [
                 str(python),
                 "-c",
-                "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)",
+                "import platform, torch, triton, transformers; print(platform.python_version(), torch.__version__, "
+                "torch.version.cuda, triton.__version__, transformers.__version__)",
             ],
             capture_output=True,
             text=True,
@@ -272,12 +301,18 @@ def main(argv: list[str] | None = None) -> int:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "gpu": gpu,
             "host": platform.node(),
-            "python": platform.python_version(),
-            "torch_cuda_triton": probe.stdout.strip(),
-            "seconds": round(time.monotonic() - started),
+            "python_torch_cuda_triton_transformers": probe.stdout.strip() or probe.stderr.strip()[-300:],
             "checks": results,
         }
-    (args.out / "check.json").write_text(json.dumps(summary, indent=2) + "\n")
+        chosen = args.checks.split(",")
+        if unknown := set(chosen) - set(commands):
+            parser.error(f"--checks: unknown {', '.join(sorted(unknown))}; choose from {', '.join(commands)}")
+        for name, cmd in ((n, commands[n]) for n in chosen):
+            status, why = run_step(name, cmd, log, env)
+            results[name] = {"status": status, "detail": why}
+            print(f"{status} {name}: {why}", flush=True)
+            summary["seconds"] = round(time.monotonic() - started)  # written after every check: a cut-off run
+            (args.out / "check.json").write_text(json.dumps(summary, indent=2) + "\n")  # keeps what ran
     failed = [name for name, r in results.items() if r["status"] == "FAIL"]
     print(
         f"gpu-check: {len(results) - len(failed)} of {len(results)} passed in {summary['seconds']} s; {args.out}"

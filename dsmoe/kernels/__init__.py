@@ -6,7 +6,8 @@ Inference runs through two ``torch.library`` custom ops, ``dsmoe::expert_mlp`` a
 (sorting pairs by expert, their counts) happens inside the op. Eager calls skip the op's dispatch and run its body
 directly (the same function). In the op: CUDA tensors with Triton installed -> the Triton scatter-to-scatter
 kernels; CPU -> sorted dispatch with grouped products (``cpu.py``); anything else -> the reference.
-``DSMOE_KERNELS=reference`` forces the reference everywhere (for debugging and benchmarks).
+``DSMOE_KERNELS`` forces one inference path on any device (for debugging and benchmarks): ``reference``, ``sorted``
+(sorted dispatch with torch's grouped products, the CPU's path for small batches) or ``triton``.
 
 A gradient is needed (SMoE training) -> no custom op, but a differentiable path: on the CPU the sorted grouped
 products (autograd runs through ``grouped_mm``), elsewhere the reference.
@@ -15,6 +16,7 @@ products (autograd runs through ``grouped_mm``), elsewhere the reference.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 
@@ -33,18 +35,29 @@ from dsmoe.model.routing import Routing
 __all__ = ["expert_mlp", "moa", "select"]
 
 
+FORCEABLE = ("reference", "sorted", "triton")
+
+
+def _forced() -> str | None:
+    """The path DSMOE_KERNELS names, if any."""
+    forced = os.environ.get("DSMOE_KERNELS") or None
+    if forced is not None and forced not in FORCEABLE:
+        raise ValueError(f"DSMOE_KERNELS={forced!r}: use one of {', '.join(FORCEABLE)}, or unset it")
+    return forced
+
+
 def select(x: torch.Tensor, *params: torch.Tensor) -> str:
-    """Which implementation serves these tensors: 'reference', 'triton', 'cpu', or (with a gradient) 'grouped'
-    (the differentiable sorted path on the CPU)."""
-    forced = os.environ.get("DSMOE_KERNELS") == "reference"
+    """Which implementation serves these tensors: 'reference', 'triton', 'cpu', 'sorted', or (with a gradient)
+    'grouped' (the differentiable sorted path on the CPU)."""
     if torch.is_grad_enabled() and any(p.requires_grad for p in (x, *params)):
-        return "grouped" if x.device.type == "cpu" and not forced else "reference"
+        return "grouped" if x.device.type == "cpu" and _forced() != "reference" else "reference"
     return _inference_impl(x)
 
 
 def _inference_impl(x: torch.Tensor) -> str:
-    if os.environ.get("DSMOE_KERNELS") == "reference":
-        return "reference"
+    forced = _forced()
+    if forced is not None:
+        return forced
     if x.is_cuda and TRITON_AVAILABLE:
         return "triton"
     if x.device.type == "cpu":
@@ -52,8 +65,13 @@ def _inference_impl(x: torch.Tensor) -> str:
     return "reference"
 
 
-_EXPERT_MLP = {"reference": expert_mlp_reference, "cpu": expert_mlp_cpu, "triton": expert_mlp_triton}
-_MOA = {"reference": moa_reference, "cpu": moa_cpu, "triton": moa_triton}
+_EXPERT_MLP = {
+    "reference": expert_mlp_reference,
+    "cpu": expert_mlp_cpu,
+    "triton": expert_mlp_triton,
+    "sorted": partial(expert_mlp_sorted, project=project_sorted),
+}
+_MOA = {"reference": moa_reference, "cpu": moa_cpu, "triton": moa_triton, "sorted": moa_cpu}
 
 
 def _routing(

@@ -14,6 +14,7 @@ interpreter (``TRITON_INTERPRET=1``) at small shapes, and on a GPU when one is a
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -27,7 +28,29 @@ except ImportError:  # triton is optional: `pip install dsmoe[gpu]`
     triton = None
 
 TRITON_AVAILABLE = triton is not None
-BLOCK_M = 16  # rows of one block; tl.dot needs >= 16
+BLOCK_M = 16  # the fewest rows of one block; tl.dot needs >= 16
+
+
+class Blocks(NamedTuple):
+    """One launch configuration: a program multiplies m sorted pairs by an n-wide column tile, k at a time."""
+
+    m: int
+    n: int
+    k: int
+    warps: int = 4
+    stages: int = 3
+
+
+def choose_blocks(rows_per_expert: float, k_dim: int, m_dim: int) -> Blocks:
+    """Row blocks as tall as the experts' average row count allows (16 to 64): short blocks at decode waste no
+    rows, tall ones at prefill reuse each weight tile over more rows."""
+    m = min(64, max(BLOCK_M, _pow2(int(rows_per_expert))))
+    return Blocks(m, min(64, max(16, _pow2(m_dim))), min(64, max(16, _pow2(k_dim))))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
 
 if TRITON_AVAILABLE:
 
@@ -55,9 +78,11 @@ if TRITON_AVAILABLE:
         FP32_DOT: tl.constexpr,
     ):
         block = tl.program_id(0)
-        expert = tl.load(block_expert_ptr + block)
         start = tl.load(block_start_ptr + block)
         end = tl.load(block_end_ptr + block)
+        if start >= end:  # one of the table's spare blocks (see block_table)
+            return
+        expert = tl.load(block_expert_ptr + block)
         rows = start + tl.arange(0, BLOCK_M)  # sorted pair indices of this block
         row_ok = rows < end
         a_rows = tl.load(a_rows_ptr + rows, mask=row_ok, other=0)  # where each pair's input row lives
@@ -102,33 +127,47 @@ def _require_triton() -> None:
 
 
 def block_table(
-    offs_N: torch.Tensor, block_m: int = BLOCK_M
+    offs_N: torch.Tensor, block_m: int = BLOCK_M, n_blocks: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(expert, start, end) of every block of at most ``block_m`` sorted pairs; blocks never straddle experts and
-    experts with no pairs get no block."""
+    """(expert, start, end) of ``n_blocks`` blocks of at most ``block_m`` sorted pairs; blocks never straddle experts
+    and experts with no pairs get no block. The table's length is fixed before the counts are read, so building it
+    needs no host sync: ``n_blocks`` defaults to the most any routing of offs_N[-1] pairs can need (every expert one
+    partial block), and the blocks past the last needed one are empty (start == end)."""
+    n_experts = offs_N.shape[0]
     ends = offs_N.long()
+    if n_blocks is None:
+        n_blocks = _cdiv(int(ends[-1]), block_m) + n_experts
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    n_blocks = (ends - starts + block_m - 1) // block_m
-    expert_B = torch.repeat_interleave(torch.arange(len(ends), device=ends.device), n_blocks)
-    first_block = torch.cumsum(n_blocks, 0) - n_blocks
-    within_B = torch.arange(expert_B.shape[0], device=ends.device) - first_block[expert_B]
-    start_B = starts[expert_B] + within_B * block_m
-    return expert_B, start_B, ends[expert_B]
+    per_expert = (ends - starts + block_m - 1) // block_m
+    last_block = torch.cumsum(per_expert, 0)  # one past each expert's last block
+    block_B = torch.arange(n_blocks, device=ends.device)
+    expert_B = torch.searchsorted(last_block, block_B, right=True).clamp_(max=n_experts - 1)
+    start_B = starts[expert_B] + (block_B - (last_block - per_expert)[expert_B]) * block_m
+    end_B = ends[expert_B]
+    start_B = torch.where(block_B < last_block[-1], start_B, end_B)
+    return expert_B, start_B, end_B
 
 
-def scatter2scatter(a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, gather: bool) -> torch.Tensor:
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def scatter2scatter(
+    a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, gather: bool, blocks: Blocks | None = None
+) -> torch.Tensor:
     """[P, M]: row p is (a[token_P[p]] if gather else a[p]) times w[expert_P[p]] — same contract as
-    ``cpu.project_sorted``, without materialising the gathered input."""
+    ``cpu.project_sorted``, without materialising the gathered input. ``blocks``: the launch configuration
+    (default ``choose_blocks``)."""
     _require_triton()
-    n_pairs, (_, k_dim, m_dim) = pairs.token_P.shape[0], w_NKM.shape
+    n_pairs, (n_experts, k_dim, m_dim) = pairs.token_P.shape[0], w_NKM.shape
     out = a.new_empty(n_pairs, m_dim)
     if n_pairs == 0:
         return out
+    blocks = blocks or choose_blocks(n_pairs / n_experts, k_dim, m_dim)
     a_rows = pairs.token_P if gather else torch.arange(n_pairs, device=a.device)
-    expert_B, start_B, end_B = block_table(pairs.offs_N)
-    block_n = min(64, max(16, triton.next_power_of_2(m_dim)))
-    block_k = min(64, max(16, triton.next_power_of_2(k_dim)))
-    grid = (expert_B.shape[0], triton.cdiv(m_dim, block_n))
+    n_blocks = _cdiv(n_pairs, blocks.m) + n_experts  # enough for any split of the pairs over the experts
+    expert_B, start_B, end_B = block_table(pairs.offs_N, blocks.m, n_blocks)
+    grid = (n_blocks, triton.cdiv(m_dim, blocks.n))
     w = w_NKM.to(a.dtype)
     _scatter2scatter_kernel[grid](
         a,
@@ -147,10 +186,12 @@ def scatter2scatter(a: torch.Tensor, w_NKM: torch.Tensor, pairs: SortedPairs, ga
         w.stride(2),
         out.stride(0),
         out.stride(1),
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_M=blocks.m,
+        BLOCK_N=blocks.n,
+        BLOCK_K=blocks.k,
         FP32_DOT=a.dtype == torch.float32 or _interpreting(),
+        num_warps=blocks.warps,
+        num_stages=blocks.stages,
     )
     return out
 

@@ -122,9 +122,9 @@ def main() -> None:
                     row["counts"][name] = launches_and_syncs(fn)
         if tokens >= 256:  # the launch-shape grid: each projection alone
             h = torch.randn(pairs.token_P.shape[0], f, device=dev, dtype=dtype)
-            up = lambda b, x=x, pairs=pairs: scatter2scatter(x, w_in.transpose(1, 2), pairs, True, b)
-            down = lambda b, h=h, pairs=pairs: scatter2scatter(h, w_out, pairs, False, b)
-            grid, stopped = launch_grid(up, down, started + args.budget_s)
+            up_b = lambda b, x=x, pairs=pairs: scatter2scatter(x, w_in.transpose(1, 2), pairs, True, b)
+            down_b = lambda b, h=h, pairs=pairs: scatter2scatter(h, w_out, pairs, False, b)
+            grid, stopped = launch_grid(up_b, down_b, started + args.budget_s)
             row["grid_up_down_ms"] = grid
             if stopped:
                 result["grid_stopped"] = f"at {tokens} tokens, before blocks {stopped}: out of time"

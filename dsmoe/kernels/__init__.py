@@ -4,10 +4,10 @@ implementation has the signature of its plain reference in ``reference.py`` and 
 Inference runs through two ``torch.library`` custom ops, ``dsmoe::expert_mlp`` and ``dsmoe::moa``, with fake
 (shape-only) implementations, so ``torch.compile`` traces a sparse forward as one graph: the data-dependent work
 (sorting pairs by expert, their counts) happens inside the op. Eager calls skip the op's dispatch and run its body
-directly (the same function). In the op: CUDA tensors with Triton installed -> the Triton scatter-to-scatter
-kernels; CPU -> sorted dispatch with grouped products (``cpu.py``); anything else -> the reference.
-``DSMOE_KERNELS`` forces one inference path on any device (for debugging and benchmarks): ``reference``, ``sorted``
-(sorted dispatch with torch's grouped products, the CPU's path for small batches) or ``triton``.
+directly (the same function). In the op: CUDA -> sorted dispatch with torch's grouped products (``sorted``: 1.7-1.9x
+the Triton scatter-to-scatter kernels' tokens/s on an H200, benchmarks/gpu/README.md); CPU -> the path that suits
+the token count (``cpu.py``); anything else -> the reference. ``DSMOE_KERNELS`` forces one inference path on any
+device (for debugging and benchmarks): ``reference``, ``sorted`` or ``triton`` (``triton_kernels.py``).
 
 A gradient is needed (SMoE training) -> no custom op, but a differentiable path: on the CPU the sorted grouped
 products (autograd runs through ``grouped_mm``), elsewhere the reference.
@@ -29,7 +29,7 @@ from dsmoe.kernels.cpu import (
     project_sorted,
 )
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
-from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, expert_mlp_triton, moa_triton
+from dsmoe.kernels.triton_kernels import expert_mlp_triton, moa_triton
 from dsmoe.model.routing import Routing
 
 __all__ = ["expert_mlp", "moa", "select"]
@@ -58,8 +58,8 @@ def _inference_impl(x: torch.Tensor) -> str:
     forced = _forced()
     if forced is not None:
         return forced
-    if x.is_cuda and TRITON_AVAILABLE:
-        return "triton"
+    if x.is_cuda:
+        return "sorted"
     if x.device.type == "cpu":
         return "cpu"
     return "reference"

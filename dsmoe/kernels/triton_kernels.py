@@ -1,5 +1,6 @@
-"""GPU fast path: a Triton scatter-to-scatter grouped matrix product, in the spirit of ScatterMoE's ParallelLinear
-(Tan et al., 2024, arXiv 2403.08245).
+"""A Triton scatter-to-scatter grouped matrix product, in the spirit of ScatterMoE's ParallelLinear (Tan et al., 2024,
+arXiv 2403.08245). Not the default on GPUs: sorted dispatch with torch's grouped_mm is 1.7-1.9x faster end to end on
+an H200 (benchmarks/gpu/README.md); ``DSMOE_KERNELS=triton`` selects it.
 
 Pairs are sorted by expert and cut into blocks of BLOCK_M rows that never straddle two experts. One program
 multiplies one block by one BLOCK_N-wide column tile of its expert's weight. Its input rows are read straight from

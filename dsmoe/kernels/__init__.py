@@ -16,6 +16,7 @@ products (autograd runs through ``grouped_mm``), elsewhere the reference.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -65,13 +66,18 @@ def _inference_impl(x: torch.Tensor) -> str:
     return "reference"
 
 
-_EXPERT_MLP = {
+_EXPERT_MLP: dict[str, Callable[..., torch.Tensor]] = {
     "reference": expert_mlp_reference,
     "cpu": expert_mlp_cpu,
     "triton": expert_mlp_triton,
     "sorted": partial(expert_mlp_sorted, project=project_sorted),
 }
-_MOA = {"reference": moa_reference, "cpu": moa_cpu, "triton": moa_triton, "sorted": moa_cpu}
+_MOA: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": moa_reference,
+    "cpu": moa_cpu,
+    "triton": moa_triton,
+    "sorted": moa_cpu,
+}
 
 
 def _routing(

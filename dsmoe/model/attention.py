@@ -16,6 +16,7 @@ from torch import nn
 
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
+from dsmoe.model.products import times, times_rows
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
 from dsmoe.model.routing import RouterRecord, Routing, route
@@ -131,21 +132,21 @@ class MoA(nn.Module):
         else:
             pos_BT = padding.positions_BT
             cos, sin = cos_Sd[pos_BT][:, :, None], sin_Sd[pos_BT][:, :, None]  # [B, T, 1, d]
-        k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos, sin)
+        k = apply_rope(times_rows(x_BTD, self.wk, "weight").view(b, t, self.n_kv, self.head_dim), cos, sin)
         k_BHSd, v_BHSd = (
             k.transpose(1, 2),
-            self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
+            times_rows(x_BTD, self.wv, "weight").view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
         )
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(start_pos, k_BHSd, v_BHSd)
 
         def dense(x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
-            q = F.linear(x_TD, self.wq.flatten(0, 1)).view(b, t, self.n_heads, self.head_dim)
+            q = times_rows(x_TD, self, "wq").view(b, t, self.n_heads, self.head_dim)
             q = apply_rope(q, cos, sin).transpose(1, 2)
             o = _attend(q, k_BHSd, v_BHSd, start_pos, padding).transpose(1, 2)  # [B, T, H, d]
             if probs_TN is not None:
                 o = o.reshape(b * t, self.n_experts, -1) * probs_TN[..., None].to(o.dtype)
-            return o.reshape(b * t, -1) @ self.wo.flatten(0, 1)
+            return times(o.reshape(b * t, -1), self, "wo")
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)

@@ -7,12 +7,13 @@ at once is one matrix product of width N * F: exactly the cost of a dense FFN of
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsmoe import kernels
 from dsmoe.config import ModelConfig
+from dsmoe.kernels.gathered import expert_mlp_gathered
 from dsmoe.kernels.reference import activate
+from dsmoe.model.products import is_quantized, times, times_rows
 from dsmoe.model.router import Router
 from dsmoe.model.routing import RouterRecord, Routing, route
 from dsmoe.model.settings import SparseSetting, trained_setting
@@ -30,13 +31,19 @@ class MLPExperts(nn.Module):
     def dense(self, x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
         """All experts at once, each scaled by its router probability (dense training / dense inference)."""
         n, f = self.n_experts, self.d_expert
-        h_TNF = F.linear(x_TD, self.w_in.flatten(0, 1)).view(-1, n, self.w_in.shape[1])
+        h_TNF = times_rows(x_TD, self, "w_in").view(-1, n, self.w_in.shape[1])
         h_TNF = activate(h_TNF, self.activation)
         if probs_TN is not None:
             h_TNF = h_TNF * probs_TN[..., None].to(h_TNF.dtype)
-        return h_TNF.reshape(-1, n * f) @ self.w_out.flatten(0, 1)
+        return times(h_TNF.reshape(-1, n * f), self, "w_out")
 
     def sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if (
+            torch.compiler.is_compiling()
+            and is_quantized(self, "w_in")
+            and routing.indices.numel() <= self.n_experts
+        ):  # int8 decode: the selected experts' int8 rows read in one fused reduction (see expert_mlp_gathered)
+            return expert_mlp_gathered(x_TD, self.w_in, self.w_out, routing, self.activation)
         return kernels.expert_mlp(x_TD, self.w_in, self.w_out, routing, self.activation)
 
 

@@ -15,6 +15,7 @@ from dsmoe.config import ModelConfig
 from dsmoe.model.attention import KVCache, LayerKV, MoA, Padding
 from dsmoe.model.experts import MoEMLP
 from dsmoe.model.losses import router_loss
+from dsmoe.model.products import times_rows
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.routing import RouterRecord
 
@@ -155,7 +156,8 @@ class Transformer(nn.Module):
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The LM head: logits over the vocabulary (tied to the embedding when ``tie_embeddings``)."""
-        return F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
+        head = self.embed if self.lm_head is None else self.lm_head
+        return times_rows(x_BTD, head, "weight")
 
     def forward(
         self,

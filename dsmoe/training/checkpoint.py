@@ -126,6 +126,11 @@ def write_checkpoint(
     """Write a complete single-file checkpoint folder at ``path`` atomically (temporary sibling folder, then
     rename), from full state dicts held by this process."""
     path = Path(path)
+    if any(".parametrizations." in f".{key}" for key in model_state):
+        raise ValueError(
+            "this model's weights are quantized for inference (dsmoe.inference.quantize); save the full-precision "
+            "model and quantize it after loading (--quantize int8)"
+        )
     tmp = temp_folder(path)
     try:
         save_file(

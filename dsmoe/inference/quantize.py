@@ -33,6 +33,8 @@ class Int8Dequantize(nn.Module):
     values are stored with their last two dims swapped, so that the contracted dim is the contiguous one, and are
     read back as a transposed view."""
 
+    scale: torch.Tensor
+
     def __init__(self, scale: torch.Tensor, transposed: bool):
         super().__init__()
         self.register_buffer("scale", scale)

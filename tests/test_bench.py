@@ -101,6 +101,24 @@ def test_run_benchmark_compiled_decode_rows_and_bandwidth_share():
     assert "share of read bandwidth" in format_table(result)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_run_benchmark_int8_rows_beside_fp32():
+    """--quantize int8: each of our models also runs with int8 weights (a '+int8' row, and '+int8+compiled'), the
+    same active parameters, its weight reads counted at one byte per weight."""
+    result = run_benchmark(BenchSettings(**TINY, models=["dense", "ds-moe"], decode="both", quantize="int8"))
+    rows = result["models"]
+    assert set(rows) == {
+        f"{m}{q}{c}" for m in ("dense", "ds-moe") for q in ("", "+int8") for c in ("", "+compiled")
+    }
+    assert rows["ds-moe+int8+compiled"]["active_params"] == rows["ds-moe"]["active_params"]
+    for name, r in rows.items():
+        size = 1 if "+int8" in name else 4
+        assert r["decode_b1_weight_bytes_per_token"] == (r["active_params"] + 64 * 64) * size
+    assert result["settings"]["quantize"] == "int8"
+    with pytest.raises(ConfigError, match="--quantize"):
+        BenchSettings(quantize="int4").check()
+
+
 def test_bench_rejects_an_unknown_decode_mode():
     with pytest.raises(ConfigError, match="decode mode"):
         BenchSettings(decode="jit").check()

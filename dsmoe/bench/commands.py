@@ -9,6 +9,7 @@ from pathlib import Path
 
 from dsmoe.bench.settings import DECODE_MODES, METRICS, SHAPES, BenchSettings
 from dsmoe.files import write_atomic
+from dsmoe.inference.arguments import QUANTIZATIONS
 
 
 def add_commands(sub) -> None:
@@ -70,6 +71,13 @@ def add_commands(sub) -> None:
         default=d.bandwidth_mb,
         help="buffer size for measuring memory bandwidth (batch-1 decode is reported as a share of it)",
     )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=d.quantize,
+        help="also measure our models with int8 weights (rows NAME+int8, same weights; "
+        "dsmoe.inference.quantize): int8 pays in compiled batch-1 decode",
+    )
     p.set_defaults(func=cmd_bench)
 
 
@@ -97,6 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         peers=args.peers,
         decode=args.decode,
         bandwidth_mb=args.bandwidth_mb,
+        quantize=args.quantize,
     )
     from dsmoe.bench.throughput import run_benchmark
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dsmoe.config import ConfigError
+from dsmoe.inference.arguments import QUANTIZATIONS
 
 DTYPE_NAMES = ("fp32", "bf16")
 METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
@@ -42,6 +43,8 @@ class BenchSettings:
     decode: str = "eager"
     # the buffer whose copy and read time this machine's memory bandwidth (larger than its caches)
     bandwidth_mb: int = 1024
+    # also measure each of our models with its weights quantized ("int8"; rows "NAME+int8"), or not ("none")
+    quantize: str = "none"
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -54,6 +57,10 @@ class BenchSettings:
             raise ConfigError(f"unknown shape '{self.shape}': choose one of {', '.join(SHAPES)}")
         if self.decode not in DECODE_MODES:
             raise ConfigError(f"unknown decode mode '{self.decode}': choose one of {', '.join(DECODE_MODES)}")
+        if self.quantize not in QUANTIZATIONS:
+            raise ConfigError(
+                f"unknown --quantize '{self.quantize}': choose one of {', '.join(QUANTIZATIONS)}"
+            )
         if self.peers and self.shape != "llama":
             raise ConfigError(
                 "--peers builds transformers' Llama and OLMoE, which have SwiGLU MLPs and RMSNorm: "

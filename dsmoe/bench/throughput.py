@@ -21,6 +21,7 @@ With ``peers`` (and the ``llama`` shape), transformers' Llama and OLMoE at the s
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import sys
@@ -36,6 +37,7 @@ from dsmoe.bench.models import BenchModel, bench_models
 from dsmoe.bench.settings import BenchSettings
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import Decoder, generate
+from dsmoe.inference.quantize import quantize
 from dsmoe.inference.sparsify import ActiveMeter, sparsify
 from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
@@ -294,9 +296,15 @@ def run_benchmark(s: BenchSettings) -> dict:
     for e in entries:
         model = Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval()
         models[e.name] = sparsify(model, att=e.att, mlp=e.mlp)
+    variants = dict(models)  # row name -> model; with --quantize, each model's quantized copy beside it
+    model_of = {name: name for name in models}  # variant -> the model it is (a copy of)
+    if s.quantize != "none":
+        for name, m in models.items():
+            variants[f"{name}+{s.quantize}"] = quantize(copy.deepcopy(m), s.quantize)
+            model_of[f"{name}+{s.quantize}"] = name
     runners: dict[str, Runner] = {}
-    compiled_rows = {}  # row name -> the model it decodes compiled
-    for name, m in models.items():
+    compiled_rows = {}  # row name -> the variant it decodes compiled
+    for name, m in variants.items():
         if s.decode != "compiled":
             runners[name] = DSMoERunner(m, s.device)
         if s.decode != "eager":
@@ -313,8 +321,11 @@ def run_benchmark(s: BenchSettings) -> dict:
     figures = measured["models"]
 
     def rows_of(name: str) -> list[str]:
-        """The rows that measure our model ``name``: eager, compiled, or both."""
-        return [row for row in runners if row == name or compiled_rows.get(row) == name]
+        """The rows that measure our model ``name``: eager, compiled, or both, and its quantized copy's."""
+        return [row for row in runners if model_of.get(compiled_rows.get(row, row)) == name]
+
+    def quantized(row: str) -> bool:
+        return compiled_rows.get(row, row) != model_of.get(compiled_rows.get(row, row))
 
     for e in entries:
         counts = active_params(e, models[e.name], x_in)
@@ -327,8 +338,9 @@ def run_benchmark(s: BenchSettings) -> dict:
     memory = bandwidth(s)
     if 1 in s.decode_batches:
         itemsize = DTYPES[s.dtype].itemsize
-        for row in figures.values():
-            row.update(decode_bandwidth(row, s.vocab_size, s.d_model, itemsize, memory["read_gb_per_s"]))
+        for name, row in figures.items():
+            size = 1 if quantized(name) else itemsize  # int8: one byte per weight (routers, norms aside)
+            row.update(decode_bandwidth(row, s.vocab_size, s.d_model, size, memory["read_gb_per_s"]))
     keys = (*_metric_keys(s), "active_params", "total_params")
     baseline = figures["dense"]
     result = {

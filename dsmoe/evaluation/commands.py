@@ -73,9 +73,11 @@ def _load(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.text import evaluate_text
     from dsmoe.inference.arguments import resolve_sparse_args
+    from dsmoe.inference.quantize import quantize
 
     att, mlp = resolve_sparse_args(args, _check(args))
     model, tokenizer, text = _load(args)
+    quantize(model, args.quantize)
     result = evaluate_text(
         model,
         tokenizer,
@@ -86,7 +88,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         max_len=args.max_len,
         progress=not args.json,
     )
-    result = {"checkpoint": str(args.checkpoint), "data": text.description, **result}
+    result = {
+        "checkpoint": str(args.checkpoint),
+        "data": text.description,
+        "quantize": args.quantize,
+        **result,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -96,7 +103,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if "note" in text.description:
         print(f"  note: {text.description['note']}")
-    print(f"  att {result['att_strategy']}, mlp {result['mlp_strategy']}")
+    weights = "" if args.quantize == "none" else f", {args.quantize} weights"
+    print(f"  att {result['att_strategy']}, mlp {result['mlp_strategy']}{weights}")
     print(f"  word perplexity  {result['word_perplexity']:.3f}")
     print(f"  token perplexity {result['token_perplexity']:.3f}")
     print(f"  byte perplexity  {result['byte_perplexity']:.4f}   bits per byte {result['bits_per_byte']:.4f}")
@@ -225,11 +233,12 @@ def _split_list(kind):
 
 
 def add_commands(sub) -> None:
-    from dsmoe.inference.arguments import add_sparse_args
+    from dsmoe.inference.arguments import add_quantize_arg, add_sparse_args
 
     p = sub.add_parser("eval", help="perplexity and active parameters of a checkpoint on held-out text")
     _add_text_args(p)
     add_sparse_args(p)
+    add_quantize_arg(p, "the evaluation (the quality cost of int8 serving)")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_eval)
 

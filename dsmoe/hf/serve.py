@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from dsmoe.config import ConfigError
+from dsmoe.inference.arguments import add_quantize_arg
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
@@ -66,7 +67,13 @@ class Completer:
     """The model, its tokenizer, and the lock that makes completions take turns."""
 
     def __init__(
-        self, folder: Path, name: str, device: str, settings: str | Path | None = None, compile: bool = False
+        self,
+        folder: Path,
+        name: str,
+        device: str,
+        settings: str | Path | None = None,
+        compile: bool = False,
+        quantize: str = "none",
     ):
         import torch
         from tokenizers import Tokenizer
@@ -79,6 +86,13 @@ class Completer:
         self.model = DSMoEForCausalLM.from_pretrained(folder).to(self.device).eval()
         if settings is not None:  # per-layer sparse settings (dsmoe tune) instead of config.json's
             self.model.load_sparse_settings(settings)
+        if quantize != "none":
+            from dsmoe.inference.quantize import quantize as quantize_weights
+
+            quantize_weights(self.model, quantize)
+            compile = (
+                True  # int8 weights pay only in the compiled step; eager, each use dequantizes the weight
+            )
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.eos = self.model.config.eos_token_id
         self.name = name
@@ -349,17 +363,19 @@ def serve(
     name: str | None = None,
     settings: str | Path | None = None,
     compile: bool = False,
+    quantize: str = "none",
 ) -> None:
     """Serve ``folder`` (written by ``dsmoe export``) until interrupted, as model ``name`` (default: ``folder`` as
     given). ``settings``: a per-layer sparse settings file (``dsmoe tune``) that replaces config.json's.
-    ``compile``: decode through the compiled step (each new cache length, in steps of 64, compiles once)."""
+    ``compile``: decode through the compiled step (each new cache length, in steps of 64, compiles once).
+    ``quantize``: 'int8' stores the projection weights as int8 and decodes compiled."""
     path = Path(folder)
     for needed in ("config.json", "tokenizer.json", "model.safetensors"):
         if not (path / needed).is_file():
             raise ConfigError(f"{path} has no {needed}; serve a folder written by `dsmoe export`")
     if settings is not None and not Path(settings).is_file():
         raise ConfigError(f"settings file {settings} does not exist; write one with `dsmoe tune`")
-    completer = Completer(path, str(folder) if name is None else name, device, settings, compile)
+    completer = Completer(path, str(folder) if name is None else name, device, settings, compile, quantize)
     server = ThreadingHTTPServer(
         (host, port), make_handler(completer, log_level.lower() in ("debug", "info"))
     )
@@ -387,6 +403,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         settings=args.settings,
         compile=args.compile,
+        quantize=args.quantize,
     )
     return 0
 
@@ -417,4 +434,5 @@ def add_commands(sub) -> None:
         help="decode through a torch.compile'd step over a static KV cache (the first request of each length, "
         "in steps of 64 tokens, waits for its compilation)",
     )
+    add_quantize_arg(p, "serving; implies --compile")
     p.set_defaults(func=cmd_serve)

@@ -10,6 +10,8 @@ from dsmoe.model.settings_file import load_settings
 
 LayerSettings = SparseSetting | list[SparseSetting | None] | None
 
+QUANTIZATIONS = ("none", "int8")  # weight storage for inference (dsmoe.inference.quantize)
+
 AS_TRAINED = "as trained (Dense, DS-MoE: every expert; SMoE: its trained top-k); 'dense' runs every expert"
 
 
@@ -32,6 +34,16 @@ def add_sparse_args(parser: argparse.ArgumentParser, settings_file: bool = True)
     )
     g.add_argument("--att-k", type=int)
     g.add_argument("--att-threshold", type=float)
+
+
+def add_quantize_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    """--quantize none|int8 (weight-only int8 with per-channel scales, dsmoe.inference.quantize)."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default="none",
+        help=f"store the model's projection weights as int8 (per-channel scales) for {what}",
+    )
 
 
 def sparse_setting(

@@ -14,18 +14,24 @@ for inference: training or saving a quantized model is refused.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dsmoe.model.attention import MoA
-from dsmoe.model.experts import MLPExperts
-from dsmoe.model.transformer import Transformer
+from dsmoe.inference.arguments import QUANTIZATIONS
 
-QUANTIZATIONS = ("none", "int8")
+M = TypeVar("M", bound=nn.Module)
 
-# The dimension each weight is contracted over (its input); scales are per output channel, over the rest.
-_CONTRACTED = {MLPExperts: {"w_in": -1, "w_out": -2}, MoA: {"wq": -1, "wo": -2}}
+# The dimension each weight is contracted over (its input); scales are per output channel, over the rest. Keyed by
+# class name, so that the copies of these classes in an exported folder's modelling file (loaded by `dsmoe serve`
+# through the Hugging Face wrapper) are found too.
+_CONTRACTED = {
+    "MLPExperts": {"w_in": -1, "w_out": -2},
+    "MoA": {"wq": -1, "wo": -2, "wk.weight": -1, "wv.weight": -1},
+    "Transformer": {"lm_head.weight": -1},
+}
 
 
 class Int8Dequantize(nn.Module):
@@ -67,19 +73,19 @@ def quantized_weights(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
     """(module, weight name, contracted dim) of every weight ``quantize`` stores as int8."""
     found = []
     for module in model.modules():
-        for kind, names in _CONTRACTED.items():
-            if isinstance(module, kind):
-                found += [(module, name, dim) for name, dim in names.items()]
-        if isinstance(module, MoA):
-            found += [(module.wk, "weight", -1), (module.wv, "weight", -1)]
-    if isinstance(model, Transformer) and model.lm_head is not None:
-        found.append((model.lm_head, "weight", -1))
+        for path, dim in _CONTRACTED.get(type(module).__name__, {}).items():
+            *owner_path, name = path.split(".")
+            owner: nn.Module | None = module
+            for part in owner_path:  # lm_head is None when tied to the embedding
+                owner = getattr(owner, part, None)
+            if owner is not None:
+                found.append((owner, name, dim))
     return found
 
 
-def quantize(model: Transformer, method: str = "int8") -> Transformer:
-    """Store the model's projection weights as ``method`` ('int8'; 'none' leaves it as it is), in place, and return
-    it in eval mode."""
+def quantize(model: M, method: str = "int8") -> M:
+    """Store the projection weights of ``model`` (a Transformer, or a module holding one, such as the Hugging Face
+    wrapper) as ``method`` ('int8'; 'none' leaves it as it is), in place, and return it in eval mode."""
     if method not in QUANTIZATIONS:
         raise ValueError(f"quantize {method!r}: choose one of {', '.join(QUANTIZATIONS)}")
     if method == "none":

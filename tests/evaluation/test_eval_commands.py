@@ -54,6 +54,20 @@ def test_eval_json_reports_perplexities_and_active_parameters(tiny_checkpoint, d
     assert sparse["mlp_strategy"] == "topk(k=2)" and sparse["att_strategy"] == "threshold(eps=1.0)"
     assert sparse["active_params"] < dense["active_params"] and sparse["data"]["documents"] == 5
     assert [layer["mean"] for layer in sparse["layers"]["mlp"]] == [2 / 8, 2 / 8]
+    int8 = run_json(
+        capsys,
+        "eval",
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--text",
+        str(docs_file),
+        "--json",
+        "--quantize",
+        "int8",
+    )
+    assert dense["quantize"] == "none" and int8["quantize"] == "int8"
+    assert int8["token_perplexity"] == pytest.approx(dense["token_perplexity"], rel=0.01)
+    assert int8["token_perplexity"] != dense["token_perplexity"]
 
 
 def test_eval_on_the_wikipedia_source_says_it_is_not_wikitext(

@@ -177,3 +177,27 @@ def test_compiled_serving_gives_the_eager_completion(exported):
             texts[compile, "temperature" in body] = "".join(completer.pieces(completer.parse(body), finish))
     assert texts[True, False] == texts[False, False] and texts[True, False]
     assert texts[True, True] == texts[False, True]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_int8_serving_decodes_the_native_int8_models_tokens(exported):
+    """`dsmoe serve --quantize int8`: the exported model's bundled classes are quantized (int8 storage) and decode
+    compiled, giving the greedy text of the native checkpoint quantized the same way."""
+    from dsmoe.hf.serve import Completer
+    from dsmoe.inference.quantize import quantize
+
+    checkpoint, folder = exported
+    completer = Completer(folder, "m", "cpu", quantize="int8")
+    assert completer.compile
+    int8 = [p for p in completer.model.parameters() if p.dtype == torch.int8]
+    assert len(int8) == 6 * completer.model.config.n_layers + (not completer.model.config.tie_embeddings)
+    finish: dict = {}
+    text = "".join(
+        completer.pieces(completer.parse({"model": "m", "prompt": PROMPT, "max_tokens": 12}), finish)
+    )
+    model, tokenizer = load_pretrained(checkpoint)
+    quantize(sparsify(model, mlp=SparseSetting("topk", k=3)))  # the export's setting
+    prompt = torch.tensor([tokenizer.encode(PROMPT).ids])
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    tokens = generate(model, prompt, 12, eos_token_id=eos)[0, prompt.shape[1] :].tolist()
+    assert text == tokenizer.decode(tokens) and text

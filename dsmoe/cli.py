@@ -93,6 +93,7 @@ def _command_modules() -> list:
         "dsmoe.training.commands",
         "dsmoe.training.plan_commands",
         "dsmoe.evaluation.commands",
+        "dsmoe.evaluation.generate_command",
         "dsmoe.hf.export",
         "dsmoe.hf.serve",
         "dsmoe.bench.commands",

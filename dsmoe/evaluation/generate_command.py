@@ -1,0 +1,84 @@
+"""`dsmoe generate`: continue a prompt with a checkpoint, printing tokens as they are chosen, under any sparse
+setting, eager or through the compiled decode step, with full-precision or int8 weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dsmoe.config import ConfigError
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from dsmoe.data.tokenizer import eos_id
+    from dsmoe.inference.arguments import resolve_sparse_args
+    from dsmoe.inference.generate import stream
+    from dsmoe.inference.quantize import quantize
+    from dsmoe.inference.sparsify import sparsify
+    from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
+
+    cfg = checkpoint_config(args.checkpoint)
+    if not (args.checkpoint / "tokenizer.json").is_file():
+        raise ConfigError(f"checkpoint {args.checkpoint} has no tokenizer.json; generating text needs it")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ConfigError(
+            f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}"
+        )
+    att, mlp = resolve_sparse_args(args, cfg)
+    model, tokenizer = load_pretrained(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt).ids
+    if not prompt:
+        raise ConfigError("--prompt is empty after tokenization; give some text")
+    if len(prompt) + args.max_new_tokens > cfg.max_seq_len:
+        raise ConfigError(
+            f"{len(prompt)} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed the model's max_seq_len "
+            f"{cfg.max_seq_len}; shorten one"
+        )
+    quantize(sparsify(model, att=att, mlp=mlp), args.quantize)
+    compile = args.compile or args.quantize != "none"  # int8 weights pay only in the compiled step
+    generator = torch.Generator().manual_seed(args.seed)
+    print(args.prompt, end="", flush=True)
+    ids: list[int] = []
+    shown = ""
+    for token in stream(
+        model,
+        torch.tensor(prompt),
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=eos_id(tokenizer),
+        generator=generator,
+        compile=compile,
+    ):
+        ids.append(token)
+        text = tokenizer.decode(ids)  # decoded whole, so that tokens merging into one character print right
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+    print(file=sys.stdout)
+    return 0
+
+
+def add_commands(sub) -> None:
+    from dsmoe.inference.arguments import add_quantize_arg, add_sparse_args
+
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a checkpoint (streamed; any sparse setting; eager, compiled or int8)",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (with tokenizer.json)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="seeds sampling")
+    p.add_argument(
+        "--compile", action="store_true", help="decode through the compiled step (dsmoe's Decoder)"
+    )
+    add_sparse_args(p)
+    add_quantize_arg(p, "generation; implies --compile")
+    p.set_defaults(func=cmd_generate)

@@ -2,10 +2,13 @@
 prefill (forward over batch x seq tokens) and batch-1 decode with the KV cache. Models take turns within every
 round and each figure is the best round. The DS-MoE routers are calibrated on bbc-news first, so that tokens spread
 over experts as they do in use. With --compiled-decode, each of our models decodes a second time through the
-compiled decode step (``Decoder(compile=True)``), as a "+compiled" row. Reproduce (about 10 minutes on 2 CPU cores):
+compiled decode step (``Decoder(compile=True)``), as a "+compiled" row; with --int8, a third time compiled with int8
+weights (``dsmoe.inference.quantize``), as a "+int8 compiled" row. Reproduce (about 10 minutes on 2 CPU cores):
 
     DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/speed.py --compiled-decode \
         --out benchmarks/convert/speed.json
+    DSMOE_DATA_DIR=/tmp/dsdata HF_HUB_OFFLINE=1 python benchmarks/convert/speed.py --compiled-decode --int8 \
+        --models "dense (converted 1x1)" "ds-moe 16x3 mlp top-8" --out benchmarks/convert/speed-int8.json
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from measure import (  # this folder: the script's own directory is on sys.path
 
 from dsmoe.convert.from_hf import convert_model
 from dsmoe.inference.generate import Decoder
+from dsmoe.inference.quantize import quantize
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.settings import SparseSetting
 
@@ -87,6 +91,12 @@ def main() -> None:
     parser.add_argument(
         "--compiled-decode", action="store_true", help="also decode ours compiled (+compiled rows)"
     )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="also decode ours compiled with int8 weights (+int8 compiled rows)",
+    )
+    parser.add_argument("--models", nargs="+", choices=list(SETTINGS), help="only these rows (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     hf, tokenizer = load_smollm2()
@@ -94,6 +104,8 @@ def main() -> None:
     converted = {}
     models = {}
     for name, spec in SETTINGS.items():
+        if args.models and name not in args.models and spec is not None:  # the original is always the base
+            continue
         if spec is None:
             models[name] = hf
             continue
@@ -118,8 +130,17 @@ def main() -> None:
             for n, m in models.items()
             if not is_hf[n]
         }
+    if args.int8:
+        decode_jobs |= {
+            f"{n} +int8 compiled": decode_job(
+                quantize(copy.deepcopy(m)), prompt, args.decode_tokens, False, True
+            )
+            for n, m in models.items()
+            if not is_hf[n]
+        }
     decode = best_of(decode_jobs, args.repeats)
-    prefill |= {n: prefill[n.removesuffix(" +compiled")] for n in decode}  # the prefill is eager either way
+    # the prefill is eager and full precision either way
+    prefill |= {n: prefill[n.removesuffix(" +compiled").removesuffix(" +int8 compiled")] for n in decode}
     base = "original (HF transformers)"
     results = {"settings": vars(args) | {"out": str(args.out)}, "torch": torch.__version__, "models": {}}
     for name in decode:

@@ -59,8 +59,9 @@ def int8_values(w: torch.Tensor, contracted: int) -> tuple[torch.Tensor, torch.T
 
 
 def quantize_weight(module: nn.Module, name: str, contracted: int) -> None:
-    """Store ``module.<name>`` as int8 values with the contracted dim innermost: a sum over a contiguous int8 row is
-    2.2x the fp32 product's speed at one token, a sum down strided columns 0.6x (benchmarks/int8.md)."""
+    """Store ``module.<name>`` as int8 values with the contracted dim innermost: the broadcast products then sum
+    along contiguous int8 rows, not down strided columns (1.96x against 1.25x fp32's batch-1 decode for Dense,
+    benchmarks/int8.md)."""
     w = getattr(module, name)
     transposed = contracted == -2
     q, scale = int8_values(w.transpose(-1, -2) if transposed else w, -1)

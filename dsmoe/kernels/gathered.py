@@ -1,8 +1,8 @@
 """The expert MLP of a few tokens as one traceable expression: each (token, slot) pair's expert weights gathered and
 multiplied by broadcast and sum. Under torch.compile, inductor fuses the gather, the dequantization of int8 weights
-(``dsmoe.inference.quantize``) and the products into reductions that read only the selected experts' int8 rows:
-2.0x the fp32 path's speed for top-4 of 32 experts of 88 at one token (benchmarks/int8.md). Unselected slots of a
-threshold routing are computed with weight zero. Same contract as ``reference.expert_mlp_reference``."""
+(``dsmoe.inference.quantize``) and the products into reductions that read only the selected experts' int8 rows
+(DS-MoE's batch-1 decode with int8 weights: 1.99x fp32's, benchmarks/int8.md). Unselected slots of a threshold
+routing are computed with weight zero. Same contract as ``reference.expert_mlp_reference``."""
 
 from __future__ import annotations
 

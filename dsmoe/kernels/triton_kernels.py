@@ -131,9 +131,10 @@ def block_table(
     offs_N: torch.Tensor, block_m: int = BLOCK_M, n_blocks: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(expert, start, end) of ``n_blocks`` blocks of at most ``block_m`` sorted pairs; blocks never straddle experts
-    and experts with no pairs get no block. The table's length is fixed before the counts are read, so building it
-    needs no host sync: ``n_blocks`` defaults to the most any routing of offs_N[-1] pairs can need (every expert one
-    partial block), and the blocks past the last needed one are empty (start == end)."""
+    and experts with no pairs get no block; the blocks past the last needed one are empty (start == end). Given
+    ``n_blocks`` (``scatter2scatter`` passes the most any split of its pairs can need: ceil(pairs / block_m), plus
+    one partial block per expert), building the table needs no host sync; without it, the pair count is read from
+    offs_N."""
     n_experts = offs_N.shape[0]
     ends = offs_N.long()
     if n_blocks is None:

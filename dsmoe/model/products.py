@@ -4,9 +4,9 @@ read as int8 where that is faster.
 A quantized weight is a parametrization: reading ``module.<name>`` dequantizes it. Eager, that makes a full-precision
 copy on every use (correct, not fast). In a compiled graph, a product of a few rows with a quantized weight is
 written as a broadcast multiply and a sum, and inductor fuses the dequantization into that one reduction, which reads
-the int8 values: 1.65x the fp32 product's speed at one row of [1, 1024] x [1024, 5632] on a 2-core Xeon, where
-PyTorch's own int8 CPU kernel (``_weight_int8pack_mm``) is 3.4x slower than fp32 (``benchmarks/int8.md``). Unquantized
-weights and larger batches take the ordinary product.
+the int8 values: 2.1x the fp32 product's speed at one row of [1, 1024] x [1024, 5632] on a 2-core Xeon, where
+PyTorch's own int8 CPU kernel (``_weight_int8pack_mm``) is 3.4x slower than fp32; batch-1 decode of a whole model,
+1.96x (``benchmarks/int8.md``). Unquantized weights and larger batches take the ordinary product.
 """
 
 from __future__ import annotations

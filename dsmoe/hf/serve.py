@@ -90,9 +90,8 @@ class Completer:
             from dsmoe.inference.quantize import quantize as quantize_weights
 
             quantize_weights(self.model, quantize)
-            compile = (
-                True  # int8 weights pay only in the compiled step; eager, each use dequantizes the weight
-            )
+            # int8 weights pay only in the compiled step; eager, each use dequantizes the whole weight
+            compile = True
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.eos = self.model.config.eos_token_id
         self.name = name

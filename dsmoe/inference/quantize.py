@@ -74,7 +74,8 @@ def quantized_weights(model: nn.Module) -> list[tuple[nn.Module, str, int]]:
     """(module, weight name, contracted dim) of every weight ``quantize`` stores as int8."""
     found = []
     for module in model.modules():
-        for path, dim in _CONTRACTED.get(type(module).__name__, {}).items():
+        kind = type(module).__name__.removeprefix("Parametrized")  # parametrize renames a module's class
+        for path, dim in _CONTRACTED.get(kind, {}).items():
             *owner_path, name = path.split(".")
             owner: nn.Module | None = module
             for part in owner_path:  # lm_head is None when tied to the embedding

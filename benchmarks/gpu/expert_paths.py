@@ -4,8 +4,9 @@ the same total width, in one process. Also counts each path's host syncs and ker
     python benchmarks/gpu/expert_paths.py [--out expert_paths.json] [--budget-s 150]
 
 Shape: `dsmoe bench --shape llama --d-model 1024`'s DS-MoE layer (32 SwiGLU experts of 88, top-4, D 1024), bf16.
-Paths: dense (the Llama MLP over all 2,816 units: gate, up, down), reference (a loop over experts), sorted (sorted dispatch with
-torch's grouped_mm), triton (scatter-to-scatter, default blocks) and triton at each launch shape of a small grid.
+Paths: dense (the Llama MLP over all 2,816 units: gate, up, down), reference (a loop over experts), sorted
+(sorted dispatch with torch's grouped_mm), triton (scatter-to-scatter, default blocks) and triton at each launch
+shape of a small grid.
 Times are CUDA-event medians of 20 calls after 3 warm-ups; the grid stops at --budget-s and says how far it got.
 """
 

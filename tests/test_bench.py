@@ -119,6 +119,17 @@ def test_run_benchmark_int8_rows_beside_fp32():
         BenchSettings(quantize="int4").check()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_int8_rows_leave_the_peers_weight_reads_at_full_precision():
+    skip_unless_peers_build()
+    settings = BenchSettings(**TINY, shape="llama", peers=True, decode="eager", quantize="int8")
+    rows = run_benchmark(settings)["models"]
+    assert {"hf-llama", "hf-olmoe", "dense+int8"} <= set(rows)
+    for name, r in rows.items():
+        size = 1 if "+int8" in name else 4
+        assert r["decode_b1_weight_bytes_per_token"] == (r["active_params"] + 64 * 64) * size, name
+
+
 def test_bench_rejects_an_unknown_decode_mode():
     with pytest.raises(ConfigError, match="decode mode"):
         BenchSettings(decode="jit").check()

@@ -325,7 +325,9 @@ def run_benchmark(s: BenchSettings) -> dict:
         return [row for row in runners if model_of.get(compiled_rows.get(row, row)) == name]
 
     def quantized(row: str) -> bool:
-        return compiled_rows.get(row, row) != model_of.get(compiled_rows.get(row, row))
+        """Whether ``row`` measures a quantized copy of one of our models (a peer is neither ours nor quantized)."""
+        variant = compiled_rows.get(row, row)
+        return variant in model_of and model_of[variant] != variant
 
     for e in entries:
         counts = active_params(e, models[e.name], x_in)

@@ -2,7 +2,8 @@
 the differences between models exceed that spread.
 
 ``results`` maps ``<model>/seed-<seed>`` to what ``repro.evaluate_run`` returned. A figure of a model trained with
-one seed is printed without a spread, and no comparison with it is called significant.
+one seed is printed without a spread; a comparison with it assumes its spread is the other model's (relative to
+the mean) and says so.
 """
 
 from __future__ import annotations
@@ -115,14 +116,24 @@ def zero_shot_table(results: dict[str, dict]) -> str:
 
 
 def compare(a: Stat, b: Stat) -> tuple[float, str]:
-    """Relative difference of means (a vs b) and whether it exceeds twice the standard error of the difference."""
+    """Relative difference of means (a vs b) and whether it exceeds twice the standard error of the difference.
+
+    Where one side has a single seed, its spread is taken to be the other side's relative to its mean (the same
+    coefficient of variation), and the verdict says so; with a single seed on both sides there is no verdict."""
     diff = a.mean / b.mean - 1.0
-    if a.sd is None or b.sd is None:
-        return diff, "spread unknown (one seed)"
-    se = math.sqrt(a.sd**2 / a.n + b.sd**2 / b.n)
+    if a.sd is None and b.sd is None:
+        return diff, "spread unknown (one seed each)"
+    note = ""
+    sd_a, sd_b = a.sd, b.sd
+    if sd_a is None or sd_b is None:
+        seeded, single = (b, a) if sd_a is None else (a, b)
+        assumed = seeded.sd / seeded.mean * single.mean  # type: ignore[operator]
+        sd_a, sd_b = (assumed, b.sd) if sd_a is None else (a.sd, assumed)
+        note = f"; one seed, spread assumed {assumed / single.mean:.1%} as the other's"
+    se = math.sqrt(sd_a**2 / a.n + sd_b**2 / b.n)
     if abs(a.mean - b.mean) > 2 * se:
-        return diff, f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f})"
-    return diff, f"within the spread (2 SE = {2 * se:.2f})"
+        return diff, f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}{note})"
+    return diff, f"within the spread (2 SE = {2 * se:.2f}{note})"
 
 
 def comparisons(results: dict[str, dict]) -> str:

@@ -2,6 +2,7 @@
 documents and a dev/test split of other text, tables with spread over seeds, plot, resume, --only."""
 
 import json
+import math
 from argparse import Namespace
 
 import pytest
@@ -69,7 +70,7 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
     table = (out / "table.md").read_text()
     assert "| dense | 1 | as trained |" in table and "| ds-moe | 2 | operating point" not in table
     assert "| ds-moe | 2 | threshold " in table and " ± " in table  # two seeds: a spread
-    assert "spread unknown (one seed)" in table  # against the one-seed dense
+    assert "one seed, spread assumed" in table  # against the one-seed dense: the seeded side's spread assumed
     assert "| ds-moe | 0.01 | threshold 0.5 |" in (out / "ablation.md").read_text()
     assert (out / "perplexity_vs_active.png").stat().st_size > 1000
 
@@ -126,9 +127,14 @@ def test_select_runs_and_bad_only():
         select_runs(models, seeds, ["dense:x"])
 
 
-def test_compare_needs_two_seeds_and_uses_the_standard_error():
+def test_compare_uses_the_standard_error_and_says_when_a_spread_is_assumed():
     one, a, b = Stat([10.0]), Stat([10.0, 10.2, 9.8]), Stat([12.0, 12.1, 11.9])
-    assert compare(one, b)[1] == "spread unknown (one seed)"
+    assert compare(one, Stat([11.0]))[1] == "spread unknown (one seed each)"
+    # one seed against three: its spread taken as b's relative spread (0.1 / 12 of its mean), said in the verdict
+    diff, verdict = compare(one, b)
+    se = math.sqrt((0.1 / 12 * 10) ** 2 + 0.1**2 / 3)
+    assert verdict == f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}; one seed, spread assumed 0.8% as the other's)"
+    assert compare(Stat([11.99]), b)[1].startswith("within")
     diff, verdict = compare(a, b)
     assert diff == pytest.approx(10.0 / 12.0 - 1) and verdict.startswith("exceeds")
     assert compare(a, Stat([10.1, 9.9, 10.3]))[1].startswith("within")

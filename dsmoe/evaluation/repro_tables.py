@@ -123,13 +123,14 @@ def compare(a: Stat, b: Stat) -> tuple[float, str]:
     diff = a.mean / b.mean - 1.0
     if a.sd is None and b.sd is None:
         return diff, "spread unknown (one seed each)"
-    note = ""
-    sd_a, sd_b = a.sd, b.sd
-    if sd_a is None or sd_b is None:
-        seeded, single = (b, a) if sd_a is None else (a, b)
-        assumed = seeded.sd / seeded.mean * single.mean  # type: ignore[operator]
-        sd_a, sd_b = (assumed, b.sd) if sd_a is None else (a.sd, assumed)
-        note = f"; one seed, spread assumed {assumed / single.mean:.1%} as the other's"
+    relative = a.sd / a.mean if a.sd is not None else b.sd / b.mean  # type: ignore[operator]
+    sd_a = a.sd if a.sd is not None else relative * a.mean
+    sd_b = b.sd if b.sd is not None else relative * b.mean
+    note = (
+        ""
+        if a.sd is not None and b.sd is not None
+        else f"; one seed, spread assumed {relative:.1%} as the other's"
+    )
     se = math.sqrt(sd_a**2 / a.n + sd_b**2 / b.n)
     if abs(a.mean - b.mean) > 2 * se:
         return diff, f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}{note})"

@@ -133,7 +133,10 @@ def test_compare_uses_the_standard_error_and_says_when_a_spread_is_assumed():
     # one seed against three: its spread taken as b's relative spread (0.1 / 12 of its mean), said in the verdict
     diff, verdict = compare(one, b)
     se = math.sqrt((0.1 / 12 * 10) ** 2 + 0.1**2 / 3)
-    assert verdict == f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}; one seed, spread assumed 0.8% as the other's)"
+    assert (
+        verdict
+        == f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}; one seed, spread assumed 0.8% as the other's)"
+    )
     assert compare(Stat([11.99]), b)[1].startswith("within")
     diff, verdict = compare(a, b)
     assert diff == pytest.approx(10.0 / 12.0 - 1) and verdict.startswith("exceeds")

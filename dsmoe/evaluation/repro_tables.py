@@ -1,5 +1,5 @@
 """The repro's tables and plot from its per-run results: mean and spread over seeds for every figure, and whether
-the differences between models exceed that spread.
+the differences between models are significant against that spread (Welch's t-test).
 
 ``results`` maps ``<model>/seed-<seed>`` to what ``repro.evaluate_run`` returned. A figure of a model trained with
 one seed is printed without a spread; a comparison with it assumes its spread is the other model's (relative to
@@ -116,25 +116,33 @@ def zero_shot_table(results: dict[str, dict]) -> str:
 
 
 def compare(a: Stat, b: Stat) -> tuple[float, str]:
-    """Relative difference of means (a vs b) and whether it exceeds twice the standard error of the difference.
+    """Relative difference of means (a vs b) and whether it is significant by Welch's t-test (two-sided, 5%).
 
-    Where one side has a single seed, its spread is taken to be the other side's relative to its mean (the same
-    coefficient of variation), and the verdict says so; with a single seed on both sides there is no verdict."""
+    A 2-standard-error rule would call far too much significant with three seeds a side (about 2 degrees of freedom,
+    where a 5% test needs |t| > 4.3). Where one side has a single seed, its spread is taken to be the other side's
+    relative to its mean (the same coefficient of variation), with the other side's degrees of freedom, and the
+    verdict says so; with a single seed on both sides there is no verdict."""
+    from scipy import stats
+
     diff = a.mean / b.mean - 1.0
     if a.sd is None and b.sd is None:
         return diff, "spread unknown (one seed each)"
     relative = a.sd / a.mean if a.sd is not None else b.sd / b.mean  # type: ignore[operator]
-    sd_a = a.sd if a.sd is not None else relative * a.mean
-    sd_b = b.sd if b.sd is not None else relative * b.mean
+    var_a = (a.sd if a.sd is not None else relative * a.mean) ** 2 / a.n
+    var_b = (b.sd if b.sd is not None else relative * b.mean) ** 2 / b.n
+    # Welch-Satterthwaite; a one-seed side's assumed variance carries the other side's degrees of freedom
+    dof_a = a.n - 1 if a.sd is not None else b.n - 1
+    dof_b = b.n - 1 if b.sd is not None else a.n - 1
+    dof = (var_a + var_b) ** 2 / (var_a**2 / dof_a + var_b**2 / dof_b)
+    t = (a.mean - b.mean) / math.sqrt(var_a + var_b)
+    p = 2 * float(stats.t.sf(abs(t), dof))
     note = (
         ""
         if a.sd is not None and b.sd is not None
         else f"; one seed, spread assumed {relative:.1%} as the other's"
     )
-    se = math.sqrt(sd_a**2 / a.n + sd_b**2 / b.n)
-    if abs(a.mean - b.mean) > 2 * se:
-        return diff, f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}{note})"
-    return diff, f"within the spread (2 SE = {2 * se:.2f}{note})"
+    verdict = "significant" if p < 0.05 else "not significant"
+    return diff, f"{verdict} (Welch t = {t:.2f}, df {dof:.1f}, p = {p:.2f}{note})"
 
 
 def comparisons(results: dict[str, dict]) -> str:

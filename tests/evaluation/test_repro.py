@@ -70,7 +70,7 @@ def test_repro_trains_evaluates_and_writes_tables(tmp_path):
     table = (out / "table.md").read_text()
     assert "| dense | 1 | as trained |" in table and "| ds-moe | 2 | operating point" not in table
     assert "| ds-moe | 2 | threshold " in table and " ± " in table  # two seeds: a spread
-    assert "one seed, spread assumed" in table  # against the one-seed dense: the seeded side's spread assumed
+    assert "one seed, spread assumed" in table and "Welch t" in table  # the one-seed dense: a spread assumed
     assert "| ds-moe | 0.01 | threshold 0.5 |" in (out / "ablation.md").read_text()
     assert (out / "perplexity_vs_active.png").stat().st_size > 1000
 
@@ -127,17 +127,30 @@ def test_select_runs_and_bad_only():
         select_runs(models, seeds, ["dense:x"])
 
 
-def test_compare_uses_the_standard_error_and_says_when_a_spread_is_assumed():
-    one, a, b = Stat([10.0]), Stat([10.0, 10.2, 9.8]), Stat([12.0, 12.1, 11.9])
-    assert compare(one, Stat([11.0]))[1] == "spread unknown (one seed each)"
-    # one seed against three: its spread taken as b's relative spread (0.1 / 12 of its mean), said in the verdict
-    diff, verdict = compare(one, b)
-    se = math.sqrt((0.1 / 12 * 10) ** 2 + 0.1**2 / 3)
-    assert (
-        verdict
-        == f"exceeds the spread (|diff| > 2 SE = {2 * se:.2f}; one seed, spread assumed 0.8% as the other's)"
-    )
-    assert compare(Stat([11.99]), b)[1].startswith("within")
+def test_compare_is_welchs_t_test_and_says_when_a_spread_is_assumed():
+    from scipy import stats
+
+    a_values, b_values = [10.0, 10.2, 9.8], [12.0, 12.1, 11.9]
+    a, b = Stat(a_values), Stat(b_values)
     diff, verdict = compare(a, b)
-    assert diff == pytest.approx(10.0 / 12.0 - 1) and verdict.startswith("exceeds")
-    assert compare(a, Stat([10.1, 9.9, 10.3]))[1].startswith("within")
+    reference = stats.ttest_ind(a_values, b_values, equal_var=False)
+    assert diff == pytest.approx(10.0 / 12.0 - 1)
+    expected = f"Welch t = {reference.statistic:.2f}, df {reference.df:.1f}, p = {reference.pvalue:.2f}"
+    assert verdict == f"significant ({expected})"
+    # three seeds a side, 2.6 standard errors apart: a 2-SE rule would call it, a t-test with ~2 df does not
+    wide = [10.0, 12.0, 14.0]
+    verdict = compare(Stat(wide), Stat([15.0, 15.1, 14.9]))[1]
+    assert (
+        verdict.startswith("not significant")
+        and stats.ttest_ind(wide, [15.0, 15.1, 14.9], equal_var=False).pvalue > 0.05
+    )
+    assert compare(Stat([10.0]), Stat([11.0]))[1] == "spread unknown (one seed each)"
+    # one seed against three: its spread taken as b's relative spread (0.1 / 12 of its mean), b's 2 degrees of freedom
+    var_one, var_b = (0.1 / 12 * 10) ** 2, 0.1**2 / 3
+    t = (10.0 - 12.0) / math.sqrt(var_one + var_b)
+    dof = (var_one + var_b) ** 2 / (var_one**2 / 2 + var_b**2 / 2)
+    p = 2 * stats.t.sf(abs(t), dof)
+    assert compare(Stat([10.0]), b)[1] == (
+        f"significant (Welch t = {t:.2f}, df {dof:.1f}, p = {p:.2f}; one seed, spread assumed 0.8% as the other's)"
+    )
+    assert compare(Stat([11.99]), b)[1].startswith("not significant")

@@ -242,7 +242,9 @@ def plot(results: dict[str, dict], path: Path) -> None:
                 )
     ax.set_xlabel("active non-embedding parameters (M)")
     ax.set_ylabel("in-domain token perplexity")
-    ax.set_title("Perplexity vs active parameters\n(paper Figs. 3-4, CPU scale; seeds in brackets)", fontsize=10)
+    ax.set_title(
+        "Perplexity vs active parameters\n(paper Figs. 3-4, CPU scale; seeds in brackets)", fontsize=10
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")

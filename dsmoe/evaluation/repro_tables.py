@@ -130,6 +130,8 @@ def compare(a: Stat, b: Stat) -> tuple[float, str]:
     relative = a.sd / a.mean if a.sd is not None else b.sd / b.mean  # type: ignore[operator]
     var_a = (a.sd if a.sd is not None else relative * a.mean) ** 2 / a.n
     var_b = (b.sd if b.sd is not None else relative * b.mean) ** 2 / b.n
+    if var_a + var_b == 0:
+        return diff, "no spread (every seed gave the same figure)"
     # Welch-Satterthwaite; a one-seed side's assumed variance carries the other side's degrees of freedom
     dof_a = a.n - 1 if a.sd is not None else b.n - 1
     dof_b = b.n - 1 if b.sd is not None else a.n - 1

@@ -145,6 +145,7 @@ def test_compare_is_welchs_t_test_and_says_when_a_spread_is_assumed():
         and stats.ttest_ind(wide, [15.0, 15.1, 14.9], equal_var=False).pvalue > 0.05
     )
     assert compare(Stat([10.0]), Stat([11.0]))[1] == "spread unknown (one seed each)"
+    assert compare(Stat([10.0, 10.0]), Stat([11.0]))[1] == "no spread (every seed gave the same figure)"
     # one seed against three: its spread taken as b's relative spread (0.1 / 12 of its mean), b's 2 degrees of freedom
     var_one, var_b = (0.1 / 12 * 10) ** 2, 0.1**2 / 3
     t = (10.0 - 12.0) / math.sqrt(var_one + var_b)

@@ -30,6 +30,7 @@ BUNDLED_MODULES = (
     "dsmoe.model.experts",
     "dsmoe.model.attention",
     "dsmoe.model.transformer",
+    "dsmoe.model.weights",
     "dsmoe.inference.sparsify",
     "dsmoe.inference.generate",
     "dsmoe.hf.configuration",

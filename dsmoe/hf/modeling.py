@@ -10,7 +10,9 @@ the tokens it would get alone. Rotary positions count real tokens only, exactly 
 from __future__ import annotations
 
 import dataclasses
+import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,14 +20,16 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as hf_init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from dsmoe.config import ConfigError
+from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.generate import generate as decode
 from dsmoe.inference.sparsify import attached_meter, sparsify
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.settings_file import config_fields, load_settings
 from dsmoe.model.transformer import Transformer
+from dsmoe.model.weights import check_weights, safetensors_shapes
 
 # transformers 5.24 renamed the cache argument and output field ``past_key_values`` to ``cache``; ``generate`` passes
 # and reads whichever name its release uses. We accept both names and return the cache under the output's own field.
@@ -34,6 +38,43 @@ CACHE_FIELD = (
     if "cache" in {f.name for f in dataclasses.fields(MoeCausalLMOutputWithPast)}
     else "past_key_values"
 )
+
+
+# from_pretrained's arguments that say where its files are (passed on to cached_file)
+HUB_ARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+
+def check_weights_fit(name_or_path, kwargs: dict[str, Any]) -> None:
+    """The check of ``from_pretrained`` before anything is built: the config it will use (``kwargs['config']`` or the
+    folder's config.json) against the tensors in the folder's safetensors headers, found as transformers finds them
+    (a local folder or the Hub cache)."""
+    hub = {key: kwargs[key] for key in HUB_ARGS if key in kwargs}
+    config = kwargs.get("config")
+    if not isinstance(
+        config, DSMoEConfig
+    ):  # what transformers will build: config.json with the keyword fields
+        fields = {f.name for f in dataclasses.fields(ModelConfig)} | set(SPARSE_KEYS)
+        given = {key: value for key, value in kwargs.items() if key in fields}
+        config = DSMoEConfig.from_pretrained(config or name_or_path, **hub, **given)
+    index = cached_file(
+        name_or_path, SAFE_WEIGHTS_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub
+    )
+    if index is not None:
+        shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+        files = [str(cached_file(name_or_path, shard, **hub)) for shard in shards]  # raises if one is missing
+    else:
+        single = cached_file(
+            name_or_path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub
+        )
+        if single is None:
+            return  # no safetensors: transformers says what it lacks
+        files = [single]
+    check_weights(
+        config.model_config(),
+        safetensors_shapes(files),
+        f"{name_or_path}: config.json and the weights",
+        prefix=DSMoEForCausalLM.base_model_prefix + ".",
+    )
 
 
 class HFCacheAdapter:
@@ -93,6 +134,14 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             cos, sin = rope_tables(module.cfg.head_dim, module.cfg.max_seq_len, module.cfg.rope_theta)
             hf_init.copy_(module.rope_cos, cos)
             hf_init.copy_(module.rope_sin, sin)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' ``from_pretrained``, after checking the config it will build (config.json with the keyword
+        fields, or ``config=``) against the names and shapes in the weights' safetensors headers: a config that
+        does not fit its weights is one ConfigError naming the tensors, before a model is built."""
+        check_weights_fit(pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def get_input_embeddings(self):
         return self.model.embed

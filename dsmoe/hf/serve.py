@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +28,8 @@ from dsmoe.inference.arguments import add_quantize_arg
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
+MAX_STOP_CHARS = 1024  # characters of all stop sequences together: stops are short, never documents
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)  # what torch.Generator.manual_seed takes
 # Fields of /v1/completions this server does not implement: accepted only at their neutral value.
 NEUTRAL: dict[str, Any] = {
     "n": 1,
@@ -143,9 +147,19 @@ class Completer:
             raise RequestError(
                 400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop"
             )
+        if sum(map(len, stop)) > MAX_STOP_CHARS:
+            raise RequestError(
+                400,
+                f"the stop sequences have {sum(map(len, stop))} characters together; at most {MAX_STOP_CHARS}",
+                "stop",
+            )
+        for name, text in [("prompt", prompt)] + [("stop", s) for s in stop]:
+            _check_text(text, name)
         seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise RequestError(400, "seed must be an integer", "seed")
+        if seed is not None and (
+            not isinstance(seed, int) or isinstance(seed, bool) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]
+        ):
+            raise RequestError(400, "seed must be an integer between -2**63 and 2**64 - 1", "seed")
         ids = self.tokenizer.encode(prompt).ids or [self.eos]  # an empty prompt starts a new document
         context = self.model.config.max_seq_len
         if len(ids) + max_tokens > context:
@@ -191,10 +205,12 @@ class Completer:
         )
         ids: list[int] = []
         sent, reason = "", "length"
+        longest = max(map(len, req["stop"]), default=0)
         for token in tokens:
             ids.append(token)
             text = self.tokenizer.decode(ids)
-            cut = min((text.find(s) for s in req["stop"] if s in text), default=-1)
+            # A stop not found before was not wholly inside ``sent``: look only where one could end in new text.
+            cut = _first_stop(text, req["stop"], max(0, len(sent) - longest + 1))
             if cut >= 0:
                 text, reason = text[:cut], "stop"
             elif token == self.eos:
@@ -213,6 +229,21 @@ class Completer:
         finish.update(finish_reason=reason, tokens=len(ids))
 
 
+def _json_body(data: bytes) -> Any:
+    """The request body as JSON, strictly: UTF-8, no NaN or Infinity (Python writes them, JSON has none), nesting
+    within Python's recursion limit, integers of at most 4,300 digits."""
+
+    def refuse_constant(name: str) -> Any:
+        raise RequestError(400, f"the request body is not JSON: {name} is not a JSON number")
+
+    try:
+        return json.loads(data.decode("utf-8") or "null", parse_constant=refuse_constant)
+    except RecursionError:
+        raise RequestError(400, "the request body nests arrays or objects too deeply") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer too long to convert
+        raise RequestError(400, f"the request body is not JSON: {err}") from None
+
+
 def _number(body: dict[str, Any], key: str, default: Any, kind: type, low: float, high: float | None = None):
     value = body.get(key)
     if value is None:
@@ -225,15 +256,43 @@ def _number(body: dict[str, Any], key: str, default: Any, kind: type, low: float
         raise RequestError(
             400, f"{key} must be {'an integer' if kind is int else 'a number'}, got {value!r}", key
         )
-    if value < low or (high is not None and value > high):
+    if (
+        (isinstance(value, float) and not math.isfinite(value))
+        or value < low
+        or (high is not None and value > high)
+    ):
         bounds = f">= {low}" if high is None else f"between {low} and {high}"
         raise RequestError(400, f"{key} must be {bounds}, got {value!r}", key)
     return kind(value)
 
 
+def _first_stop(text: str, stops: list[str], start: int) -> int:
+    """Where the first stop sequence in ``text[start:]`` begins; -1 if none does."""
+    return min((i for s in stops if (i := text.find(s, start)) >= 0), default=-1)
+
+
 def _held_back(text: str, stops: list[str]) -> int:
-    """The length of the longest ending of ``text`` that a stop sequence starts with."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    """The length of the longest ending of ``text`` that a stop sequence starts with (a proper part of it). Only
+    endings that begin with the stop's first character are compared, each at most ``len(stop) - 1`` characters."""
+    best = 0
+    for s in stops:
+        i = max(0, len(text) - len(s) + 1)
+        while (i := text.find(s[0], i)) >= 0:
+            if s.startswith(text[i:]):
+                best = max(best, len(text) - i)
+                break
+            i += 1
+    return best
+
+
+def _check_text(text: str, name: str) -> None:
+    """Text that UTF-8 cannot encode (a lone surrogate such as "\\ud800", which JSON escapes allow) is refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(
+            400, f"{name} holds a character that is not valid Unicode text at position {err.start}", name
+        ) from None
 
 
 def make_handler(completer: Completer, log_requests: bool) -> type[BaseHTTPRequestHandler]:
@@ -245,15 +304,31 @@ def make_handler(completer: Completer, log_requests: bool) -> type[BaseHTTPReque
             if log_requests:
                 super().log_message(format, *args)
 
+        body_read = False  # whether this request's body has been read off the connection
+
+        def handle(self) -> None:
+            """One connection; a client that hangs up is one line in the log, not a traceback."""
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as err:
+                print(f"{self.address_string()}: the client went away ({err})", file=sys.stderr, flush=True)
+
         def send_json(self, status: int, payload: dict[str, Any]) -> None:
             data = json.dumps(payload).encode()
             self.send_response(status)
+            if not self.body_read and (
+                self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+            ):
+                # a body left unread would be taken for the next request on this connection: end the connection
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self) -> None:
+            self.body_read = False
             path = self.path.split("?")[0].rstrip("/")
             try:
                 if path == "/health":
@@ -274,18 +349,23 @@ def make_handler(completer: Completer, log_requests: bool) -> type[BaseHTTPReque
         def read_request(self) -> dict[str, Any]:
             if self.path.split("?")[0].rstrip("/") != "/v1/completions":
                 raise self.no_route()
+            if self.headers.get("Transfer-Encoding"):
+                raise RequestError(
+                    411, "send the body with a Content-Length header (chunked bodies are not read)"
+                )
             length = self.headers.get("Content-Length") or "0"
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise RequestError(400, f"the Content-Length header {length!r} is not a number")
             if int(length) > MAX_BODY:
                 raise RequestError(413, f"the request body is over {MAX_BODY} bytes")
-            try:
-                body = json.loads(self.rfile.read(int(length)) or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise RequestError(400, f"the request body is not JSON: {err}") from None
-            return completer.parse(body)
+            data = self.rfile.read(int(length))
+            if len(data) < int(length):
+                raise ConnectionResetError(f"the client sent {len(data)} of {length} bytes and hung up")
+            self.body_read = True
+            return completer.parse(_json_body(data))
 
         def do_POST(self) -> None:
+            self.body_read = False
             try:
                 req = self.read_request()
             except RequestError as err:
@@ -333,10 +413,15 @@ def make_handler(completer: Completer, log_requests: bool) -> type[BaseHTTPReque
                 send([{"index": 0, "text": "", "finish_reason": finish["finish_reason"], "logprobs": None}])
                 if req["usage_chunk"]:
                     send([], usage=_usage(req, finish["tokens"]))
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the client went away: stop generating, free the model for the next request
+                return  # the client went away: stop generating, free the model for the next request
+            except Exception as exc:
+                # the status (200) is already sent: the error goes into the stream, as OpenAI's server does
+                error = RequestError(500, f"generation failed: {type(exc).__name__}: {exc}")
+                self.wfile.write(f"data: {json.dumps(error.body())}\n\n".encode())
+                traceback.print_exc()
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
 
         def no_route(self) -> RequestError:
             return RequestError(

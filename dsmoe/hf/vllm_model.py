@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,10 +42,12 @@ from vllm.platforms import current_platform
 
 from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
+from dsmoe.hf.modeling import check_weights_fit
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.reference import activate
 from dsmoe.model.routing import route
 from dsmoe.model.transformer import Transformer
+from dsmoe.model.weights import check_weights
 
 try:  # a Triton kernel: vLLM's CPU build has a placeholder that raises
     from vllm.model_executor.layers.fused_moe import fused_experts
@@ -67,6 +70,11 @@ class DSMoEForVLLM(nn.Module):
                 "(and data parallelism for more devices)"
             )
         config = dsmoe_config(vllm_config.model_config.hf_config)
+        folder = vllm_config.model_config.model
+        if Path(
+            folder
+        ).is_dir():  # weights on disk: refuse a config that does not fit them before memory is taken
+            check_weights_fit(folder, {"config": config})
         self.cfg = config.model_config()
         self.model = Transformer(self.cfg)
         att, mlp = config.sparse_settings()
@@ -150,18 +158,13 @@ class DSMoEForVLLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Weights of an exported folder, named as in DSMoEForCausalLM's state dict ("model.blocks.0.att.wq")."""
         params = {name: p for name, p in self.named_parameters() if name.startswith("model.")}
-        loaded = set()
+        held = {}
         for name, tensor in weights:
-            if name not in params:
-                raise KeyError(
-                    f"weight '{name}' is not part of the dsmoe model; export the folder with "
-                    "`dsmoe export` from a checkpoint of the same dsmoe version"
-                )
-            params[name].data.copy_(tensor)
-            loaded.add(name)
-        missing = sorted(set(params) - loaded)
-        if missing:
-            raise KeyError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}; re-export it")
+            held[name] = tuple(tensor.shape)
+            if name in params and held[name] == params[name].shape:
+                params[name].data.copy_(tensor)
+        check_weights(self.cfg, held, "the folder's config.json and its weights", prefix="model.")
+        loaded = set(held)
         self._build_projections()
         # vLLM checks that every parameter was loaded; the projections' are made from the loaded ones
         loaded |= {name for name, _ in self.named_parameters() if not name.startswith("model.")}

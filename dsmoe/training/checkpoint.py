@@ -30,6 +30,7 @@ import pickle
 import platform
 import random
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.files import apply_umask, temp_folder
+from dsmoe.model.weights import check_weights, safetensors_shapes
 from dsmoe.training import sharded
 
 CKPT_DIR = "checkpoints"
@@ -224,19 +226,59 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / sharded.MODEL_DIR).is_dir()
 
 
-def verify_checkpoint(path: Path, check_hashes: bool = True) -> None:
-    path = Path(path)
-    manifest = path / MANIFEST
+def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """The manifest of checkpoint folder ``path``, checked as data: a JSON object mapping each file's path inside the
+    folder to its ``bytes`` (an integer >= 0) and ``sha256`` (64 hex digits), listing config.yaml and the model
+    weights. Anything else is a CheckpointError, so a damaged manifest is treated as a damaged checkpoint."""
+    manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(
             f"{path} is not a complete dsmoe checkpoint (no {MANIFEST}); "
-            "point at a folder written by `dsmoe train` or `dsmoe export`"
+            "point at a folder written by `dsmoe train` or `dsmoe convert`"
         )
     try:
-        files = json.loads(manifest.read_text())
-    except json.JSONDecodeError as err:
+        files = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise CheckpointError(f"{manifest} is corrupted ({err}); resume from an earlier checkpoint") from err
-    for name, meta in files.items():
+
+    def entry_ok(name: Any, meta: Any) -> bool:
+        inside = (
+            isinstance(name, str) and name and not Path(name).is_absolute() and ".." not in Path(name).parts
+        )
+        return (
+            bool(inside)
+            and isinstance(meta, dict)
+            and set(meta) == {"bytes", "sha256"}
+            and type(meta["bytes"]) is int
+            and meta["bytes"] >= 0
+            and isinstance(meta["sha256"], str)
+            and len(meta["sha256"]) == 64
+            and all(c in "0123456789abcdef" for c in meta["sha256"])
+        )
+
+    if not isinstance(files, dict):
+        raise CheckpointError(
+            f"{manifest} is corrupted: it holds a JSON {type(files).__name__}, not an object of files; resume "
+            "from an earlier checkpoint"
+        )
+    bad = [name for name, meta in files.items() if not entry_ok(name, meta)]
+    if bad:
+        raise CheckpointError(
+            f"{manifest} is corrupted: the entry for {bad[0]!r} is not a file inside the folder with 'bytes' and "
+            "'sha256'; resume from an earlier checkpoint"
+        )
+    weights = "model.safetensors" in files or any(name.startswith(f"{sharded.MODEL_DIR}/") for name in files)
+    if "config.yaml" not in files or not weights:
+        raise CheckpointError(
+            f"{manifest} is corrupted: it does not list config.yaml and the model weights; resume from an "
+            "earlier checkpoint"
+        )
+    return files
+
+
+def verify_checkpoint(path: Path, check_hashes: bool = True) -> None:
+    path = Path(path)
+    for name, meta in read_manifest(path).items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing; resume from an earlier checkpoint")
@@ -272,23 +314,56 @@ def _discard(path: Path) -> None:
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def prune_checkpoints(out_dir: Path, keep_last: int) -> None:
-    for old in list_checkpoints(out_dir)[:-keep_last]:
-        _discard(old)
+def prune_checkpoints(out_dir: Path, keep_last: int) -> str | None:
+    """Delete all but the ``keep_last`` newest checkpoints (and temporaries of killed writes). A checkpoint that
+    cannot be deleted is kept: the returned warning says which and why (None when all went)."""
+    try:
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            _discard(old)
+    except OSError as err:
+        return f"could not delete the old checkpoint {err.filename or ''} ({err.strerror or err}); it is kept"
     root = Path(out_dir) / CKPT_DIR
     for stale in root.glob(".step-*.tmp"):  # left by a run killed while writing or deleting
         shutil.rmtree(stale, ignore_errors=True)
+    return None
+
+
+def check_writable(out_dir: str | Path) -> None:
+    """Create the run's checkpoint folder if needed and write (then remove) a file in it, so that a run that could
+    not save fails before its first step, not at its first checkpoint."""
+    folder = Path(out_dir) / CKPT_DIR
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write checkpoints to {folder} ({err.strerror or err}): make it a writable folder, or choose "
+            "another out_dir"
+        ) from err
 
 
 def read_model_config(path: str | Path) -> ModelConfig:
-    config = yaml.safe_load((Path(path) / "config.yaml").read_text())
-    return ModelConfig.from_dict(config["model"])
+    file = Path(path) / "config.yaml"
+    try:
+        model = yaml.safe_load(file.read_bytes().decode("utf-8"))["model"]
+    except (UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{file} is corrupted (no readable model config: {type(err).__name__}: {err}); resume from an "
+            "earlier checkpoint"
+        ) from err
+    if not isinstance(model, dict):
+        raise CheckpointError(
+            f"{file} is corrupted: its 'model' is not a mapping; resume from an earlier checkpoint"
+        )
+    return ModelConfig.from_dict(model)
 
 
 def checkpoint_config(path: str | Path) -> ModelConfig:
     """The model config of checkpoint folder ``path`` after the cheap checks (the folder, its config.yaml, the
-    sizes of the files its manifest lists), so that commands can check their other arguments before loading any
-    weight."""
+    sizes of the files its manifest lists, the weights' names and shapes against the config), so that commands can
+    check their other arguments before loading any weight."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
@@ -303,7 +378,20 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
             "`dsmoe train` (RUN/checkpoints/step-*) or `dsmoe convert`"
         )
     verify_checkpoint(path, check_hashes=False)
-    return read_model_config(path)
+    cfg = read_model_config(path)
+    check_weights(cfg, model_shapes(path), f"{path}: config.yaml and the model weights")
+    return cfg
+
+
+def model_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every model tensor of a checkpoint of either layout, from the files' headers."""
+    path = Path(path)
+    try:
+        if is_sharded(path):
+            return sharded.full_model_shapes(path)
+    except Exception as err:  # DCP's reader raises its own error types for malformed headers
+        raise CheckpointError(f"cannot read the shard headers in {path / sharded.MODEL_DIR}: {err}") from err
+    return safetensors_shapes([path / "model.safetensors"])
 
 
 def load_model_state(path: Path, check_hashes: bool = True) -> dict[str, torch.Tensor]:

@@ -118,6 +118,7 @@ def train(
             "or choose another out_dir"
         )
     if info.is_main:
+        ckpt.check_writable(out_dir)
         for key, (old, new) in changes.items():
             say(f"resume: {key} changes from {old} to {new}")
     model_cfg = cfg.model_config()
@@ -213,8 +214,9 @@ def train(
             train_cfg=cfg.to_dict(),
             tokenizer_file=tokenizer_file,
         )
-        if written and info.is_main:
-            ckpt.prune_checkpoints(out_dir, cfg.keep_last)
+        if written and info.is_main and (warning := ckpt.prune_checkpoints(out_dir, cfg.keep_last)):
+            bar.write(f"warning: {warning}", file=sys.stderr)
+            logger.log(at_step, {"event": "prune_failed", "reason": warning})
 
     model.train()
     batches = iter(loader)

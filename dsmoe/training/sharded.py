@@ -138,19 +138,30 @@ def _param_groups(saved: list[dict[str, Any]], current: list[dict[str, Any]]) ->
     ]
 
 
-def read_full_model_state(root: Path) -> dict[str, torch.Tensor]:
-    """The whole model state dict of a sharded checkpoint, in this process alone (no process group needed, none
-    used if there is one): what ``load_pretrained``, ``init_from=`` and ``dsmoe export`` read."""
+def _model_tensors(root: Path) -> dict[str, Any]:
+    """The full size and dtype (DCP's TensorStorageMetadata) of every tensor of a sharded checkpoint's model, read
+    from the shards' safetensors headers."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    folder = root / MODEL_DIR
-    reader = HuggingFaceStorageReader(str(folder))
-    metadata = reader.read_metadata()
-    state: dict[str, Any] = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+    metadata = HuggingFaceStorageReader(str(root / MODEL_DIR)).read_metadata()
+    return {
+        key: meta
         for key, meta in metadata.state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
-    _load(state, folder, no_dist=True)
+
+
+def full_model_shapes(root: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> full shape of every tensor of a sharded checkpoint's model, without reading a tensor."""
+    return {key: tuple(meta.size) for key, meta in _model_tensors(root).items()}
+
+
+def read_full_model_state(root: Path) -> dict[str, torch.Tensor]:
+    """The whole model state dict of a sharded checkpoint, in this process alone (no process group needed, none
+    used if there is one): what ``load_pretrained``, ``init_from=`` and ``dsmoe export`` read."""
+    state: dict[str, Any] = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in _model_tensors(root).items()
+    }
+    _load(state, root / MODEL_DIR, no_dist=True)
     return state

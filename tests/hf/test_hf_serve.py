@@ -2,10 +2,7 @@
 HF_HOME are empty folders): models.list / models.retrieve, completions streamed or not with the native model's
 greedy text, stop sequences, seeded sampling, requests taking turns, and one clear error per bad request."""
 
-import os
 import re
-import subprocess
-import sys
 import threading
 import urllib.error
 import urllib.request
@@ -13,55 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from servers import free_port, wait_until_healthy
 
 from dsmoe.inference.generate import generate
 from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = "The old man crosses the bridge. A dog"
-
-
-@pytest.fixture(scope="module")
-def served(exported, tmp_path_factory):
-    """(openai client, the --model string, port) of a server started from the export's parent folder with a
-    relative --model, and an empty HOME."""
-    openai = pytest.importorskip("openai", reason="the OpenAI client is in the 'hf' extra")
-    _, folder = exported
-    home = tmp_path_factory.mktemp("empty-home")
-    port = free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HOME": str(home),
-        "HF_HOME": str(home / "hf"),
-        "XDG_CACHE_HOME": str(home / "cache"),
-        "HF_HUB_OFFLINE": "1",
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dsmoe", "serve", "--model", folder.name, "--port", str(port)],
-        cwd=folder.parent,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}/health", server, timeout=120)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=60, max_retries=0
-        )
-        yield client, folder.name, port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 @pytest.fixture(scope="module")

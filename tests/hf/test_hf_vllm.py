@@ -130,7 +130,7 @@ def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activat
         cfg, att_strategy="topk", att_k=2, mlp_strategy="threshold", mlp_threshold=1.0
     )
     vllm_config = types.SimpleNamespace(
-        model_config=types.SimpleNamespace(hf_config=hf_config),
+        model_config=types.SimpleNamespace(hf_config=hf_config, model="weights given to load_weights"),
         cache_config=None,
         quant_config=None,
         parallel_config=types.SimpleNamespace(tensor_parallel_size=1),

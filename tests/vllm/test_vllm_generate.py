@@ -103,3 +103,22 @@ def test_the_plugin_registers_the_architecture():
 
     register()
     assert ARCHITECTURE in ModelRegistry.get_supported_archs()
+
+
+@pytest.mark.parametrize("n_layers", [4, 1_000_000])
+def test_a_config_that_does_not_fit_the_weights_is_refused(tmp_path_factory, tmp_path, capfd, n_layers):
+    """config.json edited apart from the weights: vLLM's engine does not start, and the error names the problem
+    (for a million layers before vLLM allocates them)."""
+    import shutil
+
+    _, folder = export_folder(tmp_path_factory, "dsmoe")
+    edited = tmp_path / "edited"
+    shutil.copytree(folder, edited)
+    config = json.loads((edited / "config.json").read_text())
+    config["n_layers"] = n_layers
+    (edited / "config.json").write_text(json.dumps(config))
+    with pytest.raises(Exception) as err, vllm_engine(edited):
+        pass
+    out, said = capfd.readouterr()
+    said = str(err.value) + out + said
+    assert "config.json and the weights: the config describes a model of" in said, said[-3000:]

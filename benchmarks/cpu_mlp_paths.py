@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from dsmoe.bench.models import bench_models
-from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.cpu import expert_mlp_one_token, expert_mlp_per_expert, expert_mlp_sorted, project_sorted
 from dsmoe.kernels.reference import activate, expert_mlp_reference
 from dsmoe.model.routing import route
@@ -71,12 +70,11 @@ def decode_step_ops() -> dict[str, int]:
         if entry.name == "smoe":
             continue
         model = Transformer(entry.cfg).eval()
-        sparsify(model, att=entry.att, mlp=entry.mlp)
         cache = model.new_cache(1, 64)
         with torch.inference_mode():
-            model(torch.randint(0, 4096, (1, 32)), cache=cache)
+            model(torch.randint(0, 4096, (1, 32)), plan=entry.plan, cache=cache)
             with profile() as prof:
-                model(torch.tensor([[5]]), cache=cache, start_pos=32, last_only=True)
+                model(torch.tensor([[5]]), plan=entry.plan, cache=cache, start_pos=32, last_only=True)
         counts[entry.name] = sum(
             1
             for e in prof.events()

@@ -45,9 +45,6 @@ def main() -> None:
     wrapped = DSMoEForCausalLM(DSMoEConfig.from_model_config(cfg, **sparse)).eval()
     native = Transformer(cfg).eval()
     native.load_state_dict(wrapped.model.state_dict())
-    from dsmoe.inference.sparsify import sparsify
-
-    sparsify(native, *wrapped.config.sparse_settings())
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt))
 
     def hf():
@@ -56,7 +53,7 @@ def main() -> None:
         )
 
     def ours():
-        return generate(native, prompt, args.new)
+        return generate(native, prompt, args.new, plan=wrapped.sparse_plan)
 
     with torch.inference_mode():
         assert torch.equal(hf(), ours()), "HF and native greedy outputs differ"

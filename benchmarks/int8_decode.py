@@ -22,12 +22,12 @@ import torch
 from dsmoe.bench.models import bench_models
 from dsmoe.inference.generate import Decoder
 from dsmoe.inference.quantize import quantize
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.transformer import Transformer
 
 
-def decode_tps(model: Transformer, batch: int, tokens: int) -> float:
-    decoder = Decoder(model, batch, 8 + tokens, compile=True)
+def decode_tps(model: Transformer, plan: SparsePlan, batch: int, tokens: int) -> float:
+    decoder = Decoder(model, batch, 8 + tokens, plan=plan, compile=True)
     logits = decoder.prefill(torch.randint(0, model.cfg.vocab_size, (batch, 8)))
     start = time.perf_counter()
     for _ in range(tokens):
@@ -43,22 +43,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    models = {}
+    models, plans = {}, {}
     for entry in bench_models(1024, 4, 4096, 256, shape="llama"):
         if entry.name == "smoe":
             continue
         torch.manual_seed(0)
-        model = sparsify(Transformer(entry.cfg).eval(), att=entry.att, mlp=entry.mlp)
+        model = Transformer(entry.cfg).eval()
         models[entry.name] = model
         models[entry.name + "+int8"] = quantize(copy.deepcopy(model))
+        plans[entry.name] = plans[entry.name + "+int8"] = entry.plan
     best: dict[str, dict[int, float]] = {name: {} for name in models}
     with torch.inference_mode():
         for batch in (1, 16):
-            for model in models.values():  # compile (and warm) each graph before timing
-                decode_tps(model, batch, 2)
+            for name, model in models.items():  # compile (and warm) each graph before timing
+                decode_tps(model, plans[name], batch, 2)
             for _ in range(args.rounds):
                 for name, model in models.items():
-                    tps = decode_tps(model, batch, args.tokens)
+                    tps = decode_tps(model, plans[name], batch, args.tokens)
                     best[name][batch] = max(best[name].get(batch, 0.0), tps)
     rows = [
         "| model | decode b1 tokens/s | vs fp32 | decode b16 tokens/s | vs fp32 |",

@@ -16,8 +16,8 @@ _PUBLIC = {
     "ModelConfig": "dsmoe.config",
     "preset": "dsmoe.config",
     "generate": "dsmoe.inference.generate",
-    "ActiveMeter": "dsmoe.inference.sparsify",
-    "sparsify": "dsmoe.inference.sparsify",
+    "ActiveMeter": "dsmoe.inference.meter",
+    "SparsePlan": "dsmoe.model.plan",
     "SparseSetting": "dsmoe.model.settings",
     "ModelOutput": "dsmoe.model.transformer",
     "Transformer": "dsmoe.model.transformer",
@@ -28,17 +28,18 @@ __all__ = [
     "ConfigError",
     "ModelConfig",
     "ModelOutput",
+    "SparsePlan",
     "SparseSetting",
     "Transformer",
     "generate",
     "preset",
-    "sparsify",
 ]
 
 if TYPE_CHECKING:
     from dsmoe.config import PRESETS, ConfigError, ModelConfig, preset
     from dsmoe.inference.generate import generate
-    from dsmoe.inference.sparsify import ActiveMeter, sparsify
+    from dsmoe.inference.meter import ActiveMeter
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.model.settings import SparseSetting
     from dsmoe.model.transformer import ModelOutput, Transformer
 

@@ -9,21 +9,16 @@ import os
 import sys
 
 from dsmoe.config import PRESETS, ConfigError, preset
-from dsmoe.inference.arguments import add_sparse_args, sparse_settings
-from dsmoe.model.settings import DENSE, SparseSetting, trained_setting
+from dsmoe.inference.arguments import add_sparse_args, plan_from_args
+from dsmoe.model.settings import DENSE, SparseSetting
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     cfg = preset(args.preset)
-    att, mlp = sparse_settings(args)
-    if att is not None:
-        att.check(cfg.n_att_experts, "attention")
-    if mlp is not None:
-        mlp.check(cfg.n_mlp_experts, "the MLP")
-    # None given: as trained (a layer of one expert has no router and always runs it)
-    trained = trained_setting(cfg.regime, cfg.smoe_top_k)
-    att = att or (trained if cfg.n_att_experts > 1 else DENSE)
-    mlp = mlp or (trained if cfg.n_mlp_experts > 1 else DENSE)
+    plan = plan_from_args(args, cfg)  # one setting for every layer: layer 0's stands for all
+    # a layer of one expert has no router and always runs it
+    att = plan.setting("att", 0) if cfg.has_att_router else DENSE
+    mlp = plan.setting("mlp", 0) if cfg.has_mlp_router else DENSE
     att_active = _nominal_active(att, cfg.n_att_experts)
     mlp_active = _nominal_active(mlp, cfg.n_mlp_experts)
     info = {

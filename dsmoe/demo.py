@@ -64,7 +64,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from dsmoe.data.tokenizer import eos_id
     from dsmoe.evaluation.perplexity import perplexity
     from dsmoe.inference.generate import generate
-    from dsmoe.inference.sparsify import ActiveMeter, sparsify
+    from dsmoe.inference.meter import ActiveMeter
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.training import checkpoint as ckpt
     from dsmoe.training.config import TrainConfig, apply_overrides
     from dsmoe.training.loop import train
@@ -90,17 +91,18 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     for name, (att, mlp) in SETTINGS.items():
         meter = ActiveMeter(mcfg)
-        sparsify(model, att=att, mlp=mlp, meter=meter)
-        r = perplexity(model, tokenizer, wiki, mcfg.max_seq_len, eos_id(tokenizer))
+        plan = SparsePlan.build(mcfg, att=att, mlp=mlp)
+        r = perplexity(model, tokenizer, wiki, mcfg.max_seq_len, eos_id(tokenizer), plan=plan, meter=meter)
         print(
             f"  {name:24s} {r['word_perplexity']:9.1f} {r['token_perplexity']:9.1f} {r['bits_per_byte']:9.3f} "
             f"{meter.active_params / 1e6:12.2f}M {meter.active_hidden:12.0%}"
         )
 
-    sparsify(model, mlp=SparseSetting("topk", k=4))
+    plan = SparsePlan.build(mcfg, mlp=SparseSetting("topk", k=4))
     prompt = "The government said"
     ids = torch.tensor([tokenizer.encode(prompt).ids])
-    out = generate(model, ids, 40, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    sampler = torch.Generator().manual_seed(0)
+    out = generate(model, ids, 40, temperature=0.8, top_p=0.9, generator=sampler, plan=plan)
     print(f"\nsample (topk k=4, temperature 0.8, top-p 0.9):\n  {tokenizer.decode(out[0].tolist())!r}")
     print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; model and metrics in {work}")
     return 0

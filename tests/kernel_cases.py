@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
+from dsmoe.kernels.reference import AttentionContext
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.routing import route
 from dsmoe.model.settings import SparseSetting
@@ -47,7 +50,8 @@ def mlp_inputs(n_tokens, n_experts, d_model, d_expert, activation, dtype, seed=0
 
 
 def moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, d_model, dtype, seed=0):
-    """x for ``new_tokens`` positions after ``cached`` cached ones, laid out as MoA.forward lays them out."""
+    """(x, wq, wo, AttentionContext) for ``new_tokens`` positions after ``cached`` cached ones, laid out as
+    MoA.forward lays them out."""
     g = torch.Generator().manual_seed(seed)
     width = n_head * head_dim
     seq = cached + new_tokens
@@ -59,7 +63,7 @@ def moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, d_m
     batch_T = torch.arange(batch).repeat_interleave(new_tokens)
     pos_T = torch.arange(cached, seq).repeat(batch)
     cos, sin = rope_tables(head_dim, seq, 10000.0)  # a row for every position, cached and new
-    return x, wq, wo, k, v, batch_T, pos_T, cos, sin
+    return x, wq, wo, AttentionContext(k, v, batch_T, pos_T, cos, sin)
 
 
 def left_padded(args: tuple, pads: list[int]) -> tuple:
@@ -67,22 +71,14 @@ def left_padded(args: tuple, pads: list[int]) -> tuple:
     slots each token sees (``visible_TS``), as MoA.forward passes them for a left-padded batch."""
     from dsmoe.model.attention import Padding
 
-    x, wq, wo, k, v, batch_T, pos_T, cos, sin = args
-    batch, seq = k.shape[0], k.shape[2]
+    x, wq, wo, ctx = args
+    batch, seq = ctx.k_BHSd.shape[0], ctx.k_BHSd.shape[2]
     key_mask = torch.arange(seq)[None, :] >= torch.tensor(pads)[:, None]
     padding = Padding.from_key_mask(key_mask, x.shape[0] // batch)
-    return (
-        x,
-        wq,
-        wo,
-        k,
-        v,
-        batch_T,
-        padding.positions_BT.flatten(),
-        cos,
-        sin,
-        padding.visible_BTS.flatten(0, 1),
+    padded = dataclasses.replace(
+        ctx, pos_T=padding.positions_BT.flatten(), visible_TS=padding.visible_BTS.flatten(0, 1)
     )
+    return x, wq, wo, padded
 
 
 def tolerances(dtype: torch.dtype) -> dict:

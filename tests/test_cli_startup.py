@@ -25,4 +25,4 @@ def test_version():
 
 
 def test_public_names_load_on_first_use():
-    assert dsmoe.Transformer.__name__ == "Transformer" and "sparsify" in dir(dsmoe)
+    assert dsmoe.Transformer.__name__ == "Transformer" and "SparsePlan" in dir(dsmoe)

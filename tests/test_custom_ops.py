@@ -2,15 +2,17 @@
 grouped path SMoE trains through (forward and backward against the reference), and a sparse decode step that
 compiles to one graph and computes what eager computes."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import small_config
 from kernel_cases import SETTING_IDS, SETTINGS, make_routing, mlp_inputs, moa_inputs
 
 from dsmoe import kernels
-from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
-from dsmoe.model.settings import SparseSetting
+from dsmoe.model.plan import SparsePlan
+from dsmoe.model.settings import Kernels, SparseSetting
 from dsmoe.model.transformer import Transformer
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
@@ -25,7 +27,7 @@ def routing_tensors(r):
 def test_expert_mlp_op_passes_opcheck_and_matches_reference(setting, n_tokens):
     x, w_in, w_out = mlp_inputs(n_tokens, 4, 32, 16, "swiglu", torch.float32)
     routing = make_routing(n_tokens, 4, setting)
-    args = (x, w_in, w_out, *routing_tensors(routing), "swiglu")
+    args = (x, w_in, w_out, *routing_tensors(routing), "swiglu", "cpu")
     torch.library.opcheck(torch.ops.dsmoe.expert_mlp.default, args)
     out = torch.ops.dsmoe.expert_mlp(*args)
     torch.testing.assert_close(
@@ -36,13 +38,12 @@ def test_expert_mlp_op_passes_opcheck_and_matches_reference(setting, n_tokens):
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("new_tokens, cached", [(1, 3), (4, 0)])
 def test_moa_op_passes_opcheck_and_matches_reference(setting, new_tokens, cached):
-    x, wq, wo, k, v, batch_T, pos_T, cos, sin = moa_inputs(
-        2, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32
-    )
+    x, wq, wo, c = moa_inputs(2, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32)
     routing = make_routing(2 * new_tokens, 4, setting)
-    args = (x, wq, wo, k, v, *routing_tensors(routing), batch_T, pos_T, cos, sin, None)
+    context = (c.k_BHSd, c.v_BHSd, c.batch_T, c.pos_T, c.cos_Sd, c.sin_Sd, None)
+    args = (x, wq, wo, *routing_tensors(routing), *context, "cpu")
     torch.library.opcheck(torch.ops.dsmoe.moa.default, args)
-    ref = moa_reference(x, wq, wo, k, v, routing, batch_T, pos_T, cos, sin)
+    ref = moa_reference(x, wq, wo, routing, c)
     torch.testing.assert_close(torch.ops.dsmoe.moa(*args), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -67,7 +68,7 @@ def test_grouped_training_path_matches_reference_forward_and_backward(setting, a
 
         return run
 
-    assert kernels.select(x, w_in.requires_grad_()) == "grouped"
+    assert kernels.implementation(Kernels(), x, needs_grad=True) == "grouped"
     out, g = grads(with_weights(kernels.expert_mlp), [x, w_in, w_out, weights])
     ref, g_ref = grads(with_weights(expert_mlp_reference), [x, w_in, w_out, weights])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -77,11 +78,12 @@ def test_grouped_training_path_matches_reference_forward_and_backward(setting, a
 
 @pytest.mark.parametrize("setting", [SparseSetting("topk", k=2), SparseSetting("threshold", threshold=1.0)])
 def test_grouped_attention_path_matches_reference_forward_and_backward(setting):
-    x, wq, wo, k, v, batch_T, pos_T, cos, sin = moa_inputs(2, 5, 0, 4, 2, 8, 2, 32, torch.float32)
+    x, wq, wo, ctx = moa_inputs(2, 5, 0, 4, 2, 8, 2, 32, torch.float32)
+    k, v = ctx.k_BHSd, ctx.v_BHSd
     routing = make_routing(10, 4, setting)
 
     def run(impl):
-        return lambda x, wq, wo, k, v: impl(x, wq, wo, k, v, routing, batch_T, pos_T, cos, sin)
+        return lambda x, wq, wo, k, v: impl(x, wq, wo, routing, dataclasses.replace(ctx, k_BHSd=k, v_BHSd=v))
 
     out, g = grads(run(kernels.moa), [x, wq, wo, k, v])
     ref, g_ref = grads(run(moa_reference), [x, wq, wo, k, v])
@@ -98,16 +100,18 @@ def test_grouped_attention_path_matches_reference_forward_and_backward(setting):
 def test_sparse_decode_step_compiles_to_one_graph_and_matches_eager(setting):
     torch.manual_seed(0)
     model = Transformer(small_config("dsmoe", n_mlp_experts=8)).eval()
-    sparsify(model, att=setting, mlp=setting)
+    plan = SparsePlan.build(model.cfg, setting, setting)
     prompt = torch.randint(0, 97, (2, 6))
 
     def decode_step(token_B1, cache, pos):
-        return model(token_B1, cache=cache, start_pos=pos, last_only=True).logits
+        compiling = torch.compiler.is_compiling()  # the caller's job: it knows whether it compiles
+        step_plan = plan.with_kernels(compiled=compiling)
+        return model(token_B1, plan=step_plan, cache=cache, start_pos=pos, last_only=True).logits
 
     def run(step):
         cache = model.new_cache(2, 16)
         with torch.no_grad():
-            model(prompt, cache=cache)
+            model(prompt, plan=plan, cache=cache)
             token = prompt[:, -1:]
             logits = [step(token, cache, 6), step(token + 1, cache, 7)]
         return torch.stack(logits), cache

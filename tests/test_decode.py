@@ -7,7 +7,8 @@ from helpers import small_config
 from torch._dynamo.utils import counters
 
 from dsmoe.inference.generate import Decoder, cache_length, generate, stream
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
@@ -28,19 +29,20 @@ CASES = {  # regime, attention setting, MLP setting
 }
 
 
-def model_for(case: str) -> Transformer:
+def model_for(case: str) -> tuple[Transformer, SparsePlan]:
     regime, att, mlp = CASES[case]
     torch.manual_seed(0)
-    return sparsify(Transformer(small_config(regime)).eval(), att=att, mlp=mlp)
+    model = Transformer(small_config(regime)).eval()
+    return model, SparsePlan.build(model.cfg, att, mlp)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_compiled_decode_matches_eager_step_by_step_in_one_graph(case):
-    model = model_for(case)
+    model, plan = model_for(case)
     prompt = torch.randint(0, 97, (3, 5))
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[1, :2] = mask[2, :4] = False  # left padding: rows of prompt length 5, 3 and 1
-    eager, compiled = Decoder(model, 3, 14), Decoder(model, 3, 14, compile=True)
+    eager, compiled = Decoder(model, 3, 14, plan=plan), Decoder(model, 3, 14, plan=plan, compile=True)
     assert compiled.cache.max_len == 64  # rounded up, so that nearby lengths share the graph
     torch._dynamo.reset()
     counters.clear()
@@ -60,23 +62,33 @@ def test_compiled_decode_matches_eager_step_by_step_in_one_graph(case):
 
 
 def test_compiled_generate_and_stream_equal_eager_token_for_token():
-    model = model_for("dsmoe-threshold")
+    model, plan = model_for("dsmoe-threshold")
     prompt = torch.randint(0, 97, (2, 6))
-    assert torch.equal(generate(model, prompt, 12, compile=True), generate(model, prompt, 12))
+    compiled = generate(model, prompt, 12, plan=plan, compile=True)
+    assert torch.equal(compiled, generate(model, prompt, 12, plan=plan))
+    assert not torch.equal(compiled, generate(model, prompt, 12))  # the plan is what ran
     gen = [torch.Generator().manual_seed(3) for _ in range(2)]
     sampled = [
-        generate(model, prompt, 12, temperature=0.9, top_p=0.9, generator=g, compile=c)
+        generate(model, prompt, 12, temperature=0.9, top_p=0.9, generator=g, plan=plan, compile=c)
         for g, c in zip(gen, (False, True), strict=True)
     ]
     assert torch.equal(sampled[0], sampled[1])
-    assert list(stream(model, prompt[0], 10, compile=True)) == list(stream(model, prompt[0], 10))
+    streamed = list(stream(model, prompt[0], 10, plan=plan, compile=True))
+    assert streamed == list(stream(model, prompt[0], 10, plan=plan))
 
 
-def test_compiled_decode_refuses_a_model_with_a_meter():
-    model = Transformer(small_config()).eval()
-    sparsify(model, mlp=SparseSetting("topk", k=2), meter=ActiveMeter(model.cfg))
-    with pytest.raises(ValueError, match="ActiveMeter"):
-        Decoder(model, 1, 8, compile=True)
+@pytest.mark.parametrize("case", ["dsmoe-threshold", "dsmoe-threshold_topk", "smoe-as-trained"])
+def test_compiled_decode_is_metered_as_eager_decode_is(case):
+    """The compiled step returns each token's expert counts: the meter sees what it sees eager."""
+    model, plan = model_for(case)
+    prompt = torch.randint(0, 97, (2, 6))
+    meters = {compile: ActiveMeter(model.cfg) for compile in (False, True)}
+    for compile, meter in meters.items():
+        generate(model, prompt, 10, plan=plan, compile=compile, meter=meter)
+    eager, compiled = meters[False], meters[True]
+    assert compiled.tokens == eager.tokens and compiled.active == eager.active
+    assert compiled.min == eager.min and compiled.max == eager.max
+    assert eager.tokens["mlp"] == [2 * 6 + 2 * 9] * model.cfg.n_layers  # the prompt, then 9 decode steps
 
 
 def test_cache_length_rounds_up_within_the_model():
@@ -88,8 +100,8 @@ def test_cache_length_rounds_up_within_the_model():
 
 @pytest.mark.parametrize("compile", [False, True])
 def test_a_full_cache_is_a_clear_error(compile):
-    model = model_for("dsmoe-topk")
-    decoder = Decoder(model, 1, 64 if compile else 6, compile=compile)
+    model, plan = model_for("dsmoe-topk")
+    decoder = Decoder(model, 1, 64 if compile else 6, plan=plan, compile=compile)
     token = decoder.prefill(torch.randint(0, 97, (1, 4))).argmax(-1)
     decoder.pos = decoder.cache.max_len  # every slot written
     with pytest.raises(ValueError, match="KV cache is full"):

@@ -9,7 +9,8 @@ from helpers import small_config
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import generate, sample_next, stream
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
@@ -24,27 +25,28 @@ SETTINGS = {
 @pytest.mark.parametrize("regime", ["dsmoe", "smoe", "dense"])
 def test_kv_cache_decoding_equals_full_recomputation(name, regime):
     model = Transformer(small_config(regime)).eval()
-    att, mlp = SETTINGS[name]
-    sparsify(model, att=att, mlp=mlp)
+    plan = SparsePlan.build(model.cfg, *SETTINGS[name])
     idx = torch.randint(0, 97, (2, 12))
     cache = model.new_cache(2, 12)
     with torch.no_grad():
-        cached = [model(idx[:, :5], cache=cache).logits[:, -1]]
-        cached += [model(idx[:, p : p + 1], cache=cache, start_pos=p).logits[:, -1] for p in range(5, 12)]
+        cached = [model(idx[:, :5], plan=plan, cache=cache).logits[:, -1]]
+        cached += [
+            model(idx[:, p : p + 1], plan=plan, cache=cache, start_pos=p).logits[:, -1] for p in range(5, 12)
+        ]
         for p, logits in zip(range(4, 12), cached, strict=True):
-            full = model(idx[:, : p + 1]).logits[:, -1]
+            full = model(idx[:, : p + 1], plan=plan).logits[:, -1]
             torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_prefill_into_cache_equals_full_recomputation():
     model = Transformer(small_config()).eval()
-    sparsify(model, mlp=SparseSetting("threshold", threshold=1.0))
+    plan = SparsePlan.build(model.cfg, mlp=SparseSetting("threshold", threshold=1.0))
     idx = torch.randint(0, 97, (1, 10))
     cache = model.new_cache(1, 10)
     with torch.no_grad():
-        model(idx[:, :4], cache=cache)
-        chunk = model(idx[:, 4:10], cache=cache, start_pos=4).logits
-        torch.testing.assert_close(chunk, model(idx).logits[:, 4:], rtol=1e-5, atol=1e-5)
+        model(idx[:, :4], plan=plan, cache=cache)
+        chunk = model(idx[:, 4:10], plan=plan, cache=cache, start_pos=4).logits
+        torch.testing.assert_close(chunk, model(idx, plan=plan).logits[:, 4:], rtol=1e-5, atol=1e-5)
 
 
 def test_threshold_topk_decoding_at_batch_one_is_threshold():
@@ -54,33 +56,33 @@ def test_threshold_topk_decoding_at_batch_one_is_threshold():
     outs = []
     for strategy in ("threshold", "threshold_topk"):
         s = SparseSetting(strategy, threshold=1.1)
-        sparsify(model, att=s, mlp=s)
-        outs.append(generate(model, idx, 8))
+        outs.append(generate(model, idx, 8, plan=SparsePlan.build(model.cfg, s, s)))
     assert torch.equal(outs[0], outs[1])
 
 
 def test_generate_greedy_matches_argmax_of_full_forward():
     model = Transformer(small_config()).eval()
-    sparsify(model, mlp=SparseSetting("topk", k=2))
+    plan = SparsePlan.build(model.cfg, mlp=SparseSetting("topk", k=2))
     prompt = torch.randint(0, 97, (2, 4))
-    out = generate(model, prompt, 6)
+    out = generate(model, prompt, 6, plan=plan)
     assert out.shape == (2, 10) and torch.equal(out[:, :4], prompt)
     with torch.no_grad():
         for p in range(4, 10):
-            assert torch.equal(model(out[:, :p]).logits[:, -1].argmax(-1), out[:, p])
+            assert torch.equal(model(out[:, :p], plan=plan).logits[:, -1].argmax(-1), out[:, p])
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_left_padded_prompts_generate_as_they_would_alone(name):
     model = Transformer(small_config()).eval()
-    sparsify(model, *SETTINGS[name])
+    plan = SparsePlan.build(model.cfg, *SETTINGS[name])
     prompts = [torch.randint(1, 97, (n,)) for n in (6, 2, 4)]
     batch, mask = torch.zeros(3, 6, dtype=torch.long), torch.zeros(3, 6, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         batch[row, 6 - len(prompt) :], mask[row, 6 - len(prompt) :] = prompt, True
-    together = generate(model, batch, 5, prompt_mask_BT=mask)
+    together = generate(model, batch, 5, prompt_mask_BT=mask, plan=plan)
     for row, prompt in enumerate(prompts):
-        assert torch.equal(together[row, 6:], generate(model, prompt[None], 5)[0, len(prompt) :])
+        alone = generate(model, prompt[None], 5, plan=plan)[0, len(prompt) :]
+        assert torch.equal(together[row, 6:], alone)
 
 
 def test_sampling_is_reproducible_and_top_p_restricts_the_nucleus():
@@ -125,20 +127,17 @@ def test_active_meter_counts_experts_per_token():
     cfg = small_config()
     model = Transformer(cfg).eval()
     meter = ActiveMeter(cfg)
-    sparsify(model, mlp=SparseSetting("topk", k=2), meter=meter)
+    plan = SparsePlan.build(cfg, mlp=SparseSetting("topk", k=2))
     with torch.no_grad():
-        model(torch.randint(0, 97, (2, 8)))
+        meter.update(model(torch.randint(0, 97, (2, 8)), plan=plan).routers)
     assert meter.mean_active("mlp") == [2.0, 2.0] and meter.mean_active("att") == [4.0, 4.0]
     assert meter.active_params == cfg.active_params(4, 2)
     meter.reset()
-    sparsify(
-        model,
-        att=SparseSetting("threshold", threshold=1.0),
-        mlp=SparseSetting("threshold", threshold=1.0),
-        meter=meter,
-    )
+    threshold = SparseSetting("threshold", threshold=1.0)
     with torch.no_grad():
-        model(torch.randint(0, 97, (2, 8)))
+        meter.update(
+            model(torch.randint(0, 97, (2, 8)), plan=SparsePlan.build(cfg, threshold, threshold)).routers
+        )
     summary = meter.summary()
     for kind in ("att", "mlp"):
         for layer in summary["layers"][kind]:
@@ -146,12 +145,12 @@ def test_active_meter_counts_experts_per_token():
     assert 0 < summary["active_hidden"] < 1
 
 
-def test_sparsify_rejects_impossible_settings():
-    model = Transformer(small_config())
-    with pytest.raises(ConfigError, match="k=9 is larger than the 8 experts of mlp layer 0"):
-        sparsify(model, mlp=SparseSetting("topk", k=9))
-    with pytest.raises(ConfigError, match="one setting for all layers or one per layer"):
-        sparsify(model, mlp=[SparseSetting("topk", k=2)] * 3)
+def test_a_plan_refuses_impossible_settings():
+    cfg = small_config()
+    with pytest.raises(ConfigError, match="mlp: strategy .topk. needs an integer k in 1..8 .*got k=9"):
+        SparsePlan.build(cfg, mlp=SparseSetting("topk", k=9))
+    with pytest.raises(ConfigError, match="one value for all layers or one per layer"):
+        SparsePlan.build(cfg, mlp=[SparseSetting("topk", k=2)] * 3)
     with pytest.raises(ConfigError, match="needs threshold > 0"):
         SparseSetting("threshold", threshold=0.0)
     with pytest.raises(ConfigError, match="unknown sparse strategy"):
@@ -162,9 +161,9 @@ def test_per_layer_settings():
     cfg = small_config()
     model = Transformer(cfg).eval()
     meter = ActiveMeter(cfg)
-    sparsify(model, mlp=[SparseSetting("topk", k=1), SparseSetting("topk", k=5)], meter=meter)
+    plan = SparsePlan.build(cfg, mlp=[SparseSetting("topk", k=1), SparseSetting("topk", k=5)])
     with torch.no_grad():
-        model(torch.randint(0, 97, (1, 5)))
+        meter.update(model(torch.randint(0, 97, (1, 5)), plan=plan).routers)
     assert meter.mean_active("mlp") == [1.0, 5.0]
 
 
@@ -179,4 +178,7 @@ def test_cli_info_json(capsys):
 
 def test_cli_reports_bad_settings(capsys):
     assert main(["info", "--preset", "ds-moe-1b", "--strategy", "topk", "--k", "40"]) == 2
-    assert "k=40 is larger than the 32 experts" in capsys.readouterr().err
+    assert (
+        "needs an integer k in 1..32 (the layer's 32 experts), got k=40; pass --k N"
+        in capsys.readouterr().err
+    )

@@ -8,9 +8,9 @@ import torch
 from helpers import small_config
 
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import sparsify
-from dsmoe.kernels import select
-from dsmoe.model.settings import SparseSetting
+from dsmoe.kernels import implementation
+from dsmoe.model.plan import SparsePlan
+from dsmoe.model.settings import Kernels, SparseSetting
 from dsmoe.model.transformer import Transformer
 
 pytestmark = [
@@ -25,40 +25,39 @@ SETTINGS = {
 }
 
 
-def cuda_model(setting: str | None, **overrides) -> Transformer:
+def cuda_model(setting: str | None, **overrides) -> tuple[Transformer, SparsePlan]:
     torch.manual_seed(0)
     model = Transformer(small_config("dsmoe", d_model=64, d_expert=32, **overrides)).cuda().eval()
     att, mlp = SETTINGS[setting] if setting else (None, None)
-    return sparsify(model, att=att, mlp=mlp)
+    return model, SparsePlan.build(model.cfg, att, mlp)
 
 
 @pytest.mark.parametrize("path", ["triton", "sorted"])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sparse_forward_on_cuda_equals_the_reference(path, setting, dtype, monkeypatch):
+def test_sparse_forward_on_cuda_equals_the_reference(path, setting, dtype):
     """Both CUDA paths: sorted dispatch with torch's grouped products (the default) and the Triton kernels."""
-    model = cuda_model(setting).to(dtype)
+    model, plan = cuda_model(setting)
+    model = model.to(dtype)
     tokens = torch.randint(0, 97, (3, 40), device="cuda")
-    assert select(torch.zeros(1, device="cuda")) == "sorted"
+    assert implementation(Kernels(), torch.zeros(1, device="cuda")) == "sorted"
     with torch.no_grad():
-        monkeypatch.setenv("DSMOE_KERNELS", path)
-        fast = model(tokens).logits.float()
-        monkeypatch.setenv("DSMOE_KERNELS", "reference")
-        reference = model(tokens).logits.float()
+        fast = model(tokens, plan=plan.with_kernels(path)).logits.float()
+        reference = model(tokens, plan=plan.with_kernels("reference")).logits.float()
     tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
     torch.testing.assert_close(fast, reference, **tol)
 
 
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
 def test_compiled_decode_equals_eager_token_for_token_on_cuda(setting):
-    model = cuda_model(setting)
+    model, plan = cuda_model(setting)
     prompt = torch.randint(0, 97, (2, 6), device="cuda")
-    eager = generate(model, prompt, 16)
-    assert torch.equal(generate(model, prompt, 16, compile=True), eager)
+    eager = generate(model, prompt, 16, plan=plan)
+    assert torch.equal(generate(model, prompt, 16, plan=plan, compile=True), eager)
 
 
 def test_bf16_autocast_training_step_matches_fp32_gradients():
-    model = cuda_model(None).train()
+    model = cuda_model(None)[0].train()
     tokens = torch.randint(0, 97, (4, 48), device="cuda")
     model(tokens, tokens).loss.backward()
     fp32 = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

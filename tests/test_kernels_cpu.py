@@ -1,15 +1,18 @@
 """The CPU fast paths (sorted dispatch + grouped products) against the plain references."""
 
+import dataclasses
+
 import pytest
 import torch
 from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_inputs, moa_inputs, tolerances
 
 from dsmoe import kernels
+from dsmoe.config import ConfigError
 from dsmoe.kernels import cpu
-from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_cpu
+from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_sorted
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 from dsmoe.model.routing import Routing
-from dsmoe.model.settings import SparseSetting
+from dsmoe.model.settings import Kernels, SparseSetting
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -111,71 +114,72 @@ def test_experts_without_tokens_and_dropped_pairs():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype):
     n_experts, n_head, head_dim, n_kv = 4, 2, 8, 2
-    args = moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, 32, dtype)
+    x, wq, wo, ctx = moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, 32, dtype)
     routing = make_routing(batch * new_tokens, n_experts, setting)
-    out = moa_cpu(*args[:5], routing, *args[5:])
+    out = moa_sorted(x, wq, wo, routing, ctx)
     assert out.dtype == dtype
-    torch.testing.assert_close(out, moa_reference(*args[:5], routing, *args[5:]), **tolerances(dtype))
+    torch.testing.assert_close(out, moa_reference(x, wq, wo, routing, ctx), **tolerances(dtype))
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("new_tokens,cached", [(1, 6), (6, 0), (3, 4)], ids=["decode", "prefill", "chunk"])
 def test_moa_cpu_left_padded_batch_matches_reference(setting, new_tokens, cached):
-    args = left_padded(moa_inputs(3, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32), pads=[0, 2, 5])
+    x, wq, wo, ctx = left_padded(
+        moa_inputs(3, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32), pads=[0, 2, 5]
+    )
     routing = make_routing(3 * new_tokens, 4, setting)
-    out = moa_cpu(*args[:5], routing, *args[5:])
+    out = moa_sorted(x, wq, wo, routing, ctx)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, moa_reference(*args[:5], routing, *args[5:]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, moa_reference(x, wq, wo, routing, ctx), rtol=1e-4, atol=1e-5)
 
 
 def test_moa_cpu_any_token_layout_falls_back_to_reference():
-    x, wq, wo, k, v, batch_T, pos_T, cos, sin = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.float32)
+    x, wq, wo, ctx = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.float32)
     perm = torch.tensor([3, 0, 5, 1, 4, 2])  # tokens shuffled across batch rows
     routing = make_routing(6, 4, SparseSetting("topk", k=2))
-    out = moa_cpu(x[perm], wq, wo, k, v, routing, batch_T[perm], pos_T[perm], cos, sin)
-    ref = moa_reference(x[perm], wq, wo, k, v, routing, batch_T[perm], pos_T[perm], cos, sin)
+    shuffled = dataclasses.replace(ctx, batch_T=ctx.batch_T[perm], pos_T=ctx.pos_T[perm])
+    out = moa_sorted(x[perm], wq, wo, routing, shuffled)
+    ref = moa_reference(x[perm], wq, wo, routing, shuffled)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_dispatch_takes_a_differentiable_path_when_a_gradient_is_needed(monkeypatch):
-    x, w_in, w_out = mlp_inputs(4, 8, 32, 16, "gelu", torch.float32)
-    assert kernels.select(x, w_in, w_out) == "cpu"
-    assert kernels.select(x, w_in.requires_grad_(), w_out) == "grouped"
-    with torch.no_grad():
-        assert kernels.select(x, w_in, w_out) == "cpu"
-    monkeypatch.setenv("DSMOE_KERNELS", "reference")
-    assert kernels.select(x, w_in, w_out) == "reference"
-    assert kernels.select(x.detach(), w_in.detach(), w_out) == "reference"
+def test_the_kernel_table_takes_a_differentiable_path_when_a_gradient_is_needed():
+    x = torch.zeros(4, 32)
+    assert kernels.implementation(Kernels(), x) == "cpu"
+    assert kernels.implementation(Kernels(), x, needs_grad=True) == "grouped"
+    assert kernels.implementation(Kernels("reference"), x) == "reference"
+    assert kernels.implementation(Kernels("reference"), x, needs_grad=True) == "reference"
+    assert kernels.implementation(Kernels("triton"), x) == "triton"
+    assert kernels.implementation(Kernels(), torch.zeros(1, device="meta")) == "reference"
+    with pytest.raises(ConfigError, match="unknown kernels 'fast'"):
+        Kernels("fast")
 
 
 @pytest.mark.parametrize("regime", ["dsmoe", "smoe"])
-def test_sparse_model_on_fast_path_matches_reference_kernels(regime, monkeypatch):
-    """A sparsified model gives the same logits through the fast kernels as through the references, prefill and
-    decode with the KV cache."""
+def test_sparse_model_on_fast_path_matches_reference_kernels(regime):
+    """A sparse model gives the same logits through the fast kernels as through the references, prefill and decode
+    with the KV cache."""
     from helpers import small_config
 
-    from dsmoe.inference.sparsify import sparsify
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.model.transformer import Transformer
 
     model = Transformer(small_config(regime)).eval()
-    sparsify(
-        model,
+    plan = SparsePlan.build(
+        model.cfg,
         att=SparseSetting("topk", k=2) if regime == "dsmoe" else None,
         mlp=SparseSetting("threshold", threshold=1.0) if regime == "dsmoe" else None,
     )
     idx = torch.randint(0, 97, (2, 9))
 
-    def run():
+    def run(plan):
         with torch.inference_mode():
             cache = model.new_cache(2, 10)
-            prefill = model(idx, cache=cache).logits
-            step = model(idx[:, :1], cache=cache, start_pos=9).logits
+            prefill = model(idx, plan=plan, cache=cache).logits
+            step = model(idx[:, :1], plan=plan, cache=cache, start_pos=9).logits
         return prefill, step
 
-    fast = run()
-    monkeypatch.setenv("DSMOE_KERNELS", "reference")
-    ref = run()
-    for a, b in zip(fast, ref, strict=True):
+    for a, b in zip(run(plan), run(plan.with_kernels("reference")), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 

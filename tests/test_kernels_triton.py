@@ -88,8 +88,8 @@ def test_moa_triton_interpreted(setting, batch, new_tokens, cached, padded):
         args = left_padded(args, pads=[0, 3])
     routing = make_routing(batch * new_tokens, 4, setting)
     torch.testing.assert_close(
-        moa_triton(*args[:5], routing, *args[5:]),
-        moa_reference(*args[:5], routing, *args[5:]),
+        moa_triton(*args[:3], routing, args[3]),
+        moa_reference(*args[:3], routing, args[3]),
         rtol=1e-4,
         atol=1e-5,
     )
@@ -98,15 +98,12 @@ def test_moa_triton_interpreted(setting, batch, new_tokens, cached, padded):
 @interpreted
 def test_moa_triton_interpreted_long_prefill_after_a_cache():
     """Positions past 64 (the RoPE tables once had 64 rows: an IndexError here, a device-side assert on CUDA)."""
-    args = moa_inputs(1, 70, 3, 2, 2, 8, 2, 16, torch.float32)
+    x, wq, wo, ctx = moa_inputs(1, 70, 3, 2, 2, 8, 2, 16, torch.float32)
     routing = make_routing(70, 2, SparseSetting("threshold", threshold=1.0))
     torch.testing.assert_close(
-        moa_triton(*args[:5], routing, *args[5:]),
-        moa_reference(*args[:5], routing, *args[5:]),
-        rtol=1e-4,
-        atol=1e-5,
+        moa_triton(x, wq, wo, routing, ctx), moa_reference(x, wq, wo, routing, ctx), rtol=1e-4, atol=1e-5
     )
-    assert args[-2].shape[0] == 73  # cos: one row per position
+    assert ctx.cos_Sd.shape[0] == 73  # one row per position
 
 
 @interpreted
@@ -176,11 +173,15 @@ def test_expert_mlp_and_moa_triton_on_gpu(dtype, n_tokens):
         expert_mlp_reference(x, w_in, w_out, routing, "gelu"),
         **tol,
     )
-    args = [t.cuda() for t in moa_inputs(2, n_tokens, 3, 8, 4, 32, 4, 256, dtype)]
+    x, wq, wo, ctx = moa_inputs(2, n_tokens, 3, 8, 4, 32, 4, 256, dtype)
+    x, wq, wo = x.cuda(), wq.cuda(), wo.cuda()
+    ctx = type(ctx)(
+        *(t.cuda() for t in (ctx.k_BHSd, ctx.v_BHSd, ctx.batch_T, ctx.pos_T, ctx.cos_Sd, ctx.sin_Sd))
+    )
     routing = make_routing(2 * n_tokens, 8, SparseSetting("threshold", threshold=1.0))
     routing = type(routing)(
         routing.indices.cuda(), routing.weights.cuda(), routing.mask.cuda(), routing.n_experts
     )
     torch.testing.assert_close(
-        moa_triton(*args[:5], routing, *args[5:]), moa_reference(*args[:5], routing, *args[5:]), **tol
+        moa_triton(x, wq, wo, routing, ctx), moa_reference(x, wq, wo, routing, ctx), **tol
     )

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from helpers import small_config
 
-from dsmoe.inference.sparsify import sparsify
 from dsmoe.model.losses import mutual_information_loss, switch_loss
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.routing import route
-from dsmoe.model.settings import SparseSetting
+from dsmoe.model.settings import DENSE, SparseSetting
 from dsmoe.model.transformer import Transformer
 
 
@@ -23,7 +23,7 @@ def test_dense_mlp_equals_sum_of_experts_one_by_one():
     expected = sum(
         probs[:, e : e + 1] * (F.gelu(x @ mlp.experts.w_in[e].T) @ mlp.experts.w_out[e]) for e in range(8)
     )
-    out, _ = mlp(x, None)
+    out, _ = mlp(x, DENSE)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -54,15 +54,15 @@ def test_dense_moa_equals_sum_of_experts_one_by_one():
     model = Transformer(small_config())
     att = model.blocks[0].att
     x = torch.randn(2, 7, 32)
-    out, _ = att(x, model.rope_cos, model.rope_sin, None, 0, None)
+    out, _ = att(x, model.rope_cos, model.rope_sin, DENSE)
     torch.testing.assert_close(
         out, _moa_by_hand(att, x, model.rope_cos, model.rope_sin), rtol=1e-5, atol=1e-6
     )
 
 
-def _logits(model, idx):
+def _logits(model, idx, plan=None):
     with torch.no_grad():
-        return model(idx).logits
+        return model(idx, plan=plan).logits
 
 
 @pytest.mark.parametrize("setting", [SparseSetting("topk", k=8), SparseSetting("threshold", threshold=1e-9)])
@@ -71,8 +71,8 @@ def test_sparse_with_every_expert_equals_dense(setting):
     idx = torch.randint(0, 97, (2, 9))
     dense = _logits(model, idx)
     att = SparseSetting(setting.strategy, k=4 if setting.k else None, threshold=setting.threshold)
-    sparsify(model, att=att, mlp=setting)
-    torch.testing.assert_close(_logits(model, idx), dense, rtol=1e-5, atol=1e-5)
+    plan = SparsePlan.build(model.cfg, att=att, mlp=setting)
+    torch.testing.assert_close(_logits(model, idx, plan), dense, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -99,14 +99,12 @@ def test_sparse_dispatch_equals_dense_with_unselected_experts_zeroed(setting, ki
     with torch.no_grad():
         if kind == "mlp":
             dense = layer.experts.dense(x.reshape(12, 32), masked)
-            layer.setting = setting
-            sparse, _ = layer(x.reshape(12, 32), None)
+            sparse, _ = layer(x.reshape(12, 32), setting)
         else:
             layer.router.forward = lambda _x, p=masked: p
-            dense, _ = layer(x, model.rope_cos, model.rope_sin, None, 0, None)
+            dense, _ = layer(x, model.rope_cos, model.rope_sin, DENSE)
             layer.router.forward = lambda _x, p=probs: p
-            layer.setting = setting
-            sparse, _ = layer(x, model.rope_cos, model.rope_sin, None, 0, None)
+            sparse, _ = layer(x, model.rope_cos, model.rope_sin, setting)
     torch.testing.assert_close(sparse.reshape(dense.shape), dense, rtol=1e-5, atol=1e-6)
 
 

@@ -50,11 +50,11 @@ def test_quantize_stores_projections_as_int8_and_keeps_routers_norms_and_embeddi
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_int8_logits_stay_close_to_fp32(case):
-    model = model_for(case)
+    model, plan = model_for(case)
     tokens = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
-        fp32 = model(tokens).logits
-        int8 = quantize(model)(tokens).logits
+        fp32 = model(tokens, plan=plan).logits
+        int8 = quantize(model)(tokens, plan=plan).logits
     # per-channel int8 rounding of these random weights moves the logits by about 2-3% of their spread at most
     assert (int8 - fp32).abs().max() < 0.06 * fp32.std()
     assert torch.corrcoef(torch.stack([int8.flatten(), fp32.flatten()]))[0, 1] > 0.9999
@@ -62,9 +62,10 @@ def test_int8_logits_stay_close_to_fp32(case):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_compiled_int8_decode_matches_eager_int8_step_by_step(case):
-    model = quantize(model_for(case))
+    model, plan = model_for(case)
+    quantize(model)
     prompt = torch.randint(0, 97, (1, 5))
-    eager, compiled = Decoder(model, 1, 14), Decoder(model, 1, 14, compile=True)
+    eager, compiled = Decoder(model, 1, 14, plan=plan), Decoder(model, 1, 14, plan=plan, compile=True)
     torch._dynamo.reset()
     counters.clear()
     logits_e, logits_c = eager.prefill(prompt), compiled.prefill(prompt)
@@ -88,9 +89,10 @@ def test_compiled_int8_decode_takes_the_int8_paths(monkeypatch):
         return expert_mlp_gathered(*args)
 
     monkeypatch.setattr(experts_module, "expert_mlp_gathered", gathered)
-    model = quantize(model_for("dsmoe-topk"))
+    model, plan = model_for("dsmoe-topk")
+    quantize(model)
     torch._dynamo.reset()
-    decoder = Decoder(model, 1, 8, compile=True)
+    decoder = Decoder(model, 1, 8, plan=plan, compile=True)
     decoder.prefill(torch.randint(0, 97, (1, 3)))
     decoder.step(torch.tensor([5]))
     assert "experts" in traced
@@ -98,12 +100,13 @@ def test_compiled_int8_decode_takes_the_int8_paths(monkeypatch):
 
 
 def test_int8_generate_compiled_equals_eager_with_a_padded_batch():
-    model = quantize(model_for("dsmoe-threshold"))
+    model, plan = model_for("dsmoe-threshold")
+    quantize(model)
     prompt = torch.randint(0, 97, (2, 6))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, :3] = False
-    eager = generate(model, prompt, 10, prompt_mask_BT=mask)
-    assert torch.equal(generate(model, prompt, 10, prompt_mask_BT=mask, compile=True), eager)
+    eager = generate(model, prompt, 10, prompt_mask_BT=mask, plan=plan)
+    assert torch.equal(generate(model, prompt, 10, prompt_mask_BT=mask, plan=plan, compile=True), eager)
 
 
 def test_broadcast_products_equal_the_plain_products_under_compile():

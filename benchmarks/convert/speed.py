@@ -28,7 +28,7 @@ from measure import (  # this folder: the script's own directory is on sys.path
 from dsmoe.convert.from_hf import convert_model
 from dsmoe.inference.generate import Decoder
 from dsmoe.inference.quantize import quantize
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 
 SETTINGS = {  # name: (experts: (MLP, attention), attention setting, MLP setting)
@@ -41,15 +41,15 @@ SETTINGS = {  # name: (experts: (MLP, attention), attention setting, MLP setting
 }
 
 
-def prefill_job(model, idx, hf: bool):
+def prefill_job(model, idx, hf: bool, plan=None):
     def job():
         with torch.inference_mode():
-            model(idx) if not hf else model(idx, use_cache=False)
+            model(idx, plan=plan) if not hf else model(idx, use_cache=False)
 
     return job
 
 
-def decode_job(model, prompt, n_new: int, hf: bool, compile: bool = False):
+def decode_job(model, prompt, n_new: int, hf: bool, compile: bool = False, plan=None):
     def job():
         with torch.inference_mode():
             if hf:
@@ -60,7 +60,7 @@ def decode_job(model, prompt, n_new: int, hf: bool, compile: bool = False):
                     out = model(token[:, None], past_key_values=cache, use_cache=True)
                     cache, token = out.past_key_values, out.logits[:, -1].argmax(-1)
                 return time.perf_counter() - start
-            decoder = Decoder(model, 1, prompt.shape[1] + n_new, compile=compile)
+            decoder = Decoder(model, 1, prompt.shape[1] + n_new, plan=plan, compile=compile)
             token = decoder.prefill(prompt).argmax(-1)
             start = time.perf_counter()
             for _ in range(n_new):
@@ -103,6 +103,7 @@ def main() -> None:
     hf.eval()
     converted = {}
     models = {}
+    plans = {}  # our rows' sparse plans
     for name, spec in SETTINGS.items():
         if args.models and name not in args.models and spec is not None:  # the original is always the base
             continue
@@ -114,26 +115,29 @@ def main() -> None:
             converted[experts] = convert_model(hf, *experts, max_seq_len=args.seq + args.decode_tokens + 16)
             if experts != (1, 1):
                 calibrate_on_bbc_news(converted[experts], tokenizer)
-        # Each sparse model is its own copy, so that it keeps its own sparse setting.
-        model = converted[experts] if att is None and mlp is None else copy.deepcopy(converted[experts])
-        sparsify(model, att=att, mlp=mlp)
-        models[name] = model
+        models[name] = converted[experts]
+        plans[name] = SparsePlan.build(converted[experts].cfg, att=att, mlp=mlp)
     gen = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 49152, (args.batch, args.seq), generator=gen)
     prompt = torch.randint(0, 49152, (1, 16), generator=gen)
     is_hf = {name: SETTINGS[name] is None for name in models}
-    prefill = best_of({n: prefill_job(m, idx, is_hf[n]) for n, m in models.items()}, args.repeats)
-    decode_jobs = {n: decode_job(m, prompt, args.decode_tokens, is_hf[n]) for n, m in models.items()}
+    prefill = best_of(
+        {n: prefill_job(m, idx, is_hf[n], plans.get(n)) for n, m in models.items()}, args.repeats
+    )
+    decode_jobs = {
+        n: decode_job(m, prompt, args.decode_tokens, is_hf[n], plan=plans.get(n)) for n, m in models.items()
+    }
     if args.compiled_decode:
         decode_jobs |= {
-            f"{n} +compiled": decode_job(m, prompt, args.decode_tokens, False, compile=True)
+            f"{n} +compiled": decode_job(m, prompt, args.decode_tokens, False, True, plans[n])
             for n, m in models.items()
             if not is_hf[n]
         }
     if args.int8:
+        quantized = {id(m): quantize(copy.deepcopy(m)) for n, m in models.items() if not is_hf[n]}
         decode_jobs |= {
             f"{n} +int8 compiled": decode_job(
-                quantize(copy.deepcopy(m)), prompt, args.decode_tokens, False, True
+                quantized[id(m)], prompt, args.decode_tokens, False, True, plans[n]
             )
             for n, m in models.items()
             if not is_hf[n]

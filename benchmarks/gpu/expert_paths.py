@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import time
 from pathlib import Path
 
@@ -140,5 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.pop("DSMOE_KERNELS", None)
     main()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from dsmoe.bench.models import bench_models
 from dsmoe.inference.generate import Decoder
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.transformer import Transformer
 
 
@@ -31,8 +30,8 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_tps(model: Transformer, batch: int, new: int = 32) -> float:
-    decoder = Decoder(model, batch, 8 + new)
+def decode_tps(model: Transformer, plan: SparsePlan, batch: int, new: int = 32) -> float:
+    decoder = Decoder(model, batch, 8 + new, plan=plan)
     logits = decoder.prefill(torch.randint(0, 4096, (batch, 8), device="cuda"))
 
     def run():
@@ -51,9 +50,7 @@ def main() -> None:
     models = {}
     for name in ("dense", "ds-moe"):
         torch.manual_seed(0)
-        e = entries[name]
-        model = Transformer(e.cfg).to("cuda", torch.bfloat16).eval()
-        models[name] = sparsify(model, att=e.att, mlp=e.mlp)
+        models[name] = Transformer(entries[name].cfg).to("cuda", torch.bfloat16).eval()
     runs = {
         "dense": ("dense", None),
         "ds-moe/triton": ("ds-moe", "triton"),
@@ -64,18 +61,15 @@ def main() -> None:
     with torch.no_grad():
         for _ in range(3):
             for run, (name, path) in runs.items():
-                os.environ.pop("DSMOE_KERNELS", None)
-                if path:
-                    os.environ["DSMOE_KERNELS"] = path
+                plan = entries[name].plan.with_kernels(path)  # None: the device's default path
                 figures = {
-                    "input_tps": x.numel() / seconds(lambda name=name: models[name](x)),
-                    "decode_tps_b1": decode_tps(models[name], 1),
-                    "decode_tps_b16": decode_tps(models[name], 16),
+                    "input_tps": x.numel() / seconds(lambda m=models[name], p=plan: m(x, plan=p)),
+                    "decode_tps_b1": decode_tps(models[name], plan, 1),
+                    "decode_tps_b16": decode_tps(models[name], plan, 16),
                 }
                 kept = best.setdefault(run, figures)
                 for k, v in figures.items():
                     kept[k] = max(kept[k], v)
-    os.environ.pop("DSMOE_KERNELS", None)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "best_of_3": best}
     result["vs_dense"] = {
         r: {k: round(v / best["dense"][k], 3) for k, v in f.items()} for r, f in best.items()

@@ -23,7 +23,8 @@ from dsmoe.evaluation.text import load_eval_text
 from dsmoe.evaluation.tune import TuneOptions
 from dsmoe.evaluation.tune_run import first_tokens, tune_and_report
 from dsmoe.files import write_atomic
-from dsmoe.model.settings_file import settings_to_dict
+from dsmoe.model.plan import SparsePlan
+from dsmoe.model.settings_file import plan_to_dict
 from dsmoe.training.checkpoint import load_pretrained
 
 
@@ -93,7 +94,8 @@ def main() -> None:
         record = {"checkpoint": str(args.checkpoint), "data": text_.description, **record}
         records.append(record)
         settings = args.out.with_name(f"{args.out.name}-settings-{budget:g}.json")
-        write_atomic(settings, json.dumps(settings_to_dict(chosen.att, chosen.mlp, record), indent=2) + "\n")
+        plan = SparsePlan.build(model.cfg, chosen.att, chosen.mlp)
+        write_atomic(settings, json.dumps(plan_to_dict(plan, record), indent=2) + "\n")
         print(
             f"budget {budget:g}: {record['search']['evaluations']} new dev evaluations, "
             f"{record['search']['seconds']:.0f} s",

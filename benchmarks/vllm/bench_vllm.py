@@ -87,16 +87,17 @@ def _native_share(checkpoint: Path, mlp, args) -> dict:
     """Active parameters dsmoe's own meter measures for this setting over random tokens (prefill of one input)."""
     import torch
 
-    from dsmoe.inference.sparsify import ActiveMeter, sparsify
+    from dsmoe.inference.meter import ActiveMeter
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.training.checkpoint import load_pretrained
 
     model, _ = load_pretrained(checkpoint)
     meter = ActiveMeter(model.cfg)
-    sparsify(model, mlp=mlp, meter=meter)
+    tokens = torch.randint(
+        0, args.vocab_size, (2, args.input_len), generator=torch.Generator().manual_seed(1)
+    )
     with torch.inference_mode():
-        model(
-            torch.randint(0, args.vocab_size, (2, args.input_len), generator=torch.Generator().manual_seed(1))
-        )
+        meter.update(model(tokens, plan=SparsePlan.build(model.cfg, mlp=mlp)).routers)
     summary = meter.summary()
     mlp_share = statistics.mean(layer["mean"] for layer in summary["layers"]["mlp"])
     return {

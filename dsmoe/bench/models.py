@@ -20,6 +20,7 @@ from typing import Any
 
 from dsmoe.bench.settings import SHAPES
 from dsmoe.config import ConfigError, ModelConfig
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 
 
@@ -29,6 +30,10 @@ class BenchModel:
     cfg: ModelConfig
     att: SparseSetting | None  # inference setting of the attention routers (None: trained behaviour)
     mlp: SparseSetting | None
+
+    @property
+    def plan(self) -> SparsePlan:
+        return SparsePlan.build(self.cfg, self.att, self.mlp)
 
 
 def llama_ffn(d_model: int) -> int:

@@ -37,9 +37,11 @@ from dsmoe.bench.models import BenchModel, bench_models
 from dsmoe.bench.settings import BenchSettings
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import Decoder, generate
+from dsmoe.inference.meter import ActiveMeter
 from dsmoe.inference.quantize import quantize
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.routing import route
+from dsmoe.model.settings import Kernels
 from dsmoe.model.transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -110,17 +112,18 @@ class Runner(Protocol):
 
 
 class DSMoERunner:
-    def __init__(self, model: Transformer, device: str, compile: bool = False):
+    def __init__(self, model: Transformer, device: str, plan: SparsePlan, compile: bool = False):
         self.module = model
         self.device = device
+        self.plan = plan
         self.compile = compile
 
     def forward(self, idx_BT: torch.Tensor) -> None:
-        self.module(idx_BT, last_only=True)
+        self.module(idx_BT, plan=self.plan, last_only=True)
 
     def decode(self, prompt_BT: torch.Tensor, n_tokens: int) -> float:
         batch, prompt_len = prompt_BT.shape
-        decoder = Decoder(self.module, batch, prompt_len + n_tokens, compile=self.compile)
+        decoder = Decoder(self.module, batch, prompt_len + n_tokens, plan=self.plan, compile=self.compile)
         token = decoder.prefill(prompt_BT).argmax(-1)
         _sync(self.device)
         start = time.perf_counter()
@@ -130,7 +133,7 @@ class DSMoERunner:
         return time.perf_counter() - start
 
     def generate(self, prompt_BT: torch.Tensor, n_new: int) -> None:
-        generate(self.module, prompt_BT, n_new, compile=self.compile)
+        generate(self.module, prompt_BT, n_new, plan=self.plan, compile=self.compile)
 
 
 def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, torch.Tensor]:
@@ -186,10 +189,8 @@ def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, 
 def active_params(entry: BenchModel, model: Transformer, x_in: torch.Tensor) -> dict[str, int]:
     """Active parameters of one of our models, measured by the meter on the input batch, and its totals."""
     meter = ActiveMeter(entry.cfg)
-    sparsify(model, att=entry.att, mlp=entry.mlp, meter=meter)
     with torch.inference_mode():
-        model(x_in[:1], last_only=True)
-    sparsify(model, att=entry.att, mlp=entry.mlp)
+        meter.update(model(x_in[:1], plan=entry.plan, last_only=True).routers)
     return dict(
         active_params=round(meter.active_params),
         total_params=entry.cfg.non_embedding_params,
@@ -219,23 +220,15 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
             flops[f"{e.name}/dense"] = per_pair * s.mlp_tokens
             continue
         with torch.inference_mode():
-            routing = route(mlp.router(x), e.mlp or mlp.setting)
+            routing = route(mlp.router(x), e.plan.setting("mlp", 0))
         pairs = int(routing.mask.sum())
-        for kernels in ("fast", "reference"):
+        for label, kernels in (("fast", Kernels()), ("reference", Kernels("reference"))):
 
             def job(mlp=mlp, routing=routing, kernels=kernels):
-                previous = os.environ.pop("DSMOE_KERNELS", None)
-                if kernels == "reference":
-                    os.environ["DSMOE_KERNELS"] = "reference"
-                try:
-                    mlp.experts.sparse(x, routing)
-                finally:
-                    os.environ.pop("DSMOE_KERNELS", None)
-                    if previous is not None:
-                        os.environ["DSMOE_KERNELS"] = previous
+                mlp.experts.sparse(x, routing, kernels)
 
-            jobs[f"{e.name}/sparse-{kernels}"] = job
-            flops[f"{e.name}/sparse-{kernels}"] = per_pair * pairs
+            jobs[f"{e.name}/sparse-{label}"] = job
+            flops[f"{e.name}/sparse-{label}"] = per_pair * pairs
     with torch.inference_mode():
         times = best_of(jobs, s.repeats, s.device, f"MLP FLOP/s on {s.mlp_tokens} tokens")
     out = {
@@ -292,10 +285,8 @@ def run_benchmark(s: BenchSettings) -> dict:
         for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k, s.shape)
         if e.name in s.models
     ]
-    models = {}
-    for e in entries:
-        model = Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval()
-        models[e.name] = sparsify(model, att=e.att, mlp=e.mlp)
+    models = {e.name: Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval() for e in entries}
+    plans = {e.name: e.plan for e in entries}
     variants = dict(models)  # row name -> model; with --quantize, each model's quantized copy beside it
     model_of = {name: name for name in models}  # variant -> the model it is (a copy of)
     if s.quantize != "none":
@@ -305,11 +296,12 @@ def run_benchmark(s: BenchSettings) -> dict:
     runners: dict[str, Runner] = {}
     compiled_rows = {}  # row name -> the variant it decodes compiled
     for name, m in variants.items():
+        plan = plans[model_of[name]]
         if s.decode != "compiled":
-            runners[name] = DSMoERunner(m, s.device)
+            runners[name] = DSMoERunner(m, s.device, plan)
         if s.decode != "eager":
             row = name if s.decode == "compiled" else f"{name}+compiled"
-            runners[row] = DSMoERunner(m, s.device, compile=True)
+            runners[row] = DSMoERunner(m, s.device, plan, compile=True)
             compiled_rows[row] = name
     peers = []
     if s.peers:

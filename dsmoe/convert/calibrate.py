@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.reference import activate
 from dsmoe.model.attention import _attend
 from dsmoe.model.rope import apply_rope
@@ -90,8 +89,7 @@ def calibrate_routers(
     if sharpness <= 0:
         raise ValueError(f"sharpness must be > 0, got {sharpness}")
     was_training = model.training
-    model.eval()
-    sparsify(model)  # importance is measured on the dense model
+    model.eval()  # and run as trained (no plan): importance is measured on the dense model
     cfg = model.cfg
     fits: dict[tuple[str, int], _NormalEquations] = {}
     handles = []

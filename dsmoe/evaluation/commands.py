@@ -72,18 +72,17 @@ def _load(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.text import evaluate_text
-    from dsmoe.inference.arguments import resolve_sparse_args
+    from dsmoe.inference.arguments import plan_from_args
     from dsmoe.inference.quantize import quantize
 
-    att, mlp = resolve_sparse_args(args, _check(args))
+    plan = plan_from_args(args, _check(args))
     model, tokenizer, text = _load(args)
     quantize(model, args.quantize)
     result = evaluate_text(
         model,
         tokenizer,
         text.documents,
-        att,
-        mlp,
+        plan,
         batch_size=args.batch_size,
         max_len=args.max_len,
         progress=not args.json,
@@ -125,9 +124,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     points = sweep_grid(args.strategies, args.thresholds, ks, cfg.n_mlp_experts, args.att_dense)
     if args.settings is not None:
         from dsmoe.evaluation.sweep import settings_point
-        from dsmoe.model.settings_file import load_settings
+        from dsmoe.model.settings_file import load_plan
 
-        points.append(settings_point(*load_settings(args.settings, cfg), Path(args.settings).name))
+        points.append(settings_point(load_plan(args.settings, cfg), Path(args.settings).name))
     model, tokenizer, text = _load(args)
     result = run_sweep(
         model,

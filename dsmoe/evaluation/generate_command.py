@@ -14,10 +14,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dsmoe.data.tokenizer import eos_id
-    from dsmoe.inference.arguments import resolve_sparse_args
+    from dsmoe.inference.arguments import plan_from_args
     from dsmoe.inference.generate import stream
     from dsmoe.inference.quantize import quantize
-    from dsmoe.inference.sparsify import sparsify
     from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
     cfg = checkpoint_config(args.checkpoint)
@@ -29,7 +28,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}"
         )
-    att, mlp = resolve_sparse_args(args, cfg)
+    plan = plan_from_args(args, cfg)
     model, tokenizer = load_pretrained(args.checkpoint)
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
@@ -39,7 +38,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{len(prompt)} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed the model's max_seq_len "
             f"{cfg.max_seq_len}; shorten one"
         )
-    quantize(sparsify(model, att=att, mlp=mlp), args.quantize)
+    quantize(model, args.quantize)
     compile = args.compile or args.quantize != "none"  # int8 weights pay only in the compiled step
     generator = torch.Generator().manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
@@ -53,6 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         eos_token_id=eos_id(tokenizer),
         generator=generator,
+        plan=plan,
         compile=compile,
     ):
         ids.append(token)

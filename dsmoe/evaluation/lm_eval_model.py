@@ -29,11 +29,10 @@ from lm_eval.api.registry import register_model
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import rolling_loglikelihoods
 from dsmoe.evaluation.scoring import score_requests
-from dsmoe.inference.arguments import check_settings, sparse_setting
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import ActiveMeter, LayerSettings, sparsify
-from dsmoe.model.settings import SparseSetting, describe_setting
-from dsmoe.model.settings_file import load_settings
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan, Spelling
+from dsmoe.model.settings_file import load_plan
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +64,12 @@ def resolve_batch_size(batch_size: int | str | None, max_batch_size: int | None)
     return size
 
 
-def _setting(prefix: str, strategy, k, threshold, normalize: bool) -> SparseSetting | None:
-    """One router kind's setting from ``--model_args``; None (no strategy) runs the layers as trained."""
-    if strategy in (None, ""):
-        if k is not None or threshold is not None:
-            raise ConfigError(
-                f"{prefix}k / {prefix}threshold need {prefix}strategy=topk|threshold|threshold_topk in --model_args"
-            )
-        return None
-    return sparse_setting(
-        str(strategy),
-        _optional(k, int),
-        _optional(threshold, float),
-        give_k=f"add {prefix}k=N to --model_args",
-        normalize=normalize,
-    )
+def _model_arg(field: str) -> str:
+    """How --model_args spells a plan field: 'mlp_k' -> 'k', 'att_k' -> 'att_k', 'normalize_weights' -> 'normalize'."""
+    return "normalize" if field == "normalize_weights" else field.removeprefix("mlp_")
+
+
+MODEL_ARGS = Spelling(_model_arg, "--model_args", text=True, how="add {name}=N to --model_args")
 
 
 @register_model("dsmoe")
@@ -116,21 +106,23 @@ class DSMoELM(TemplateLM):
         from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
         cfg = checkpoint_config(checkpoint)
-        self.att_setting: LayerSettings
-        self.mlp_setting: LayerSettings
+        given = {
+            "att_strategy": att_strategy,
+            "att_k": att_k,
+            "att_threshold": att_threshold,
+            "mlp_strategy": strategy,
+            "mlp_k": k,
+            "mlp_threshold": threshold,
+        }
         if settings not in (None, ""):
-            given = [
-                n for n, v in (("strategy", strategy), ("att_strategy", att_strategy)) if v not in (None, "")
-            ]
-            if given:
+            named = [_model_arg(field) for field, value in given.items() if value not in (None, "")]
+            if named:
                 raise ConfigError(
-                    f"settings={settings} gives every layer's setting; drop {', '.join(given)} from --model_args"
+                    f"settings={settings} gives every layer's setting; drop {', '.join(named)} from --model_args"
                 )
-            self.att_setting, self.mlp_setting = load_settings(str(settings), cfg)
+            self.plan = load_plan(str(settings), cfg)
         else:
-            self.att_setting = _setting("att_", att_strategy, att_k, att_threshold, bool(normalize))
-            self.mlp_setting = _setting("", strategy, k, threshold, bool(normalize))
-            check_settings(cfg, self.att_setting, self.mlp_setting)
+            self.plan = SparsePlan.parse({**given, "normalize_weights": normalize}, cfg, MODEL_ARGS)
         self._device = resolve_device(device)
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
         self.model, self.tokenizer = load_pretrained(Path(checkpoint), device=self._device, dtype=torch_dtype)
@@ -148,7 +140,6 @@ class DSMoELM(TemplateLM):
         self.max_gen_toks = int(max_gen_toks)
         self.batch_size = resolve_batch_size(batch_size, _optional(max_batch_size, int))
         self.meter = ActiveMeter(self.cfg)
-        sparsify(self.model, att=self.att_setting, mlp=self.mlp_setting, meter=self.meter)
         self.checkpoint = str(checkpoint)
 
     # --- what TemplateLM needs -----------------------------------------------------------------------------------
@@ -179,7 +170,14 @@ class DSMoELM(TemplateLM):
             ids = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1) :]
             scored.append((ids, min(len(continuation_enc), len(ids) - 1)))
         scores = score_requests(
-            self.model, scored, self.batch_size, self._device, pad_id=self._eot, progress=not disable_tqdm
+            self.model,
+            scored,
+            self.batch_size,
+            self._device,
+            pad_id=self._eot,
+            progress=not disable_tqdm,
+            plan=self.plan,
+            meter=self.meter,
         )
         return [(s.logprob, s.is_greedy) for s in scores]
 
@@ -194,6 +192,8 @@ class DSMoELM(TemplateLM):
             self.batch_size,
             self._device,
             progress=not disable_tqdm,
+            plan=self.plan,
+            meter=self.meter,
         )
         out = [0.0] * len(docs)  # an empty document has log-likelihood 0 (no token to predict)
         for i, total in zip(nonempty, totals, strict=True):
@@ -234,6 +234,8 @@ class DSMoELM(TemplateLM):
                         temperature=temperature,
                         top_p=top_p,
                         eos_token_id=self._eot,
+                        plan=self.plan,
+                        meter=self.meter,
                     )
                     for job, row in zip(chunk, tokens[:, length:].tolist(), strict=True):
                         if self._eot in row:
@@ -257,16 +259,16 @@ class DSMoELM(TemplateLM):
     def active_summary(self) -> dict:
         """Active parameters and active hidden share over every token scored or generated so far."""
         return {
-            "att_strategy": describe_setting(self.att_setting),
-            "mlp_strategy": describe_setting(self.mlp_setting),
+            "att_strategy": self.plan.describe("att"),
+            "mlp_strategy": self.plan.describe("mlp"),
             **self.meter.summary(),
         }
 
     def get_model_info(self) -> dict:
         info: dict[str, str | float] = {
             "dsmoe_checkpoint": self.checkpoint,
-            "dsmoe_att_strategy": describe_setting(self.att_setting),
-            "dsmoe_mlp_strategy": describe_setting(self.mlp_setting),
+            "dsmoe_att_strategy": self.plan.describe("att"),
+            "dsmoe_mlp_strategy": self.plan.describe("mlp"),
         }
         if all(n > 0 for kind in ("att", "mlp") for n in self.meter.tokens[kind]):
             info.update(

@@ -14,6 +14,8 @@ import torch
 from dsmoe.evaluation.scoring import Request, score_requests
 
 if TYPE_CHECKING:
+    from dsmoe.inference.meter import ActiveMeter
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.model.transformer import Transformer
 
 
@@ -44,8 +46,11 @@ def rolling_loglikelihoods(
     batch_size: int = 16,
     device: torch.device | str | None = None,
     progress: bool = False,
+    plan: SparsePlan | None = None,
+    meter: ActiveMeter | None = None,
 ) -> list[float]:
-    """Sum of log p(token | preceding tokens) over each document; all documents' windows share the batches."""
+    """Sum of log p(token | preceding tokens) over each document; all documents' windows share the batches. ``plan``
+    and ``meter``: as for ``score_requests``."""
     requests: list[Request] = []
     owner: list[int] = []
     for doc, tokens in enumerate(documents_tokens):
@@ -53,7 +58,7 @@ def rolling_loglikelihoods(
             requests.append(window)
             owner.append(doc)
     scores = score_requests(
-        model, requests, batch_size=batch_size, device=device, pad_id=prefix_token, progress=progress
+        model, requests, batch_size, device, prefix_token, progress=progress, plan=plan, meter=meter
     )
     totals = [0.0] * len(documents_tokens)
     for doc, score in zip(owner, scores, strict=True):
@@ -103,13 +108,18 @@ def perplexity(
     device: torch.device | str | None = None,
     progress: bool = False,
     batch_size: int = 16,
+    plan: SparsePlan | None = None,
+    meter: ActiveMeter | None = None,
 ) -> dict[str, float]:
-    """Word, byte and token perplexity and bits per byte over ``documents`` (each a string). Documents that
-    tokenize to nothing are skipped (they have no token to score)."""
+    """Word, byte and token perplexity and bits per byte over ``documents`` (each a string), under ``plan`` (None: as
+    trained), the active experts counted into ``meter``. Documents that tokenize to nothing are skipped (they have
+    no token to score)."""
     encoded = [(doc, tokenizer.encode(doc).ids) for doc in documents]
     docs = [doc for doc, ids in encoded if ids]
     tokens = [ids for _, ids in encoded if ids]
-    totals = rolling_loglikelihoods(model, tokens, prefix_token, max_len, batch_size, device, progress)
+    totals = rolling_loglikelihoods(
+        model, tokens, prefix_token, max_len, batch_size, device, progress, plan=plan, meter=meter
+    )
     n_words = sum(count_words(doc) for doc in docs)
     n_bytes = sum(len(doc.encode("utf-8")) for doc in docs)
     return perplexity_from_totals(sum(totals), sum(len(t) for t in tokens), n_words, n_bytes)

@@ -158,13 +158,15 @@ def evaluate_run(
     """One trained run on the three held-out texts ('in_domain', 'dev', 'test'): as trained and, for DS-MoE, over
     the sparsity sweep, with the operating point chosen on dev; zero-shot accuracy at that point."""
     from dsmoe.evaluation.text import evaluate_text
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.training.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained(checkpoint)
 
     def rows(att: SparseSetting | None, mlp: SparseSetting | None, label: dict) -> dict[str, dict]:
+        plan = SparsePlan.build(model.cfg, att, mlp)
         return {
-            name: label | _row(evaluate_text(model, tokenizer, docs, att, mlp, batch_size=args.batch_size))
+            name: label | _row(evaluate_text(model, tokenizer, docs, plan, batch_size=args.batch_size))
             for name, docs in texts.items()
         }
 

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from dsmoe.inference.meter import ActiveMeter
+    from dsmoe.model.plan import SparsePlan
     from dsmoe.model.transformer import Transformer
 
 Request = tuple[Sequence[int], int]
@@ -73,8 +75,11 @@ def score_requests(
     device: torch.device | str | None = None,
     pad_id: int = 0,
     progress: bool = False,
+    plan: SparsePlan | None = None,
+    meter: ActiveMeter | None = None,
 ) -> list[Score]:
-    """Score every request (see the module docstring); ``batch_size`` sequences per forward pass."""
+    """Score every request (see the module docstring); ``batch_size`` sequences per forward pass, under ``plan``
+    (None: as trained), each forward's router records added to ``meter`` when one is given."""
     from tqdm import tqdm
 
     device = device or next(model.parameters()).device
@@ -89,7 +94,9 @@ def score_requests(
             ids = requests[i][0]
             inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
             real[row, : len(ids) - 1] = True
-        hidden_BTD, _ = model.hidden(inputs.to(device), token_mask_BT=real.to(device))
+        hidden_BTD, routers = model.hidden(inputs.to(device), plan=plan, token_mask_BT=real.to(device))
+        if meter is not None:
+            meter.update(routers)
         # every request's scored positions of the batch at once: positions [end - n, end) predict its last n tokens
         counts = [requests[i][1] for i in batch]
         hidden_PD = torch.cat(

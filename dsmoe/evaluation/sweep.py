@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.files import write_atomic
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 
 if TYPE_CHECKING:
@@ -50,9 +51,9 @@ class GridPoint:
         return f"att {self.att.describe()}, mlp {self.mlp.describe()}"
 
 
-def settings_point(att: LayerList, mlp: LayerList, name: str) -> GridPoint:
+def settings_point(plan: SparsePlan, name: str) -> GridPoint:
     """The sweep point of a per-layer settings file (``dsmoe sweep --settings FILE``)."""
-    return GridPoint("settings", att, mlp, None, name)
+    return GridPoint("settings", list(plan.att), list(plan.mlp), None, name)
 
 
 def sweep_grid(
@@ -98,20 +99,15 @@ def run_sweep(
     attention and MLP, as the paper's Figure 5)."""
     from tqdm import tqdm
 
-    from dsmoe.inference.sparsify import sparsify
-
     rows = []
     for point in tqdm(points, desc="sweep", unit="setting", disable=not progress):
-        result = evaluate_text(
-            model, tokenizer, documents, point.att, point.mlp, batch_size=batch_size, max_len=max_len
-        )
+        plan = SparsePlan.build(model.cfg, point.att, point.mlp)
+        result = evaluate_text(model, tokenizer, documents, plan, batch_size=batch_size, max_len=max_len)
         result.pop("layers")
         rows.append({"strategy": point.strategy, "value": point.value, "label": point.label, **result})
     setting = SparseSetting("threshold", threshold=layer_threshold)
-    utilization = evaluate_text(
-        model, tokenizer, documents, setting, setting, batch_size=batch_size, max_len=max_len
-    )
-    sparsify(model)
+    plan = SparsePlan.build(model.cfg, setting, setting)
+    utilization = evaluate_text(model, tokenizer, documents, plan, batch_size=batch_size, max_len=max_len)
     return {
         "points": rows,
         "layer_utilization": {

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError
 from dsmoe.evaluation.perplexity import perplexity
-from dsmoe.inference.sparsify import ActiveMeter, LayerSettings, sparsify
-from dsmoe.model.settings import describe_setting
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer
@@ -71,26 +71,32 @@ def evaluate_text(
     model: Transformer,
     tokenizer,
     documents: list[str],
-    att: LayerSettings = None,
-    mlp: LayerSettings = None,
+    plan: SparsePlan | None = None,
     *,
     batch_size: int = 16,
     max_len: int | None = None,
     progress: bool = False,
 ) -> dict:
-    """Perplexities (word, token, byte), bits per byte and the measured active parameters under (att, mlp).
-
-    The model is left sparsified with the given settings; ``sparsify(model)`` restores its trained behaviour."""
+    """Perplexities (word, token, byte), bits per byte and the measured active parameters under ``plan`` (None: as
+    trained)."""
     from dsmoe.data.tokenizer import eos_id
 
     cfg = model.cfg
+    plan = plan or SparsePlan.build(cfg)
     max_len = max_len or cfg.max_seq_len
     if not 1 <= max_len <= cfg.max_seq_len:
         raise ConfigError(f"--max-len {max_len} must be in 1..{cfg.max_seq_len} (the model's max_seq_len)")
     meter = ActiveMeter(cfg)
-    sparsify(model, att=att, mlp=mlp, meter=meter)
     result = perplexity(
-        model, tokenizer, documents, max_len, eos_id(tokenizer), progress=progress, batch_size=batch_size
+        model,
+        tokenizer,
+        documents,
+        max_len,
+        eos_id(tokenizer),
+        progress=progress,
+        batch_size=batch_size,
+        plan=plan,
+        meter=meter,
     )
     summary = meter.summary()
     return {
@@ -99,8 +105,8 @@ def evaluate_text(
         "active_hidden": summary["active_hidden"],
         "non_embedding_params": summary["non_embedding_params"],
         "layers": summary["layers"],
-        "att_strategy": describe_setting(att),
-        "mlp_strategy": describe_setting(mlp),
+        "att_strategy": plan.describe("att"),
+        "mlp_strategy": plan.describe("mlp"),
         "max_len": max_len,
         "batch_size": batch_size,
     }

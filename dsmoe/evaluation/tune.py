@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.evaluation.text import evaluate_text
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 
 if TYPE_CHECKING:
@@ -153,8 +154,9 @@ def tune(
     def evaluate(att: Layers, mlp: Layers, what: str) -> Measured:
         key = (tuple(att), tuple(mlp))
         if key not in cache:
+            plan = SparsePlan.build(cfg, att, mlp)
             cache[key] = evaluate_text(
-                model, tokenizer, dev_docs, att, mlp, batch_size=opts.batch_size, max_len=opts.max_len
+                model, tokenizer, dev_docs, plan, batch_size=opts.batch_size, max_len=opts.max_len
             )
             search.evaluations += 1
         if progress is not None:
@@ -407,9 +409,7 @@ def decode_seconds_per_token(
     time after a prefill of the rest."""
     import torch
 
-    from dsmoe.inference.sparsify import sparsify
-
-    sparsify(model, att=att, mlp=mlp)
+    plan = SparsePlan.build(model.cfg, att, mlp)
     device = next(model.parameters()).device
     seq = torch.tensor(list(ids), device=device)[None]
     n_new = max(1, min(n_new, seq.shape[1] - 1))
@@ -418,12 +418,11 @@ def decode_seconds_per_token(
     with torch.inference_mode():
         for _ in range(max(1, repeats)):
             cache = model.new_cache(1, seq.shape[1])
-            model(seq[:, :start], cache=cache, last_only=True)
+            model(seq[:, :start], plan=plan, cache=cache, last_only=True)
             t0 = time.perf_counter()
             for pos in range(start, seq.shape[1]):
-                model(seq[:, pos : pos + 1], cache=cache, start_pos=pos, last_only=True)
+                model(seq[:, pos : pos + 1], plan=plan, cache=cache, start_pos=pos, last_only=True)
             best = min(best, (time.perf_counter() - t0) / n_new)
-    sparsify(model)
     return best
 
 

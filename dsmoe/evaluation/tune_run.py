@@ -23,7 +23,8 @@ from dsmoe.evaluation.tune import (
     tune,
 )
 from dsmoe.files import write_atomic
-from dsmoe.model.settings_file import settings_to_dict
+from dsmoe.model.plan import SparsePlan
+from dsmoe.model.settings_file import plan_to_dict
 
 
 def first_tokens(tokenizer, docs: list[str], n_tokens: int | None) -> list[str]:
@@ -76,7 +77,11 @@ def run_tune(
     dev, test = first_tokens(tokenizer, dev_all, dev_tokens), first_tokens(tokenizer, test_all, test_tokens)
     chosen, record = tune_and_report(model, tokenizer, dev, test, opts, progress=progress)
     record = {"made_by": "dsmoe tune", "checkpoint": str(checkpoint), "data": data or {}, **record}
-    write_atomic(out, json.dumps(settings_to_dict(chosen.att, chosen.mlp, record), indent=2) + "\n")
+    write_atomic(
+        out,
+        json.dumps(plan_to_dict(SparsePlan.build(model.cfg, chosen.att, chosen.mlp), record), indent=2)
+        + "\n",
+    )
     return record
 
 
@@ -103,11 +108,11 @@ def tune_and_report(
         bar.set_postfix_str(what[:40])
         bar.update()
 
-    def plan(n: int) -> None:
+    def planned(n: int) -> None:
         bar.total = n
         bar.refresh()
 
-    chosen, best_global, search = tune(model, tokenizer, dev, opts, progress=tick, planned=plan, memo=memo)
+    chosen, best_global, search = tune(model, tokenizer, dev, opts, progress=tick, planned=planned, memo=memo)
     bar.close()
     search_seconds = time.perf_counter() - started
     test_cache = {} if test_memo is None else test_memo
@@ -115,8 +120,9 @@ def tune_and_report(
     def on_test(m: Measured) -> Measured:
         key = (tuple(m.att), tuple(m.mlp))
         if key not in test_cache:
+            plan = SparsePlan.build(model.cfg, m.att, m.mlp)
             test_cache[key] = evaluate_text(
-                model, tokenizer, test, m.att, m.mlp, batch_size=opts.batch_size, max_len=opts.max_len
+                model, tokenizer, test, plan, batch_size=opts.batch_size, max_len=opts.max_len
             )
         return Measured(m.att, m.mlp, test_cache[key])
 

@@ -16,6 +16,7 @@ from pathlib import Path
 BUNDLED_MODULES = (
     "dsmoe.config",
     "dsmoe.model.settings",
+    "dsmoe.model.plan",
     "dsmoe.model.settings_file",
     "dsmoe.model.routing",
     "dsmoe.model.rope",
@@ -31,7 +32,7 @@ BUNDLED_MODULES = (
     "dsmoe.model.attention",
     "dsmoe.model.transformer",
     "dsmoe.model.weights",
-    "dsmoe.inference.sparsify",
+    "dsmoe.inference.meter",
     "dsmoe.inference.generate",
     "dsmoe.hf.configuration",
     "dsmoe.hf.modeling",

@@ -12,18 +12,11 @@ import dataclasses
 
 from transformers import PretrainedConfig
 
-from dsmoe.config import ConfigError, ModelConfig
-from dsmoe.model.settings import SparseSetting
+from dsmoe.config import ModelConfig
+from dsmoe.model.plan import FIELDS, SparsePlan, Spelling
 
-SPARSE_KEYS = (
-    "att_strategy",
-    "att_k",
-    "att_threshold",
-    "mlp_strategy",
-    "mlp_k",
-    "mlp_threshold",
-    "normalize_weights",
-)
+SPARSE_KEYS = FIELDS  # the config's sparse fields are the plan's flat fields, by the same names
+HF_FIELDS = Spelling(where="config.json")
 
 
 class DSMoEConfig(PretrainedConfig):
@@ -78,8 +71,7 @@ class DSMoEConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.model_config()
-        self.sparse_settings()
+        self.plan()
 
     @property
     def num_attention_heads(self) -> int:
@@ -89,33 +81,11 @@ class DSMoEConfig(PretrainedConfig):
         """The dsmoe ModelConfig these fields describe (validated)."""
         return ModelConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelConfig)})
 
-    def sparse_settings(self) -> tuple:
-        """(attention, MLP) settings in the form ``dsmoe.sparsify`` takes: None, one SparseSetting or a list."""
-        return self._settings("att"), self._settings("mlp")
-
-    def _settings(self, kind: str):
-        values = {name: getattr(self, f"{kind}_{name}") for name in ("strategy", "k", "threshold")}
-        lists = {name: v for name, v in values.items() if isinstance(v, (list, tuple))}
-        for name, v in lists.items():
-            if len(v) != self.n_layers:
-                raise ConfigError(
-                    f"{kind}_{name} has {len(v)} entries for a model with {self.n_layers} layers; "
-                    "give one value for all layers or one per layer"
-                )
-
-        def one(strategy, k, threshold):
-            if strategy is None:
-                return None
-            threshold = None if threshold is None else float(threshold)
-            return SparseSetting(strategy, k=k, threshold=threshold, normalize=self.normalize_weights)
-
-        if not lists:
-            return one(values["strategy"], values["k"], values["threshold"])
-        per_layer = [
-            [v[i] if isinstance(v, (list, tuple)) else v for v in values.values()]
-            for i in range(self.n_layers)
-        ]
-        return [one(*layer) for layer in per_layer]
+    def plan(self) -> SparsePlan:
+        """The sparse plan these fields describe (validated against the model)."""
+        return SparsePlan.parse(
+            {key: getattr(self, key) for key in SPARSE_KEYS}, self.model_config(), HF_FIELDS
+        )
 
     @classmethod
     def from_model_config(cls, cfg: ModelConfig, **kwargs) -> DSMoEConfig:

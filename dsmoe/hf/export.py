@@ -17,8 +17,7 @@ from pathlib import Path
 from dsmoe.config import ConfigError
 from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
-from dsmoe.inference.arguments import LayerSettings
-from dsmoe.model.settings_file import config_fields
+from dsmoe.model.plan import LayerSettings, SparsePlan
 
 
 def export(
@@ -27,18 +26,18 @@ def export(
     *,
     att: LayerSettings = None,
     mlp: LayerSettings = None,
+    plan: SparsePlan | None = None,
     tokenizer_file: str | Path | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the Hugging Face folder ``out`` from the dsmoe checkpoint folder ``checkpoint``.
 
-    ``att`` / ``mlp``: sparse-inference settings stored in config.json: one for every layer or a list with one per
-    layer, e.g. from a settings file (None: the trained behaviour).
+    The sparse-inference settings stored in config.json: ``plan``, or ``att`` / ``mlp`` (one for every layer or a
+    list with one per layer; None: the trained behaviour).
     ``tokenizer_file``: a tokenizer.json to use when the checkpoint carries none.
     """
     from tokenizers import Tokenizer
 
-    from dsmoe.inference.arguments import check_settings
     from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
     out = Path(out)
@@ -46,7 +45,10 @@ def export(
         raise ConfigError(f"--out {out} is a file; give the path of a folder to write")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
-    check_settings(checkpoint_config(checkpoint), att, mlp)
+    if plan is None:
+        plan = SparsePlan.build(checkpoint_config(checkpoint), att, mlp)
+    elif att is not None or mlp is not None:
+        raise ValueError("give the settings as a plan or as att / mlp, not both")
     if tokenizer_file is not None and not Path(tokenizer_file).is_file():
         raise ConfigError(f"--tokenizer {tokenizer_file} is not a file; pass a tokenizer.json")
     if tokenizer_file is None and not (Path(checkpoint) / "tokenizer.json").is_file():
@@ -62,7 +64,7 @@ def export(
         code = tmp / ".code"
         code.mkdir()
         (code / MODELING_FILE).write_text(bundle_source())
-        _save_through_bundle(code / MODELING_FILE, native, tokenizer, att, mlp, tmp)
+        _save_through_bundle(code / MODELING_FILE, native, tokenizer, plan, tmp)
         shutil.rmtree(code)
         apply_umask(tmp)
         if out.exists():
@@ -74,7 +76,7 @@ def export(
     return out
 
 
-def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: Path) -> None:
+def _save_through_bundle(code_file: Path, native, tokenizer, plan: SparsePlan, folder: Path) -> None:
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     from dsmoe.data.tokenizer import eos_id
@@ -87,7 +89,7 @@ def _save_through_bundle(code_file: Path, native, tokenizer, att, mlp, folder: P
             bos_token_id=eos,
             eos_token_id=eos,
             dtype=native.embed.weight.dtype,
-            **config_fields(att, mlp),
+            **plan.fields(),
         )
         import torch
 
@@ -134,13 +136,13 @@ def _load_module(path: Path):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from dsmoe.inference.arguments import resolve_sparse_args
+    from dsmoe.inference.arguments import plan_from_args
     from dsmoe.training.checkpoint import checkpoint_config
 
-    # None: the layer keeps its trained behaviour; --settings: one per layer, written into config.json as lists
-    att, mlp = resolve_sparse_args(args, checkpoint_config(args.checkpoint))
+    # as trained where no strategy is given; --settings: one per layer, written into config.json as lists
+    plan = plan_from_args(args, checkpoint_config(args.checkpoint))
     out = export(
-        args.checkpoint, args.out, att=att, mlp=mlp, tokenizer_file=args.tokenizer, overwrite=args.overwrite
+        args.checkpoint, args.out, plan=plan, tokenizer_file=args.tokenizer, overwrite=args.overwrite
     )
     print(f"exported {args.checkpoint} -> {out}")
     print(f"load with: AutoModelForCausalLM.from_pretrained('{out}', trust_remote_code=True)")

@@ -22,12 +22,13 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from dsmoe.config import ConfigError, ModelConfig
-from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
+from dsmoe.config import ModelConfig
+from dsmoe.hf.configuration import HF_FIELDS, SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.generate import generate as decode
-from dsmoe.inference.sparsify import attached_meter, sparsify
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.rope import rope_tables
-from dsmoe.model.settings_file import config_fields, load_settings
+from dsmoe.model.settings_file import load_plan
 from dsmoe.model.transformer import Transformer
 from dsmoe.model.weights import check_weights, safetensors_shapes
 
@@ -124,7 +125,9 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = Transformer(config.model_config())
         self.post_init()
-        self._apply_sparse(meter=None)
+        # what the forward passes to the model: the plan of the config's sparse fields, and where it counts them
+        self.sparse_plan: SparsePlan = config.plan()
+        self.meter: ActiveMeter | None = None
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -154,49 +157,38 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
 
     # --- sparse inference -------------------------------------------------------------------------------------------
 
-    def set_sparse(self, meter=None, **settings) -> DSMoEForCausalLM:
-        """Change sparse-inference settings (``att_strategy``, ``mlp_k``, ... as in DSMoEConfig), in place and in
-        ``self.config``. ``meter``: an ``ActiveMeter`` to count active experts, or None."""
-        unknown = sorted(set(settings) - set(SPARSE_KEYS))
-        if unknown:
-            raise ConfigError(
-                f"unknown sparse setting(s) {', '.join(unknown)}; choose from {', '.join(SPARSE_KEYS)}"
-            )
-        old = {key: getattr(self.config, key) for key in settings}
-        for key, value in settings.items():
+    def set_sparse(self, meter: ActiveMeter | None = None, **settings) -> DSMoEForCausalLM:
+        """Change sparse-inference settings (``att_strategy``, ``mlp_k``, ... as in DSMoEConfig) in ``self.config``
+        and the plan the forward passes to the model; a kind given a new strategy drops its old k and threshold.
+        Checked first: a bad setting changes nothing. ``meter``: an ``ActiveMeter`` the forward adds its router
+        records to, or None."""
+        fields = {key: getattr(self.config, key) for key in SPARSE_KEYS}
+        for kind in ("att", "mlp"):
+            if f"{kind}_strategy" in settings:
+                fields.update({f"{kind}_k": None, f"{kind}_threshold": None})
+        fields.update(settings)
+        plan = SparsePlan.parse(fields, self.config.model_config(), HF_FIELDS)
+        for key, value in fields.items():
             setattr(self.config, key, value)
-        try:
-            self._apply_sparse(meter)
-        except ConfigError:
-            for key, value in old.items():
-                setattr(self.config, key, value)
-            raise
+        self.sparse_plan, self.meter = plan, meter
         return self
 
-    def load_sparse_settings(self, path, meter=None) -> DSMoEForCausalLM:
+    def load_sparse_settings(self, path, meter: ActiveMeter | None = None) -> DSMoEForCausalLM:
         """Apply a per-layer settings file (written by ``dsmoe tune``), in place and in ``self.config`` (so
         ``save_pretrained`` keeps it); the file is checked against this model first."""
-        att, mlp = load_settings(path, self.config.model_config())
-        fields: dict[str, Any] = {key: None for key in SPARSE_KEYS}
-        fields.update(
-            config_fields(att, mlp), normalize_weights=any(s is not None and s.normalize for s in att + mlp)
-        )
-        return self.set_sparse(meter=meter, **fields)
+        plan = load_plan(path, self.config.model_config())
+        return self.set_sparse(meter=meter, **({key: None for key in SPARSE_KEYS} | plan.fields()))
 
     @contextmanager
-    def sparse(self, meter=None, **settings):
+    def sparse(self, meter: ActiveMeter | None = None, **settings):
         """``with model.sparse(mlp_strategy="topk", mlp_k=2): ...`` -- settings for the block only."""
         old = {key: getattr(self.config, key) for key in SPARSE_KEYS}
-        old_meter = attached_meter(self.model)
+        old_meter = self.meter
         self.set_sparse(meter=meter, **settings)
         try:
             yield self
         finally:
             self.set_sparse(meter=old_meter, **old)
-
-    def _apply_sparse(self, meter) -> None:
-        att, mlp = self.config.sparse_settings()
-        sparsify(self.model, att=att, mlp=mlp, meter=meter)
 
     # --- compiled decoding -----------------------------------------------------------------------------------------
 
@@ -214,7 +206,7 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         static KV cache; see ``dsmoe.inference.generate.Decoder``), instead of ``generate``'s eager loop: greedy
         unless ``temperature`` > 0, left-padded prompts given by ``attention_mask``, and a row that emits
         ``eos_token_id`` padded with it. Greedy, it gives ``generate(..., do_sample=False)``'s tokens. The first call
-        per batch size and length (in steps of 64) compiles; a model with an ``ActiveMeter`` attached is refused."""
+        per batch size and length (in steps of 64) compiles; an ``ActiveMeter`` set with ``set_sparse`` counts it."""
         mask = None if attention_mask is None else attention_mask.bool()
         return decode(
             self.model,
@@ -225,7 +217,9 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             eos_token_id=self.config.eos_token_id,
             generator=generator,
             prompt_mask_BT=mask,
+            plan=self.sparse_plan,
             compile=True,
+            meter=self.meter,
         )
 
     # --- forward ----------------------------------------------------------------------------------------------------
@@ -272,11 +266,14 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids,
             targets,
+            plan=self.sparse_plan,
             cache=adapter,
             start_pos=start,
             last_only=last_only,
             key_mask_BS=attention_mask,
         )
+        if self.meter is not None:
+            self.meter.update(out.routers)
         logits = out.logits
         if not last_only and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

@@ -201,6 +201,7 @@ class Completer:
             top_p=req["top_p"],
             eos_token_id=self.eos,
             generator=generator,
+            plan=self.model.sparse_plan,
             compile=self.compile,
         )
         ids: list[int] = []

@@ -43,9 +43,9 @@ from vllm.platforms import current_platform
 from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.hf.modeling import check_weights_fit
-from dsmoe.inference.sparsify import sparsify
 from dsmoe.kernels.reference import activate
 from dsmoe.model.routing import route
+from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 from dsmoe.model.weights import check_weights
 
@@ -77,8 +77,7 @@ class DSMoEForVLLM(nn.Module):
             check_weights_fit(folder, {"config": config})
         self.cfg = config.model_config()
         self.model = Transformer(self.cfg)
-        att, mlp = config.sparse_settings()
-        sparsify(self.model, att=att, mlp=mlp)
+        self.sparse_plan = config.plan()
         self.attn = nn.ModuleList(
             Attention(
                 self.cfg.n_query_heads,
@@ -134,7 +133,8 @@ class DSMoEForVLLM(nn.Module):
         q, k = self.rotary(positions_T, q, k)
         o = attn(q, k, v).view(x_TD.shape[0], att.n_experts, -1)  # map: all experts' heads
         if att.router is not None:  # reduce: each expert's heads weighted by its router score
-            o = o * _expert_weights(att, att.router(x_TD))[..., None].to(o.dtype)
+            setting = self.sparse_plan.setting("att", i)
+            o = o * _expert_weights(setting, att.router(x_TD))[..., None].to(o.dtype)
         return self.wo[i](o.flatten(1))
 
     def _mlp(self, i: int, mlp, x_TD: torch.Tensor) -> torch.Tensor:
@@ -147,9 +147,10 @@ class DSMoEForVLLM(nn.Module):
             if mlp.router is not None:
                 h = h * mlp.router(x_TD)[..., None].to(h.dtype)
             return self.mlp_out[str(i)](h.flatten(1))
+        setting = self.sparse_plan.setting("mlp", i)
         if not self.use_fused_experts:
-            return mlp(x_TD)[0]
-        routing = route(mlp.router(x_TD), mlp.setting)
+            return mlp(x_TD, setting)[0]
+        routing = route(mlp.router(x_TD), setting)
         weights = (routing.weights * routing.mask).float()
         return fused_experts(
             x_TD, mlp.experts.w_in, mlp.experts.w_out_EDF, weights, routing.indices.to(torch.int32)
@@ -182,7 +183,7 @@ class DSMoEForVLLM(nn.Module):
             qkv.append(Projection(torch.cat([att.wq.flatten(0, 1), att.wk.weight, att.wv.weight])))
             wo.append(Projection(att.wo.flatten(0, 1).t()))
             free = [att.wq, att.wo, att.wk.weight, att.wv.weight]
-            if mlp.router is None or mlp.setting.strategy == "dense":
+            if mlp.router is None or self.sparse_plan.setting("mlp", i).strategy == "dense":
                 mlp_in[str(i)] = Projection(mlp.experts.w_in.flatten(0, 1))
                 mlp_out[str(i)] = Projection(mlp.experts.w_out.flatten(0, 1).t())
                 free += [mlp.experts.w_in, mlp.experts.w_out]
@@ -240,9 +241,8 @@ def _add_norm(
     return norm(x), x
 
 
-def _expert_weights(layer, probs_TN: torch.Tensor) -> torch.Tensor:
-    """[T, N] weight of every expert under the layer's setting: its score if selected, else zero."""
-    setting = layer.setting
+def _expert_weights(setting: SparseSetting, probs_TN: torch.Tensor) -> torch.Tensor:
+    """[T, N] weight of every expert under ``setting``: its score if selected, else zero."""
     if setting.strategy == "dense":
         return probs_TN
     routing = route(probs_TN, setting)

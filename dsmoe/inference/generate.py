@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 import torch
 
+from dsmoe.inference.meter import ActiveMeter, router_counts
 from dsmoe.model.attention import KVCache
+from dsmoe.model.plan import SparsePlan, trained_plan
 from dsmoe.model.transformer import Transformer
 
 # Graphs one process may keep for the decode step (torch's default of 8 counts every model, sparse setting, batch
@@ -17,9 +19,16 @@ COMPILED_GRAPHS = 64
 
 
 def _decode_step(
-    model: Transformer, token_B1: torch.Tensor, pos: torch.Tensor, key_mask_BS: torch.Tensor, cache: KVCache
-) -> torch.Tensor:
-    return model(token_B1, cache=cache, start_pos=pos, last_only=True, key_mask_BS=key_mask_BS).logits[:, -1]
+    model: Transformer,
+    token_B1: torch.Tensor,
+    pos: torch.Tensor,
+    key_mask_BS: torch.Tensor,
+    cache: KVCache,
+    plan: SparsePlan,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [B, V] of one decode step, and the experts each token used per router record [2 * n_layers, B]."""
+    out = model(token_B1, plan=plan, cache=cache, start_pos=pos, last_only=True, key_mask_BS=key_mask_BS)
+    return out.logits[:, -1], router_counts(out.routers, token_B1.device)
 
 
 @functools.cache
@@ -37,27 +46,46 @@ def cache_length(needed: int, max_seq_len: int) -> int:
 
 
 class Decoder:
-    """Prefill, then one token per step through a preallocated KV cache of ``batch_size`` x ``needed`` slots.
+    """Prefill, then one token per step through a preallocated KV cache of ``batch_size`` x ``needed`` slots, under
+    ``plan`` (None: as trained), each forward's router records added to ``meter`` when one is given.
 
     Eager: the cache is read up to the last written slot. Compiled (``compile=True``): each step is one call of a
     ``torch.compile``'d graph (``fullgraph``, static shapes): the token's slot is a 0-d tensor, attention reads every
     slot with the unwritten ones masked, and the step writes its keys and values in place, so nothing recompiles from
-    step to step; a graph is made once per model, sparse setting, batch size and cache length (rounded up by
-    ``cache_length``). Both give the same tokens (tests/test_decode.py). The prefill runs eager either way."""
+    step to step; a graph is made once per model, plan, batch size and cache length (rounded up by
+    ``cache_length``). The compiled step returns the experts each token used, so a compiled decode is metered too.
+    Both give the same tokens (tests/test_decode.py). The prefill runs eager either way."""
 
-    def __init__(self, model: Transformer, batch_size: int, needed: int, *, compile: bool = False):
-        if compile and any(m._forward_hooks for m in model.modules()):
-            raise ValueError(
-                "compiled decoding cannot trace forward hooks (an ActiveMeter from sparsify(..., meter=) is one): "
-                "measure active parameters eagerly, then sparsify again without a meter"
-            )
-        self.model, self.compile = model, compile
+    def __init__(
+        self,
+        model: Transformer,
+        batch_size: int,
+        needed: int,
+        *,
+        plan: SparsePlan | None = None,
+        compile: bool = False,
+        meter: ActiveMeter | None = None,
+    ):
+        self.model, self.plan, self.compile, self.meter = (
+            model,
+            plan or trained_plan(model.cfg),
+            compile,
+            meter,
+        )
+        # the compiled step reaches the sparse kernels through their custom ops: a graph without breaks
+        self.step_plan = self.plan.with_kernels(compiled=True) if compile else self.plan
         length = cache_length(needed, model.cfg.max_seq_len) if compile else needed
         self.cache = model.new_cache(batch_size, length)
         device = model.embed.weight.device
         self.key_mask_BS = torch.ones(batch_size, length, dtype=torch.bool, device=device)
         self.padded = False
         self.pos = 0
+
+    def _forward(self, idx_BT: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.model(idx_BT, plan=self.plan, cache=self.cache, last_only=True, **kwargs)
+        if self.meter is not None:
+            self.meter.update(out.routers)
+        return out.logits[:, -1]
 
     @torch.inference_mode()
     def prefill(self, prompt_BT: torch.Tensor, prompt_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
@@ -69,7 +97,7 @@ class Decoder:
             self.padded = True
             padded = {"key_mask_BS": self.key_mask_BS[:, :t]}
         self.pos = t
-        return self.model(prompt_BT, cache=self.cache, last_only=True, **padded).logits[:, -1]
+        return self._forward(prompt_BT, **padded)
 
     @torch.inference_mode()
     def step(self, token_B: torch.Tensor) -> torch.Tensor:
@@ -81,10 +109,14 @@ class Decoder:
         if self.compile:
             slot = torch.tensor(pos, device=token_B.device)
             with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
-                return _compiled_decode_step()(self.model, token_B1, slot, self.key_mask_BS, self.cache)
+                logits, counts = _compiled_decode_step()(
+                    self.model, token_B1, slot, self.key_mask_BS, self.cache, self.step_plan
+                )
+            if self.meter is not None:
+                self.meter.update_counts(counts)
+            return logits
         padded = {"key_mask_BS": self.key_mask_BS[:, : pos + 1]} if self.padded else {}
-        out = self.model(token_B1, cache=self.cache, start_pos=pos, last_only=True, **padded)
-        return out.logits[:, -1]
+        return self._forward(token_B1, start_pos=pos, **padded)
 
 
 def sample_next(
@@ -115,17 +147,19 @@ def generate(
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
     prompt_mask_BT: torch.Tensor | None = None,
+    plan: SparsePlan | None = None,
     compile: bool = False,
+    meter: ActiveMeter | None = None,
 ) -> torch.Tensor:
     """Continue each prompt by up to ``max_new_tokens``; returns prompt + generated ids. Prompts of different lengths
     are left-padded, with ``prompt_mask_BT`` False on the padding; each then continues exactly as it would alone.
-    Runs under whatever sparse setting the model has (see ``dsmoe.sparsify``). Sequences that emit ``eos_token_id``
-    are padded with it until all have finished. ``compile``: decode through the compiled step (see ``Decoder``)."""
+    Runs under ``plan`` (None: as trained). Sequences that emit ``eos_token_id`` are padded with it until all have
+    finished. ``compile``: decode through the compiled step; ``meter``: counts active experts (see ``Decoder``)."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     b, t = prompt_BT.shape
     total = t + max_new_tokens
-    decoder = Decoder(model, b, total, compile=compile)
+    decoder = Decoder(model, b, total, plan=plan, compile=compile, meter=meter)
     out = torch.empty(b, total, dtype=prompt_BT.dtype, device=prompt_BT.device)
     out[:, :t] = prompt_BT
     done = torch.zeros(b, dtype=torch.bool, device=prompt_BT.device)
@@ -152,15 +186,16 @@ def stream(
     top_p: float = 1.0,
     eos_token_id: int | None = None,
     generator: torch.Generator | None = None,
+    plan: SparsePlan | None = None,
     compile: bool = False,
 ) -> Iterator[int]:
     """One prompt's continuation, one token id at a time as it is chosen: what ``generate`` gives a batch of one,
     for callers that pass tokens on as they come (``dsmoe serve``). Stops after ``max_new_tokens`` or after
-    yielding ``eos_token_id``. ``compile``: decode through the compiled step (see ``Decoder``)."""
+    yielding ``eos_token_id``. ``plan`` and ``compile``: as for ``generate``."""
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature} and {top_p}")
     t = prompt_T.shape[0]
-    decoder = Decoder(model, 1, t + max_new_tokens, compile=compile)
+    decoder = Decoder(model, 1, t + max_new_tokens, plan=plan, compile=compile)
     logits = decoder.prefill(prompt_T[None])
     for pos in range(t, t + max_new_tokens):
         token = sample_next(logits, temperature, top_p, generator)

@@ -19,7 +19,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from dsmoe.kernels.reference import activate, moa_reference
+from dsmoe.kernels.reference import AttentionContext, activate, moa_reference
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.routing import Routing
 
@@ -249,61 +249,21 @@ def batch_major(batch_T: torch.Tensor, batch_size: int) -> bool:
     )
 
 
-def moa_cpu(
-    x_TD: torch.Tensor,
-    wq_NED: torch.Tensor,
-    wo_NED: torch.Tensor,
-    k_BHSd: torch.Tensor,
-    v_BHSd: torch.Tensor,
-    routing: Routing,
-    batch_T: torch.Tensor,
-    pos_T: torch.Tensor,
-    cos_Sd: torch.Tensor,
-    sin_Sd: torch.Tensor,
-    visible_TS: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sparse mixture of attention heads; same contract as ``moa_reference``."""
-    return moa_sorted(
-        x_TD,
-        wq_NED,
-        wo_NED,
-        k_BHSd,
-        v_BHSd,
-        routing,
-        batch_T,
-        pos_T,
-        cos_Sd,
-        sin_Sd,
-        visible_TS,
-        project_sorted,
-    )
-
-
 def moa_sorted(
-    x_TD,
-    wq_NED,
-    wo_NED,
-    k_BHSd,
-    v_BHSd,
-    routing: Routing,
-    batch_T,
-    pos_T,
-    cos_Sd,
-    sin_Sd,
-    visible_TS,
-    project,
+    x_TD, wq_NED, wo_NED, routing: Routing, ctx: AttentionContext, project=project_sorted
 ) -> torch.Tensor:
-    """Sparse mixture of attention heads over any grouped ``project``.
+    """Sparse mixture of attention heads over any grouped ``project``; same contract as ``moa_reference``.
 
     Only the selected experts' query rows and output rows are multiplied (grouped products over the sorted pairs).
     The attention itself runs once for all heads in one fused SDPA call: unselected heads see a zero query and their
     outputs are never read, which costs far less than per-expert attention calls.
     """
+    k_BHSd, v_BHSd, pos_T, visible_TS = ctx.k_BHSd, ctx.v_BHSd, ctx.pos_T, ctx.visible_TS
     b, s = k_BHSd.shape[0], k_BHSd.shape[2]
-    if not batch_major(batch_T, b):  # tokens not in MoA.forward's layout: the reference handles any layout
-        return moa_reference(
-            x_TD, wq_NED, wo_NED, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
-        )
+    if not batch_major(
+        ctx.batch_T, b
+    ):  # tokens not in MoA.forward's layout: the reference handles any layout
+        return moa_reference(x_TD, wq_NED, wo_NED, routing, ctx)
     n_experts, width, _ = wq_NED.shape
     head_dim = k_BHSd.shape[-1]
     n_tokens = x_TD.shape[0]
@@ -315,7 +275,9 @@ def moa_sorted(
     q_TNE[pairs.token_P, pairs.expert_P] = q_PE
     q_BtHd = q_TNE.view(b, t, -1, head_dim)
     pos_Bt = pos_T.view(b, t)
-    q_BHtd = apply_rope(q_BtHd, cos_Sd[pos_Bt][:, :, None], sin_Sd[pos_Bt][:, :, None]).transpose(1, 2)
+    q_BHtd = apply_rope(q_BtHd, ctx.cos_Sd[pos_Bt][:, :, None], ctx.sin_Sd[pos_Bt][:, :, None]).transpose(
+        1, 2
+    )
     if visible_TS is None:
         visible = torch.arange(s, device=x_TD.device)[None, None, :] <= pos_Bt[:, :, None]
     else:

@@ -7,6 +7,7 @@ against these functions. Differentiable, so sparse training (SMoE) runs through 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,26 +45,33 @@ def expert_mlp_reference(
     return out_TD
 
 
+@dataclass
+class AttentionContext:
+    """What a token's selected query heads attend to: the keys and values all experts share [B, n_kv, S, d]; each
+    token's batch row and rotary position [T]; the rotary tables [S, d]; and, in padded batches, the cache slots each
+    token sees [T, S] (None: slots up to its position)."""
+
+    k_BHSd: torch.Tensor
+    v_BHSd: torch.Tensor
+    batch_T: torch.Tensor
+    pos_T: torch.Tensor
+    cos_Sd: torch.Tensor
+    sin_Sd: torch.Tensor
+    visible_TS: torch.Tensor | None = None
+
+
 def moa_reference(
-    x_TD: torch.Tensor,
-    wq_NED: torch.Tensor,
-    wo_NED: torch.Tensor,
-    k_BHSd: torch.Tensor,
-    v_BHSd: torch.Tensor,
-    routing: Routing,
-    batch_T: torch.Tensor,
-    pos_T: torch.Tensor,
-    cos_Sd: torch.Tensor,
-    sin_Sd: torch.Tensor,
-    visible_TS: torch.Tensor | None = None,
+    x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
 ) -> torch.Tensor:
     """Mixture-of-attention-heads output for the selected (token, expert) pairs (paper eq. 7-8).
 
     Expert e owns query rows wq[e] ([E = N_head * head_dim, D]) and output rows wo[e] ([E, D]). Token t (batch row
-    batch_T[t], rotary position pos_T[t]) attends with its expert's heads to the shared keys/values k, v
-    [B, n_kv, S, d]: to the cache slots visible_TS[t] ([T, S] bool) when given (padded batches), else to slots
-    <= pos_T[t]. Query head h of the model reads key/value head h // (n_query_heads / n_kv).
+    batch_T[t], rotary position pos_T[t]) attends with its expert's heads to the shared keys/values of ``ctx``: to
+    the cache slots visible_TS[t] when given (padded batches), else to slots <= pos_T[t]. Query head h of the model
+    reads key/value head h // (n_query_heads / n_kv).
     """
+    k_BHSd, v_BHSd, batch_T, pos_T = ctx.k_BHSd, ctx.v_BHSd, ctx.batch_T, ctx.pos_T
+    cos_Sd, sin_Sd, visible_TS = ctx.cos_Sd, ctx.sin_Sd, ctx.visible_TS
     n_experts, width, _ = wq_NED.shape
     head_dim = k_BHSd.shape[-1]
     n_head = width // head_dim

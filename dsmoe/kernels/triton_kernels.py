@@ -14,12 +14,12 @@ interpreter (``TRITON_INTERPRET=1``) at small shapes, and on a GPU when one is a
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 
 from dsmoe.kernels.cpu import SortedPairs, expert_mlp_sorted, moa_sorted
+from dsmoe.kernels.reference import AttentionContext
 from dsmoe.model.routing import Routing
 
 try:
@@ -114,12 +114,6 @@ if TRITON_AVAILABLE:
         )
 
 
-def _interpreting() -> bool:
-    """Triton's CPU interpreter (3.9) computes tl.dot of bf16 tiles wrongly, so it gets fp32 tiles there; compiled
-    GPU kernels keep the native bf16 product."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _require_triton() -> None:
     if not TRITON_AVAILABLE:
         raise RuntimeError(
@@ -191,7 +185,8 @@ def scatter2scatter(
         BLOCK_M=blocks.m,
         BLOCK_N=blocks.n,
         BLOCK_K=blocks.k,
-        FP32_DOT=a.dtype == torch.float32 or _interpreting(),
+        # CPU tensors run in Triton's interpreter, whose tl.dot of bf16 tiles is wrong (3.9): fp32 tiles there
+        FP32_DOT=a.dtype == torch.float32 or a.device.type == "cpu",
         num_warps=blocks.warps,
         num_stages=blocks.stages,
     )
@@ -206,31 +201,8 @@ def expert_mlp_triton(
 
 
 def moa_triton(
-    x_TD: torch.Tensor,
-    wq_NED: torch.Tensor,
-    wo_NED: torch.Tensor,
-    k_BHSd: torch.Tensor,
-    v_BHSd: torch.Tensor,
-    routing: Routing,
-    batch_T: torch.Tensor,
-    pos_T: torch.Tensor,
-    cos_Sd: torch.Tensor,
-    sin_Sd: torch.Tensor,
-    visible_TS: torch.Tensor | None = None,
+    x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
 ) -> torch.Tensor:
     """MoA with the query/output projections through the scatter-to-scatter kernel; same contract as
     ``moa_reference``."""
-    return moa_sorted(
-        x_TD,
-        wq_NED,
-        wo_NED,
-        k_BHSd,
-        v_BHSd,
-        routing,
-        batch_T,
-        pos_T,
-        cos_Sd,
-        sin_Sd,
-        visible_TS,
-        scatter2scatter,
-    )
+    return moa_sorted(x_TD, wq_NED, wo_NED, routing, ctx, scatter2scatter)

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsmoe import kernels
 from dsmoe.config import ModelConfig
+from dsmoe.kernels import AttentionContext, moa
 from dsmoe.model.products import times, times_rows
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
 from dsmoe.model.routing import RouterRecord, Routing, route
-from dsmoe.model.settings import SparseSetting, trained_setting
+from dsmoe.model.settings import AUTO_KERNELS, Kernels, SparseSetting
 
 
 class KVCache:
@@ -95,7 +95,7 @@ class MoA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        # for messages and hooks; forward never reads it, so that every layer shares one compiled graph
+        # for messages; forward never reads it, so that every layer shares one compiled graph
         self.layer_idx = layer_idx
         self.n_experts, self.head_dim, self.n_kv = cfg.n_att_experts, cfg.head_dim, cfg.n_kv_heads
         self.n_heads = cfg.n_query_heads
@@ -105,21 +105,23 @@ class MoA(nn.Module):
         self.wk = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.router = Router(d, self.n_experts) if cfg.has_att_router else None
-        self.setting: SparseSetting = trained_setting(cfg.regime, cfg.smoe_top_k)
 
     def forward(
         self,
         x_BTD: torch.Tensor,
         cos_Sd: torch.Tensor,
         sin_Sd: torch.Tensor,
+        setting: SparseSetting,
+        kernels: Kernels = AUTO_KERNELS,
         cache: LayerKV | None = None,
         start_pos: int | torch.Tensor = 0,
         mask_T: torch.Tensor | None = None,
         padding: Padding | None = None,
     ) -> tuple[torch.Tensor, RouterRecord]:
-        """x_BTD: the tokens; cos/sin: the rotary tables; cache/start_pos: incremental decoding (a tensor start_pos
-        comes with ``padding``: the compiled decode step); mask_T: True for real tokens; padding: where a padded
-        batch's real tokens are. Returns the output [B, T, D] and the record of what the router did."""
+        """x_BTD: the tokens; cos/sin: the rotary tables; setting: how the router picks experts and kernels: which
+        implementation runs the selected ones (both from the model's SparsePlan); cache/start_pos: incremental decoding (a tensor start_pos comes with ``padding``: the compiled
+        decode step); mask_T: True for real tokens; padding: where a padded batch's real tokens are. Returns the
+        output [B, T, D] and the record of what the router did."""
         b, t, d = x_BTD.shape
         if padding is None:
             assert isinstance(start_pos, int), (
@@ -154,18 +156,17 @@ class MoA(nn.Module):
                 pos_T, visible_TS = (torch.arange(t, device=x_TD.device) + start_pos).repeat(b), None
             else:
                 pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
-            return kernels.moa(
-                x_TD, self.wq, self.wo, k_BHSd, v_BHSd, routing, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS
-            )
+            ctx = AttentionContext(k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+            return moa(x_TD, self.wq, self.wo, routing, ctx, kernels)
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:
             return dense(x_TD, None).view(b, t, d), RouterRecord(self.kind, b * t, None, None, mask_T)
         probs_TN = self.router(x_TD)
-        if self.setting.strategy == "dense":
+        if setting.strategy == "dense":
             out, routing = dense(x_TD, probs_TN), None
         else:
-            routing = route(probs_TN, self.setting, mask_T)
+            routing = route(probs_TN, setting, mask_T)
             out = sparse(x_TD, routing)
         return out.view(b, t, d), RouterRecord(self.kind, b * t, probs_TN, routing, mask_T)
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsmoe import kernels
 from dsmoe.config import ModelConfig
+from dsmoe.kernels import expert_mlp
 from dsmoe.kernels.gathered import expert_mlp_gathered
 from dsmoe.kernels.reference import activate
 from dsmoe.model.products import is_quantized, times, times_rows
 from dsmoe.model.router import Router
 from dsmoe.model.routing import RouterRecord, Routing, route
-from dsmoe.model.settings import SparseSetting, trained_setting
+from dsmoe.model.settings import AUTO_KERNELS, Kernels, SparseSetting
 
 
 class MLPExperts(nn.Module):
@@ -37,42 +37,44 @@ class MLPExperts(nn.Module):
             h_TNF = h_TNF * probs_TN[..., None].to(h_TNF.dtype)
         return times(h_TNF.reshape(-1, n * f), self, "w_out")
 
-    def sparse(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def sparse(self, x_TD: torch.Tensor, routing: Routing, kernels: Kernels = AUTO_KERNELS) -> torch.Tensor:
         if (
-            torch.compiler.is_compiling()
-            and is_quantized(self, "w_in")
-            and routing.indices.numel() <= self.n_experts
+            kernels.compiled and is_quantized(self, "w_in") and routing.indices.numel() <= self.n_experts
         ):  # int8 decode: the selected experts' int8 rows read in one fused reduction (see expert_mlp_gathered)
             return expert_mlp_gathered(x_TD, self.w_in, self.w_out, routing, self.activation)
-        return kernels.expert_mlp(x_TD, self.w_in, self.w_out, routing, self.activation)
+        return expert_mlp(x_TD, self.w_in, self.w_out, routing, self.activation, kernels)
 
 
 class MoEMLP(nn.Module):
-    """Router + experts. Dense regime: one expert, no router. SMoE: top-k in training and inference. DS-MoE: all
-    experts in training; at inference whatever ``self.setting`` says (set once by ``dsmoe.inference.sparsify``)."""
+    """Router + experts. Dense regime: one expert, no router. Which experts a token runs is the ``setting`` the
+    forward is given (from the model's SparsePlan): every expert for dense training, top-k for an SMoE."""
 
     kind = "mlp"
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        # for messages and hooks; forward never reads it, so that every layer shares one compiled graph
+        # for messages; forward never reads it, so that every layer shares one compiled graph
         self.layer_idx = layer_idx
         self.router = Router(cfg.d_model, cfg.n_mlp_experts) if cfg.has_mlp_router else None
         self.experts = MLPExperts(cfg.n_mlp_experts, cfg.d_model, cfg.d_expert, cfg.activation)
-        self.setting: SparseSetting = trained_setting(cfg.regime, cfg.smoe_top_k)
 
     def forward(
-        self, x_TD: torch.Tensor, mask_T: torch.Tensor | None = None
+        self,
+        x_TD: torch.Tensor,
+        setting: SparseSetting,
+        kernels: Kernels = AUTO_KERNELS,
+        mask_T: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterRecord]:
-        """x_TD: the tokens [T, D]; mask_T: True for real tokens (threshold_topk's batch mean counts only these).
-        Returns the output [T, D] and the record of what the router did."""
+        """x_TD: the tokens [T, D]; setting: how the router picks experts; kernels: which implementation runs the
+        selected ones; mask_T: True for real tokens (threshold_topk's batch mean counts only these). Returns the
+        output [T, D] and the record of what the router did."""
         n_tokens = x_TD.shape[0]
         if self.router is None:
             return self.experts.dense(x_TD, None), RouterRecord(self.kind, n_tokens, None, None, mask_T)
         probs_TN = self.router(x_TD)
-        if self.setting.strategy == "dense":
+        if setting.strategy == "dense":
             out, routing = self.experts.dense(x_TD, probs_TN), None
         else:
-            routing = route(probs_TN, self.setting, mask_T)
-            out = self.experts.sparse(x_TD, routing)
+            routing = route(probs_TN, setting, mask_T)
+            out = self.experts.sparse(x_TD, routing, kernels)
         return out, RouterRecord(self.kind, n_tokens, probs_TN, routing, mask_T)

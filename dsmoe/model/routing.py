@@ -91,9 +91,9 @@ class RouterRecord:
     # compiles to one graph (torch.compile specialises on integer attributes, one recompile per layer otherwise)
     layer: int = -1
 
-    def counts_T(self) -> torch.Tensor:
-        """Experts each token used [T]."""
+    def counts_T(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Experts each token used [T] (on ``device``, or where the routing is)."""
         if self.routing is not None:
-            return self.routing.counts_per_token
+            return self.routing.counts_per_token.to(device)
         n = 1 if self.probs_TN is None else self.probs_TN.shape[-1]
-        return torch.full((self.n_tokens,), n, dtype=torch.long)
+        return torch.full((self.n_tokens,), n, dtype=torch.long, device=device)

@@ -73,3 +73,29 @@ def describe_setting(setting: SparseSetting | Sequence[SparseSetting | None] | N
     if isinstance(setting, SparseSetting):
         return setting.describe()
     return "per-layer[" + ", ".join(describe_setting(s) for s in setting) + "]"
+
+
+KERNEL_IMPLS = ("auto", "reference", "cpu", "sorted", "triton")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Which implementation computes the sparse experts, chosen once (where a model is prepared) and passed to the
+    forward in its SparsePlan; ``dsmoe.kernels`` turns it, with the inputs' device and whether a gradient is needed,
+    into the function that runs.
+
+    impl: 'auto' picks by device (CPU: 'cpu', the path that suits the token count; CUDA: 'sorted', grouped
+    products; anything else: 'reference'), or names one of them ('triton': the scatter-to-scatter kernels).
+    compiled: the forward is traced by torch.compile, so inference goes through the kernels' custom ops (a graph
+    without breaks); eager, the implementation is called directly (an op's dispatch costs tens of microseconds).
+    """
+
+    impl: str = "auto"
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.impl not in KERNEL_IMPLS:
+            raise ConfigError(f"unknown kernels {self.impl!r}: choose one of {', '.join(KERNEL_IMPLS)}")
+
+
+AUTO_KERNELS = Kernels()

@@ -15,9 +15,11 @@ from dsmoe.config import ModelConfig
 from dsmoe.model.attention import KVCache, LayerKV, MoA, Padding
 from dsmoe.model.experts import MoEMLP
 from dsmoe.model.losses import router_loss
+from dsmoe.model.plan import SparsePlan, trained_plan
 from dsmoe.model.products import times_rows
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.routing import RouterRecord
+from dsmoe.model.settings import Kernels, SparseSetting
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -37,15 +39,20 @@ class Block(nn.Module):
         x_BTD: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
+        att_setting: SparseSetting,
+        mlp_setting: SparseSetting,
+        kernels: Kernels,
         cache: LayerKV | None = None,
         start_pos: int | torch.Tensor = 0,
         mask_T: torch.Tensor | None = None,
         padding: Padding | None = None,
     ) -> tuple[torch.Tensor, RouterRecord, RouterRecord]:
-        a, att_record = self.att(self.att_norm(x_BTD), cos, sin, cache, start_pos, mask_T, padding)
+        a, att_record = self.att(
+            self.att_norm(x_BTD), cos, sin, att_setting, kernels, cache, start_pos, mask_T, padding
+        )
         x_BTD = x_BTD + a
         b, t, d = x_BTD.shape
-        m, mlp_record = self.mlp(self.mlp_norm(x_BTD).reshape(b * t, d), mask_T)
+        m, mlp_record = self.mlp(self.mlp_norm(x_BTD).reshape(b * t, d), mlp_setting, kernels, mask_T)
         return x_BTD + m.view(b, t, d), att_record, mlp_record
 
 
@@ -74,6 +81,7 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.trained_plan = trained_plan(cfg)  # what a forward without a plan runs (from cfg; never changes)
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -104,13 +112,14 @@ class Transformer(nn.Module):
         idx_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
         *,
+        plan: SparsePlan | None = None,
         token_mask_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
         last_only: bool = False,
         key_mask_BS: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[RouterRecord]]:
-        """idx_BT: token ids. targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
+        """idx_BT: token ids. plan: how every layer picks its experts (None: as trained). targets_BT: next-token ids, -100 where no loss is taken (padding). token_mask_BT:
         True for real input tokens; routers' auxiliary losses average over these only (default: positions whose
         target is not -100, or all; never padding of key_mask_BS). cache/start_pos: incremental decoding; a 0-d
         tensor start_pos (the compiled decode step: shapes that never change) reads every slot of the cache through
@@ -143,12 +152,14 @@ class Transformer(nn.Module):
             token_mask_BT = real_BT if token_mask_BT is None else token_mask_BT & real_BT
         mask_T = None if token_mask_BT is None else token_mask_BT.reshape(b * t)
 
+        plan = plan or self.trained_plan
         x = self.embed(idx_BT)
         routers: list[RouterRecord] = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layer(i)
+            settings = plan.setting("att", i), plan.setting("mlp", i), plan.kernels
             x, att_record, mlp_record = block(
-                x, self.rope_cos, self.rope_sin, layer_cache, start_pos, mask_T, padding
+                x, self.rope_cos, self.rope_sin, *settings, layer_cache, start_pos, mask_T, padding
             )
             att_record.layer = mlp_record.layer = i
             routers += [att_record, mlp_record]
@@ -164,6 +175,7 @@ class Transformer(nn.Module):
         idx_BT: torch.Tensor,
         targets_BT: torch.Tensor | None = None,
         *,
+        plan: SparsePlan | None = None,
         token_mask_BT: torch.Tensor | None = None,
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
@@ -174,6 +186,7 @@ class Transformer(nn.Module):
         x, routers = self.hidden(
             idx_BT,
             targets_BT,
+            plan=plan,
             token_mask_BT=token_mask_BT,
             cache=cache,
             start_pos=start_pos,

@@ -11,7 +11,7 @@ from dsmoe.config import ConfigError
 from dsmoe.convert.calibrate import calibrate_routers, calibration_batches
 from dsmoe.convert.clustering import balanced_clusters
 from dsmoe.convert.from_hf import config_from_hf, convert_model
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
@@ -126,9 +126,9 @@ def test_cli_converts_a_saved_hf_folder_exactly(tmp_path):
 
 def _logit_error(model, reference, idx, att=None, mlp=None) -> float:
     with torch.no_grad():
-        err = (sparsify(model, att=att, mlp=mlp)(idx).logits - reference).pow(2).mean().item()
-    sparsify(model)
-    return err
+        return (
+            (model(idx, plan=SparsePlan.build(model.cfg, att, mlp)).logits - reference).pow(2).mean().item()
+        )
 
 
 def test_calibrated_routers_make_sparse_inference_closer_to_dense():

@@ -85,7 +85,7 @@ def test_eval_errors_name_the_problem(tiny_checkpoint, docs_file, tmp_path, caps
         main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--strategy", "topk"])
         == 2
     )
-    assert "needs k" in capsys.readouterr().err
+    assert "strategy 'topk' needs an integer k" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -101,9 +101,9 @@ def no_weights(monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--strategy", "topk", "--k", "9"], "k=9 is larger than the 8 experts of the MLP"),
-        (["--strategy", "topk"], "pass --k N"),
-        (["--att-strategy", "topk"], "pass --att-k N"),
+        (["--strategy", "topk", "--k", "9"], "mlp: strategy 'topk' needs an integer k in 1..8"),
+        (["--strategy", "topk"], "got k=None; pass --k N"),
+        (["--att-strategy", "topk"], "got k=None; pass --att-k N"),
         (["--max-len", "1000"], "--max-len 1000 must be in 1..48"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
     ],
@@ -241,7 +241,7 @@ def test_an_smoe_is_scored_as_trained_unless_every_expert_is_asked_for(
     assert [layer["mean"] for layer in everything["layers"]["mlp"]] == [1.0, 1.0]
     assert everything["token_perplexity"] != trained["token_perplexity"]
     lm = DSMoELM(checkpoint=str(tiny_smoe_checkpoint), device="cpu")
-    assert lm.mlp_setting is None and lm.att_setting is None  # lm-eval runs it as trained too
+    assert lm.plan.is_trained  # lm-eval runs it as trained too
     info = run_json(capsys, "info", "--preset", "tiny-smoe", "--json")
     assert info["mlp_strategy"].startswith("topk(k=") and info["active_params"] < info["non_embedding_params"]
 

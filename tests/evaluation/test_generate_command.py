@@ -8,7 +8,7 @@ from dsmoe.cli import main
 from dsmoe.data.tokenizer import eos_id
 from dsmoe.inference.generate import generate
 from dsmoe.inference.quantize import quantize
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
@@ -17,11 +17,11 @@ PROMPT = "The river"
 
 def native(checkpoint, n: int, int8: bool = False) -> str:
     model, tokenizer = load_pretrained(checkpoint)
-    sparsify(model, mlp=SparseSetting("topk", k=2))
+    plan = SparsePlan.build(model.cfg, mlp=SparseSetting("topk", k=2))
     if int8:
         quantize(model)
     ids = torch.tensor([tokenizer.encode(PROMPT).ids])
-    new = generate(model, ids, n, eos_token_id=eos_id(tokenizer))[0, ids.shape[1] :]
+    new = generate(model, ids, n, eos_token_id=eos_id(tokenizer), plan=plan)[0, ids.shape[1] :]
     return PROMPT + tokenizer.decode(new.tolist())
 
 

@@ -13,7 +13,7 @@ from dsmoe.evaluation.lm_eval_model import DSMoELM, cut_at_stop
 from dsmoe.evaluation.perplexity import perplexity, rolling_loglikelihoods, rolling_windows
 from dsmoe.evaluation.zero_shot import render_tasks
 from dsmoe.inference import generate as generate_module
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
@@ -35,7 +35,7 @@ def lm(checkpoint, **kwargs):
     return DSMoELM(checkpoint=str(checkpoint), device="cpu", **kwargs)
 
 
-def direct_loglikelihood(model, tok, context, continuation):
+def direct_loglikelihood(model, tok, context, continuation, plan=None):
     """lm-eval's split: trailing spaces of the context move to the continuation; an empty context is the EOS."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -45,7 +45,7 @@ def direct_loglikelihood(model, tok, context, continuation):
     cont = whole[len(ctx) :] if context else whole
     ids = ctx + cont
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]]), plan=plan).logits[0].double(), -1)
     rows = logprobs[len(ctx) - 1 :]
     return float(rows.gather(1, torch.tensor(cont)[:, None]).sum()), bool(
         (rows.argmax(-1) == torch.tensor(cont)).all()
@@ -59,8 +59,8 @@ def test_loglikelihood_equals_direct_computation(tiny_checkpoint, strategy):
     model, tok = load_pretrained(tiny_checkpoint)
     att = SparseSetting(strategy["att_strategy"], threshold=0.9) if strategy else None
     mlp = SparseSetting("topk", k=3) if strategy else None
-    sparsify(model, att=att, mlp=mlp)
-    expected = [direct_loglikelihood(model, tok, c, x) for c, x in PAIRS]
+    plan = SparsePlan.build(model.cfg, att=att, mlp=mlp)
+    expected = [direct_loglikelihood(model, tok, c, x, plan) for c, x in PAIRS]
     for batch_size in (1, 4):
         got = lm(tiny_checkpoint, batch_size=batch_size, **strategy).loglikelihood(
             requests("loglikelihood", PAIRS), disable_tqdm=True
@@ -124,7 +124,7 @@ def test_cut_at_stop():
 def test_bad_arguments_say_what_to_do(tiny_checkpoint):
     from dsmoe.config import ConfigError
 
-    with pytest.raises(ConfigError, match="needs k >= 1 .*; add k=N to --model_args"):
+    with pytest.raises(ConfigError, match="needs an integer k in 1..8 .*; add k=N to --model_args"):
         lm(tiny_checkpoint, strategy="topk")
     with pytest.raises(ConfigError, match="add att_k=N to --model_args"):
         lm(tiny_checkpoint, att_strategy="topk", att_k="0")
@@ -137,7 +137,7 @@ def test_sparse_settings_are_checked_before_the_weights_load(tiny_checkpoint, mo
     from dsmoe.training import checkpoint
 
     monkeypatch.setattr(checkpoint, "load_model_state", lambda *a, **k: pytest.fail("weights loaded"))
-    with pytest.raises(ConfigError, match="k=9 is larger than the 8 experts of the MLP"):
+    with pytest.raises(ConfigError, match="mlp: strategy 'topk' needs an integer k in 1..8 .*got k=9"):
         lm(tiny_checkpoint, strategy="topk", k="9")
 
 
@@ -172,8 +172,8 @@ def test_lm_eval_end_to_end_offline(tiny_checkpoint, task_dir, eval_docs, monkey
     assert results["n-samples"]["dsmoe_piqa"]["effective"] == 3
 
     model, tok = load_pretrained(tiny_checkpoint)
-    sparsify(model, mlp=SparseSetting("topk", k=4))
-    ours = perplexity(model, tok, eval_docs, 48, eos_id(tok))
+    plan = SparsePlan.build(model.cfg, mlp=SparseSetting("topk", k=4))
+    ours = perplexity(model, tok, eval_docs, 48, eos_id(tok), plan=plan)
     assert rolling["word_perplexity,none"] == pytest.approx(ours["word_perplexity"], rel=1e-6)
     assert rolling["byte_perplexity,none"] == pytest.approx(ours["byte_perplexity"], rel=1e-6)
     assert rolling["bits_per_byte,none"] == pytest.approx(ours["bits_per_byte"], rel=1e-6)

@@ -14,7 +14,8 @@ from dsmoe.evaluation.perplexity import (
     rolling_windows,
 )
 from dsmoe.evaluation.scoring import score_positions, score_requests
-from dsmoe.inference.sparsify import ActiveMeter, sparsify
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
@@ -40,9 +41,9 @@ def random_requests(n, seed=0):
     return out
 
 
-def direct(model, ids, n_scored):
+def direct(model, ids, n_scored, plan=None):
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]])).logits[0].double(), -1)
+        logprobs = torch.log_softmax(model(torch.tensor([ids[:-1]]), plan=plan).logits[0].double(), -1)
     positions = range(len(ids) - 1 - n_scored, len(ids) - 1)
     total = sum(float(logprobs[p, ids[p + 1]]) for p in positions)
     greedy = all(int(logprobs[p].argmax()) == ids[p + 1] for p in positions)
@@ -51,13 +52,12 @@ def direct(model, ids, n_scored):
 
 @pytest.mark.parametrize("name", SETTINGS)
 def test_batched_scores_equal_one_sequence_at_a_time(model, name):
-    att, mlp = SETTINGS[name]
-    sparsify(model, att=att, mlp=mlp)
+    plan = SparsePlan.build(model.cfg, *SETTINGS[name])
     requests = random_requests(11)
-    batched = score_requests(model, requests, batch_size=4)
-    single = score_requests(model, requests, batch_size=1)
+    batched = score_requests(model, requests, batch_size=4, plan=plan)
+    single = score_requests(model, requests, batch_size=1, plan=plan)
     for (ids, n), b, s in zip(requests, batched, single, strict=True):
-        expected, greedy = direct(model, ids, n)
+        expected, greedy = direct(model, ids, n, plan)
         assert b.logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
         assert s.logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
         assert b.is_greedy == s.is_greedy == greedy
@@ -87,8 +87,8 @@ def test_padding_is_not_metered(model):
     counts = []
     for batch_size in (1, 5):
         meter = ActiveMeter(model.cfg)
-        sparsify(model, att=setting, mlp=setting, meter=meter)
-        score_requests(model, requests, batch_size=batch_size)
+        plan = SparsePlan.build(model.cfg, setting, setting)
+        score_requests(model, requests, batch_size=batch_size, plan=plan, meter=meter)
         counts.append((meter.tokens, meter.active))
     assert counts[0] == counts[1]
     assert counts[0][0]["mlp"][0] == sum(len(ids) - 1 for ids, _ in requests)

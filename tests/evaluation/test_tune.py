@@ -12,8 +12,7 @@ from dsmoe.config import ConfigError
 from dsmoe.evaluation.repro import split_dev_test
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.evaluation.tune import TuneOptions, greedy_path, levels
-from dsmoe.inference.sparsify import layer_settings
-from dsmoe.model.settings_file import load_settings
+from dsmoe.model.settings_file import load_plan
 from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
 
 BUDGETS = (0.02, 0.1)
@@ -54,10 +53,10 @@ def tuned(tiny_trained_checkpoint, held_out, tmp_path_factory):
 def test_tuned_settings_meet_the_budget_on_dev(tiny_trained_checkpoint, held_out, tuned, budget):
     path, record = tuned[budget]
     model, tokenizer = load_pretrained(tiny_trained_checkpoint)
-    att, mlp = load_settings(path, model.cfg)
+    plan = load_plan(path, model.cfg)
     dev = held_out[1]
     trained = evaluate_text(model, tokenizer, dev)
-    sparse = evaluate_text(model, tokenizer, dev, att, mlp)  # measured again, from the file alone
+    sparse = evaluate_text(model, tokenizer, dev, plan)  # measured again, from the file alone
     assert sparse["word_perplexity"] <= (1 + budget) * trained["word_perplexity"] * (1 + 1e-9)
     assert sparse["active_params"] == pytest.approx(record["dev"]["tuned"]["active_params"])
     assert sparse["active_params"] < trained["active_params"]  # the budget buys sparsity on this model
@@ -91,7 +90,9 @@ def test_test_split_is_reported_on_other_documents(
     result = json.loads(capsys.readouterr().out)
     assert result["word_perplexity"] == pytest.approx(record["test"]["tuned"]["word_perplexity"])
     assert result["active_params"] == pytest.approx(record["test"]["tuned"]["active_params"])
-    assert result["mlp_strategy"].startswith("per-layer[")
+    assert result["mlp_strategy"] == load_plan(path, checkpoint_config(tiny_trained_checkpoint)).describe(
+        "mlp"
+    )
 
 
 def test_search_costs_a_small_multiple_of_a_sweep(tuned, tiny_trained_checkpoint):
@@ -129,8 +130,7 @@ def test_lm_eval_model_reads_the_settings_file(tiny_trained_checkpoint, held_out
 
     path, record = tuned[0.1]
     lm = DSMoELM(checkpoint=str(tiny_trained_checkpoint), settings=str(path), device="cpu")
-    att, mlp = load_settings(path, lm.cfg)
-    assert layer_settings(lm.model, "att") == att and layer_settings(lm.model, "mlp") == mlp
+    assert lm.plan == load_plan(path, lm.cfg)
     with pytest.raises(ConfigError, match="drop strategy"):
         DSMoELM(checkpoint=str(tiny_trained_checkpoint), settings=str(path), strategy="topk", k=2)
 
@@ -194,6 +194,6 @@ def test_topk_tuning_and_dev_tokens(tiny_trained_checkpoint, held_out, tmp_path,
     assert record["split"]["dev_documents"] < len(held_out[1])  # stopped once 600 tokens were in
     assert record["split"]["dev_tokens"] >= 600
     assert record["dev"]["tuned"]["word_perplexity"] <= record["dev"]["limit"]
-    att, mlp = load_settings(path, checkpoint_config(tiny_trained_checkpoint))
-    assert all(s is None or s.strategy == "topk" for s in att + mlp)
-    assert any(s is not None for s in att + mlp)
+    plan = load_plan(path, checkpoint_config(tiny_trained_checkpoint))
+    assert all(s is None or s.strategy == "topk" for s in plan.att + plan.mlp)
+    assert any(s is not None for s in plan.att + plan.mlp)

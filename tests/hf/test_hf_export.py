@@ -11,7 +11,7 @@ from hf_fixtures import isolated_python
 from dsmoe.cli import main
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
@@ -48,13 +48,14 @@ def test_exported_folder_loads_without_dsmoe_and_matches_native(exported, tmp_pa
     assert result["module"].startswith("transformers_modules.") and result["mlp_k"] == 3
 
     native, tokenizer = load_pretrained(checkpoint)
-    sparsify(native, mlp=SparseSetting("topk", k=3))
+    plan = SparsePlan.build(native.cfg, mlp=SparseSetting("topk", k=3))
     ids = torch.tensor([tokenizer.encode(prompt).ids])
     assert result["ids"] == ids.tolist()
     with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(result["logits"]), native(ids).logits, rtol=1e-5, atol=1e-5)
+        logits = native(ids, plan=plan).logits
+        torch.testing.assert_close(torch.tensor(result["logits"]), logits, rtol=1e-5, atol=1e-5)
     eos = tokenizer.token_to_id("<|endoftext|>")
-    expected = generate(native, ids, 12, eos_token_id=eos)[0].tolist()
+    expected = generate(native, ids, 12, eos_token_id=eos, plan=plan)[0].tolist()
     assert result["generated"][0] == expected
     assert result["compiled"][0] == expected
     assert result["pipeline_text"] == tokenizer.decode(expected[ids.shape[1] :])
@@ -110,7 +111,10 @@ def test_export_checks_its_arguments_before_loading_weights(exported, tmp_path, 
     checkpoint, _ = exported
     export = ["export", "--checkpoint", str(checkpoint), "--out"]
     assert main([*export, str(tmp_path / "a"), "--strategy", "topk", "--k", "9"]) == 2
-    assert "k=9 is larger than the 8 experts of the MLP" in capsys.readouterr().err
+    assert (
+        "mlp: strategy 'topk' needs an integer k in 1..8 (the layer's 8 experts), got k=9"
+        in capsys.readouterr().err
+    )
     assert main([*export, str(tmp_path / "a"), "--tokenizer", str(tmp_path / "missing.json")]) == 2
     assert "--tokenizer" in capsys.readouterr().err
     (tmp_path / "file").write_text("")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
@@ -43,14 +43,14 @@ metric_list:
 """
 
 
-def native_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+def native_loglikelihood(model, tokenizer, context: str, continuation: str, plan=None) -> float:
     """Sum of log p(continuation tokens | context), tokenized as lm-eval does for causal models: encode the whole
     string, the continuation is what follows the context's own encoding."""
     whole = tokenizer.encode(context + continuation).ids
     n_context = len(tokenizer.encode(context).ids)
     ids = torch.tensor([whole])
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(ids[:, :-1]).logits.double(), dim=-1)[0]
+        logprobs = torch.log_softmax(model(ids[:, :-1], plan=plan).logits.double(), dim=-1)[0]
     targets = ids[0, n_context:]
     return float(logprobs[n_context - 1 :].gather(-1, targets[:, None]).sum())
 
@@ -78,10 +78,12 @@ def test_lm_eval_hf_model_type_on_exported_folder(exported, tmp_path, monkeypatc
     )
 
     native, tokenizer = load_pretrained(checkpoint)
-    sparsify(native, mlp=SparseSetting("topk", k=3))  # the setting the export stored in config.json
+    plan = SparsePlan.build(native.cfg, mlp=SparseSetting("topk", k=3))  # the export's config.json setting
     samples = sorted(results["samples"]["dsmoe_tiny_choice"], key=lambda s: s["doc_id"])
     assert len(samples) == len(DOCS)
     for sample, doc in zip(samples, DOCS, strict=True):
         got = [float(resp[0][0]) for resp in sample["resps"]]
-        expected = [native_loglikelihood(native, tokenizer, doc["context"], " " + c) for c in doc["choices"]]
+        expected = [
+            native_loglikelihood(native, tokenizer, doc["context"], " " + c, plan) for c in doc["choices"]
+        ]
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-5)

@@ -9,7 +9,8 @@ from dsmoe.config import ConfigError
 from dsmoe.hf import DSMoEConfig, DSMoEForCausalLM
 from dsmoe.hf.modeling import CACHE_FIELD
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import ActiveMeter, layer_settings, sparsify
+from dsmoe.inference.meter import ActiveMeter
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
@@ -45,26 +46,27 @@ def test_wrapper_logits_equal_native_logits(regime, name):
         fields = {k: v for k, v in fields.items() if not k.startswith("att")}  # one attention expert
         att = None
     native, wrapped = pair(regime, **fields)
-    sparsify(native, att=att, mlp=mlp)
+    plan = SparsePlan.build(native.cfg, att=att, mlp=mlp)
     idx = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
-        assert torch.equal(wrapped(idx).logits, native(idx).logits)
+        assert torch.equal(wrapped(idx).logits, native(idx, plan=plan).logits)
 
 
 def test_dynamic_cache_decoding_and_greedy_generate_match_native():
     native, wrapped = pair(mlp_strategy="topk", mlp_k=2)
-    sparsify(native, mlp=SparseSetting("topk", k=2))
+    plan = SparsePlan.build(native.cfg, mlp=SparseSetting("topk", k=2))
     idx = torch.randint(0, 97, (2, 9))
     cache = DynamicCache(config=wrapped.config)
     with torch.no_grad():
         steps = [wrapped(idx[:, :5], past_key_values=cache).logits[:, -1]]
         steps += [wrapped(idx[:, p : p + 1], past_key_values=cache).logits[:, -1] for p in range(5, 9)]
         for p, logits in zip(range(4, 9), steps, strict=True):
-            torch.testing.assert_close(logits, native(idx[:, : p + 1]).logits[:, -1], rtol=1e-5, atol=1e-5)
+            full = native(idx[:, : p + 1], plan=plan).logits[:, -1]
+            torch.testing.assert_close(logits, full, rtol=1e-5, atol=1e-5)
     assert cache.get_seq_length() == 9
     prompt = idx[:, :4]
     hf = wrapped.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0)
-    assert torch.equal(hf, generate(native, prompt, 10))
+    assert torch.equal(hf, generate(native, prompt, 10, plan=plan))
 
 
 @pytest.mark.parametrize("name", ["cache", "past_key_values"])
@@ -137,21 +139,21 @@ def test_sparse_settings_from_load_kwargs_and_per_call(tmp_path):
     wrapped.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, mlp_strategy="topk", mlp_k=4)
     assert isinstance(loaded, DSMoEForCausalLM)
-    assert layer_settings(loaded.model, "mlp") == [SparseSetting("topk", k=4)] * 2
-    assert layer_settings(loaded.model, "att") == [None, None]
+    assert loaded.sparse_plan.mlp == (SparseSetting("topk", k=4),) * 2
+    assert loaded.sparse_plan.att == (None, None)
     per_layer = AutoModelForCausalLM.from_pretrained(
         tmp_path, mlp_strategy=["topk", "threshold"], mlp_k=[1, None], mlp_threshold=[None, 1.5]
     )
-    assert layer_settings(per_layer.model, "mlp") == [
+    assert per_layer.sparse_plan.mlp == (
         SparseSetting("topk", k=1),
         SparseSetting("threshold", threshold=1.5),
-    ]
+    )
     meter = ActiveMeter(loaded.model.cfg)
     with loaded.sparse(meter=meter, mlp_k=1), torch.no_grad():
         loaded(torch.randint(0, 97, (1, 6)))
     assert meter.mean_active("mlp") == [1.0, 1.0]
-    assert loaded.config.mlp_k == 4 and loaded.model.blocks[0].mlp.setting.k == 4
-    with pytest.raises(ConfigError, match="k=9 is larger than the 8 experts"):
+    assert loaded.config.mlp_k == 4 and loaded.sparse_plan.setting("mlp", 0).k == 4 and loaded.meter is None
+    with pytest.raises(ConfigError, match="needs an integer k in 1..8 .*got k=9"):
         loaded.set_sparse(mlp_k=9)
     assert loaded.config.mlp_k == 4  # a rejected change leaves the model as it was
     with pytest.raises(ConfigError, match="unknown sparse setting"):
@@ -162,10 +164,8 @@ def test_config_validates_and_round_trips(tmp_path):
     cfg = DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=2)
     cfg.save_pretrained(tmp_path)
     again = DSMoEConfig.from_pretrained(tmp_path)
-    assert again.model_config() == small_config() and again.sparse_settings() == (
-        None,
-        SparseSetting("topk", k=2),
-    )
+    assert again.model_config() == small_config()
+    assert again.plan() == SparsePlan.build(small_config(), mlp=SparseSetting("topk", k=2))
     assert again.num_hidden_layers == 2 and again.hidden_size == 32 and again.num_attention_heads == 8
     with pytest.raises(ConfigError, match="mlp_k has 3 entries for a model with 2 layers"):
         DSMoEConfig.from_model_config(small_config(), mlp_strategy="topk", mlp_k=[1, 2, 3])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
 from dsmoe.training.checkpoint import load_pretrained
 
@@ -24,9 +24,10 @@ def native_greedy(exported):
     """PROMPT's greedy continuation by the native model under the export's sparse setting: (text, token count)."""
     checkpoint, _ = exported
     native, tokenizer = load_pretrained(checkpoint)
-    sparsify(native, mlp=SparseSetting("topk", k=3))  # the setting the export stored in config.json
+    plan = SparsePlan.build(native.cfg, mlp=SparseSetting("topk", k=3))  # the export's config.json setting
     ids = torch.tensor([tokenizer.encode(PROMPT).ids])
-    new = generate(native, ids, 12, eos_token_id=tokenizer.token_to_id("<|endoftext|>"))[0, ids.shape[1] :]
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    new = generate(native, ids, 12, eos_token_id=eos, plan=plan)[0, ids.shape[1] :]
     return tokenizer.decode(new.tolist()), len(new)
 
 
@@ -151,8 +152,9 @@ def test_int8_serving_decodes_the_native_int8_models_tokens(exported):
         completer.pieces(completer.parse({"model": "m", "prompt": PROMPT, "max_tokens": 12}), finish)
     )
     model, tokenizer = load_pretrained(checkpoint)
-    quantize(sparsify(model, mlp=SparseSetting("topk", k=3)))  # the export's setting
+    quantize(model)
+    plan = SparsePlan.build(model.cfg, mlp=SparseSetting("topk", k=3))  # the export's setting
     prompt = torch.tensor([tokenizer.encode(PROMPT).ids])
     eos = tokenizer.token_to_id("<|endoftext|>")
-    tokens = generate(model, prompt, 12, eos_token_id=eos)[0, prompt.shape[1] :].tolist()
+    tokens = generate(model, prompt, 12, eos_token_id=eos, plan=plan)[0, prompt.shape[1] :].tolist()
     assert text == tokenizer.decode(tokens) and text

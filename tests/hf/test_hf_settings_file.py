@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
-from hf_fixtures import isolated_python
+from helpers import small_config
+from hf_fixtures import VOCAB, isolated_python
 
 from dsmoe.cli import main
 from dsmoe.config import ConfigError
-from dsmoe.inference.sparsify import layer_settings, sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
-from dsmoe.model.settings_file import load_settings, settings_to_dict
+from dsmoe.model.settings_file import load_plan, plan_to_dict
 from dsmoe.training.checkpoint import load_pretrained
 
 # two layers that differ from each other and from one global setting
@@ -25,20 +26,21 @@ PROMPT = "The old man crosses the bridge. A dog follows the market"
 @pytest.fixture(scope="module")
 def settings_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("settings") / "settings.json"
-    path.write_text(json.dumps(settings_to_dict(ATT, MLP, {"made_by": "test"})))
+    plan = SparsePlan.build(small_config(vocab_size=VOCAB), ATT, MLP)  # the exported model's config
+    path.write_text(json.dumps(plan_to_dict(plan, {"made_by": "test"})))
     return path
 
 
 def native_logits(checkpoint):
     native, tokenizer = load_pretrained(checkpoint)
-    sparsify(native, att=ATT, mlp=MLP)
+    plan = SparsePlan.build(native.cfg, att=ATT, mlp=MLP)
     ids = torch.tensor([tokenizer.encode(PROMPT).ids])
     with torch.no_grad():
-        return ids, native(ids).logits
+        return ids, native(ids, plan=plan).logits
 
 
 def settings_of(model):
-    return layer_settings(model.model, "att"), layer_settings(model.model, "mlp")
+    return list(model.sparse_plan.att), list(model.sparse_plan.mlp)
 
 
 def test_export_writes_the_settings_into_config_json(exported, settings_file, tmp_path):
@@ -132,7 +134,7 @@ def test_serve_uses_the_settings_file(exported, settings_file, tmp_path):
     checkpoint, folder = exported
     completer = Completer(folder, "m", "cpu", settings=settings_file)
     assert settings_of(completer.model) == (ATT, MLP)
-    assert load_settings(settings_file, completer.model.config.model_config()) == (ATT, MLP)
+    assert load_plan(settings_file, completer.model.config.model_config()) == completer.model.sparse_plan
     with pytest.raises(ConfigError, match="settings file .* does not exist"):
         serve(folder, settings=tmp_path / "missing.json")
 

@@ -14,7 +14,7 @@ from helpers import small_config
 from torch import nn
 
 from dsmoe.hf.configuration import DSMoEConfig
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.rope import apply_rope, rope_tables
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
@@ -125,7 +125,7 @@ def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activat
     cfg = small_config(activation=activation, norm=norm)
     native = Transformer(cfg).eval()
     att, mlp = SparseSetting("topk", k=2), SparseSetting("threshold", threshold=1.0)
-    sparsify(native, att=att, mlp=mlp)
+    plan = SparsePlan.build(cfg, att=att, mlp=mlp)
     hf_config = DSMoEConfig.from_model_config(
         cfg, att_strategy="topk", att_k=2, mlp_strategy="threshold", mlp_threshold=1.0
     )
@@ -144,7 +144,7 @@ def test_vllm_model_matches_native_prefill_and_decode(vllm_model_module, activat
     with torch.no_grad():
         prefill = model.compute_logits(model(idx[:6], torch.arange(6)))
         decode = [model.compute_logits(model(idx[p : p + 1], torch.tensor([p]))) for p in range(6, 9)]
-        reference = native(idx[None]).logits[0]
+        reference = native(idx[None], plan=plan).logits[0]
     torch.testing.assert_close(prefill, reference[:6], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat(decode), reference[6:], rtol=1e-5, atol=1e-5)
 

@@ -61,17 +61,17 @@ def test_per_layer_settings_from_config_json(tmp_path_factory):
 
 def test_a_settings_file_exported_into_config_json(tmp_path_factory, tmp_path):
     """What ``dsmoe tune`` writes, through ``dsmoe export --settings``, is what vLLM serves."""
-    from dsmoe.model.settings_file import load_settings, settings_to_dict
+    from dsmoe.model.plan import SparsePlan
+    from dsmoe.model.settings_file import load_plan, plan_to_dict
     from dsmoe.training.checkpoint import checkpoint_config
 
-    chosen = {
-        "att": [SparseSetting("threshold", threshold=1.1), SparseSetting("topk", k=3)],
-        "mlp": [SparseSetting("topk", k=1), SparseSetting("threshold", threshold=0.9)],
-    }
-    path = tmp_path / "settings.json"
-    path.write_text(json.dumps(settings_to_dict(chosen["att"], chosen["mlp"])))
+    att = [SparseSetting("threshold", threshold=1.1), SparseSetting("topk", k=3)]
+    mlp = [SparseSetting("topk", k=1), SparseSetting("threshold", threshold=0.9)]
     checkpoint, _ = export_folder(tmp_path_factory, "dsmoe")
-    att, mlp = load_settings(path, checkpoint_config(checkpoint))
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(plan_to_dict(SparsePlan.build(checkpoint_config(checkpoint), att, mlp))))
+    plan = load_plan(path, checkpoint_config(checkpoint))
+    att, mlp = list(plan.att), list(plan.mlp)
     _, folder = export_folder(tmp_path_factory, "dsmoe", att=att, mlp=mlp)
     expected = native_tokens(checkpoint, PROMPTS, att=att, mlp=mlp)
     assert expected != native_tokens(checkpoint, PROMPTS)

@@ -13,7 +13,7 @@ from helpers import small_config, synthetic_corpus
 from dsmoe.data.tokenizer import save_tokenizer, train_bpe
 from dsmoe.hf.export import export
 from dsmoe.inference.generate import generate
-from dsmoe.inference.sparsify import sparsify
+from dsmoe.model.plan import SparsePlan
 from dsmoe.model.transformer import Transformer
 from dsmoe.training.checkpoint import load_pretrained, write_checkpoint
 
@@ -60,8 +60,8 @@ def export_folder(tmp_path_factory, regime: str, att=None, mlp=None) -> tuple[Pa
 def native_tokens(checkpoint: Path, prompts: list[list[int]], att=None, mlp=None) -> list[list[int]]:
     """dsmoe's own greedy continuation of each prompt alone (no batching, no padding)."""
     model, _ = load_pretrained(checkpoint)
-    sparsify(model, att=att, mlp=mlp)
-    return [generate(model, torch.tensor([p]), MAX_NEW)[0, len(p) :].tolist() for p in prompts]
+    plan = SparsePlan.build(model.cfg, att=att, mlp=mlp)
+    return [generate(model, torch.tensor([p]), MAX_NEW, plan=plan)[0, len(p) :].tolist() for p in prompts]
 
 
 @contextlib.contextmanager

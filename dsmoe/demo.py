@@ -65,6 +65,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.perplexity import perplexity
     from dsmoe.inference.generate import generate
     from dsmoe.inference.meter import ActiveMeter
+    from dsmoe.inference.prepare import prepare
     from dsmoe.model.plan import SparsePlan
     from dsmoe.training import checkpoint as ckpt
     from dsmoe.training.config import TrainConfig, apply_overrides
@@ -82,7 +83,8 @@ def run_demo(args: argparse.Namespace) -> int:
     )
     train(cfg, resume=True)
 
-    model, tokenizer = ckpt.load_pretrained(ckpt.list_checkpoints(cfg.out_dir)[-1])
+    prepared = prepare(ckpt.list_checkpoints(cfg.out_dir)[-1])
+    model, tokenizer = prepared.model, prepared.tokenizer
     mcfg = model.cfg
     print(f"\nheld-out Wikipedia ({len(wiki)} articles; gensim's enwiki sample, not WikiText):")
     print(

@@ -14,8 +14,8 @@ LAYER = {
     "model": 1,
     "kernels": 1,
     "data": 1,
-    "inference": 2,
-    "training": 3,
+    "training": 2,
+    "inference": 3,  # prepares models from the checkpoints training writes
     "evaluation": 4,
     "bench": 4,
     "convert": 4,

@@ -1,6 +1,7 @@
-"""Weight-only int8 (``dsmoe.inference.quantize``): int8 storage, outputs within int8's error of fp32 for every
-regime and strategy, and the compiled decode step's int8 fast paths (broadcast products, gathered experts) equal to
-eager decoding of the same int8 model, token for token."""
+"""Weight-only int8 (``dsmoe.inference.quantize``), a module swap: int8 storage, products equal to those of the
+dequantized weights (broadcast and plain, eager and compiled), outputs within int8's error of fp32 for every regime
+and strategy, only the selected experts' int8 rows read at decode, and compiled decoding equal to eager decoding of
+the same int8 model, token for token."""
 
 import pytest
 import torch
@@ -8,11 +9,10 @@ from helpers import small_config
 from test_decode import CASES, model_for
 from torch._dynamo.utils import counters
 
+from dsmoe.inference import quantize as quantize_module
 from dsmoe.inference.generate import Decoder, generate
-from dsmoe.inference.quantize import int8_values, is_quantized, quantize, quantized_weights
-from dsmoe.kernels.gathered import expert_mlp_gathered
+from dsmoe.inference.quantize import Int8Linear, Int8MLPExperts, Int8MoA, int8_values, is_quantized, quantize
 from dsmoe.kernels.reference import expert_mlp_reference
-from dsmoe.model.products import times, times_rows
 from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 from dsmoe.training.checkpoint import write_checkpoint
@@ -29,19 +29,31 @@ def test_int8_values_are_within_half_a_step_of_the_weight():
         assert ((q.float() * scale - w).abs() <= scale / 2 + 1e-7).all()
 
 
-def test_quantize_stores_projections_as_int8_and_keeps_routers_norms_and_embeddings():
+def test_quantize_swaps_the_projections_for_int8_and_keeps_routers_norms_and_embeddings():
     model = Transformer(small_config("dsmoe", tie_embeddings=False)).eval()
+    fp32 = {k: v.clone() for k, v in model.state_dict().items()}
     quantize(model)
     assert is_quantized(model)
     int8 = {k for k, v in model.state_dict().items() if v.dtype == torch.int8}
-    names = {"w_in", "w_out", "wq", "wo", "wk.weight", "wv.weight"}
-    assert len(int8) == len(quantized_weights(model)) == 2 * 6 + 1  # 2 layers x 6, the LM head
-    assert all(any(n.split(".")[0] in k for n in names) or k.startswith("lm_head") for k in int8)
-    assert model.blocks[0].mlp.router.weight.dtype == torch.float32
-    assert model.embed.weight.dtype == torch.float32
-    # contracted dim innermost: w_out [N, F, D] is stored [N, D, F] and read back as [N, F, D]
-    experts = model.blocks[0].mlp.experts
-    assert experts.parametrizations.w_out.original.shape == (8, 32, 16) and experts.w_out.shape == (8, 16, 32)
+    stacked = {
+        f"blocks.{i}.{name}_int8"
+        for i in range(2)
+        for name in ("att.wq", "att.wo", "mlp.experts.w_in", "mlp.experts.w_out")
+    }
+    linears = {f"blocks.{i}.att.{name}.weight" for i in range(2) for name in ("wk", "wv")} | {
+        "lm_head.weight"
+    }
+    assert int8 == stacked | linears  # 2 layers x 6, and the LM head
+    block = model.blocks[0]
+    assert isinstance(block.att, Int8MoA) and isinstance(block.mlp.experts, Int8MLPExperts)
+    assert isinstance(block.att.wk, Int8Linear) and isinstance(model.lm_head, Int8Linear)
+    assert block.mlp.router.weight.dtype == torch.float32 and model.embed.weight.dtype == torch.float32
+    # contracted dim innermost: w_out [N, F, D] is stored [N, D, F]; the dequantized view is [N, F, D] again
+    experts = block.mlp.experts
+    assert experts.w_out_int8.shape == (8, 32, 16) and experts.w_out.shape == (8, 16, 32)
+    for name, w in (("w_in", experts.w_in), ("w_out", experts.w_out)):  # within half an int8 step
+        original = fp32[f"blocks.0.mlp.experts.{name}"]
+        assert (w - original).abs().max() <= original.abs().max() / 254 + 1e-7
     with pytest.raises(ValueError, match="already quantized"):
         quantize(model)
     with pytest.raises(ValueError, match="choose one of"):
@@ -77,26 +89,24 @@ def test_compiled_int8_decode_matches_eager_int8_step_by_step(case):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_compiled_int8_decode_takes_the_int8_paths(monkeypatch):
-    """Batch 1 decode of a top-k DS-MoE: the experts through expert_mlp_gathered, the projections in broadcast form."""
-    import dsmoe.model.experts as experts_module
-    import dsmoe.model.products as products
-
-    traced = []
-
-    def gathered(*args):
-        traced.append("experts")
-        return expert_mlp_gathered(*args)
-
-    monkeypatch.setattr(experts_module, "expert_mlp_gathered", gathered)
+def test_decode_multiplies_only_the_selected_experts_int8_rows(monkeypatch):
+    """Batch-1 decode of a top-k DS-MoE: the experts' int8 rows gathered per slot, never the dequantized weights."""
     model, plan = model_for("dsmoe-topk")
     quantize(model)
-    torch._dynamo.reset()
-    decoder = Decoder(model, 1, 8, plan=plan, compile=True)
+    dequantized = []
+    real = quantize_module._dequantized
+    monkeypatch.setattr(
+        quantize_module, "_dequantized", lambda m, name, **kw: dequantized.append(name) or real(m, name, **kw)
+    )
+    decoder = Decoder(model, 1, 8, plan=plan)
     decoder.prefill(torch.randint(0, 97, (1, 3)))
+    prefill = set(dequantized)
+    dequantized.clear()
     decoder.step(torch.tensor([5]))
-    assert "experts" in traced
-    assert products._reads_int8(model.blocks[0].att, "wq", 1) is False  # outside a compiled graph: never
+    assert (
+        "w_in" in prefill
+    )  # three prompt tokens x 3 experts > 8 experts: the dequantized weights, through kernels
+    assert "w_in" not in dequantized and "w_out" not in dequantized  # one token: the gathered int8 rows
 
 
 def test_int8_generate_compiled_equals_eager_with_a_padded_batch():
@@ -109,32 +119,42 @@ def test_int8_generate_compiled_equals_eager_with_a_padded_batch():
     assert torch.equal(generate(model, prompt, 10, prompt_mask_BT=mask, plan=plan, compile=True), eager)
 
 
-def test_broadcast_products_equal_the_plain_products_under_compile():
-    model = Transformer(small_config("dsmoe")).eval()
+@pytest.mark.parametrize("rows", [1, 3, 9])  # the broadcast form (<= 4 rows) and the dequantized product
+def test_int8_products_equal_the_products_of_the_dequantized_weights(rows):
+    model = Transformer(small_config("dsmoe", tie_embeddings=False)).eval()
     quantize(model)
     experts, att = model.blocks[0].mlp.experts, model.blocks[0].att
-    x = torch.randn(2, 32)
-    h = torch.randn(2, experts.w_out.shape[0] * experts.w_out.shape[1])
-    compiled = torch.compile(lambda x, h: (times_rows(x, experts, "w_in"), times(h, experts, "w_out")))
-    up, down = compiled(x, h)
-    torch.testing.assert_close(up, x @ experts.w_in.flatten(0, 1).T, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(down, h @ experts.w_out.flatten(0, 1), rtol=1e-5, atol=1e-5)
-    k = torch.compile(lambda x: times_rows(x, att.wk, "weight"))(x[:, None])
-    torch.testing.assert_close(k, x[:, None] @ att.wk.weight.T, rtol=1e-5, atol=1e-5)
+    x = torch.randn(rows, 32)
+    h = torch.randn(rows, experts.n_experts * experts.d_expert)
+    o = torch.randn(rows, att.n_experts * att.n_heads // att.n_experts * att.head_dim)
+    wq, wo = att.expert_weights()
+    for compiled in (False, True):
+        run = torch.compile if compiled else (lambda f: f)
+        torch.testing.assert_close(run(experts.up)(x), x @ experts.w_in.flatten(0, 1).T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            run(experts.down)(h), h @ experts.w_out.flatten(0, 1), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(run(att.query)(x), x @ wq.flatten(0, 1).T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run(att.output)(o), o @ wo.flatten(0, 1), rtol=1e-5, atol=1e-5)
+        k = run(att.wk)(x)
+        torch.testing.assert_close(k, x @ (att.wk.weight.float() * att.wk.scale).T, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
     "setting", [SparseSetting("topk", k=3), SparseSetting("threshold", threshold=1.2)], ids=str
 )
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
-def test_gathered_expert_mlp_equals_the_reference(setting, activation):
-    from kernel_cases import make_routing, mlp_inputs
+def test_gathered_int8_experts_equal_the_reference_on_the_dequantized_weights(setting, activation):
+    from kernel_cases import make_routing
 
-    x, w_in, w_out = mlp_inputs(3, 8, 16, 12, activation, torch.float32)
-    routing = make_routing(3, 8, setting)
+    model = Transformer(small_config("dsmoe", activation=activation, n_mlp_experts=8)).eval()
+    quantize(model)
+    experts = model.blocks[0].mlp.experts
+    x = torch.randn(2, 32)
+    routing = make_routing(2, 8, setting)  # 2 tokens x 8 slots: no more slots than experts, the gathered path
     torch.testing.assert_close(
-        expert_mlp_gathered(x, w_in, w_out, routing, activation),
-        expert_mlp_reference(x, w_in, w_out, routing, activation),
+        experts.sparse(x, routing),
+        expert_mlp_reference(x, experts.w_in, experts.w_out, routing, activation),
         rtol=1e-5,
         atol=1e-6,
     )

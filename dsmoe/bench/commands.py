@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dsmoe.bench.settings import DECODE_MODES, METRICS, SHAPES, BenchSettings
 from dsmoe.files import write_atomic
-from dsmoe.inference.arguments import QUANTIZATIONS
+from dsmoe.inference.arguments import QUANTIZATIONS, add_kernels_arg
 
 
 def add_commands(sub) -> None:
@@ -78,6 +78,7 @@ def add_commands(sub) -> None:
         help="also measure our models with int8 weights (rows NAME+int8, same weights; "
         "dsmoe.inference.quantize): int8 pays in compiled batch-1 decode",
     )
+    add_kernels_arg(p)
     p.set_defaults(func=cmd_bench)
 
 
@@ -106,6 +107,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decode=args.decode,
         bandwidth_mb=args.bandwidth_mb,
         quantize=args.quantize,
+        kernels=args.kernels,
     )
     from dsmoe.bench.throughput import run_benchmark
 

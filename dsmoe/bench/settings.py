@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from dsmoe.config import ConfigError
 from dsmoe.inference.arguments import QUANTIZATIONS
+from dsmoe.model.settings import KERNEL_IMPLS
 
 DTYPE_NAMES = ("fp32", "bf16")
 METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
@@ -45,6 +46,8 @@ class BenchSettings:
     bandwidth_mb: int = 1024
     # also measure each of our models with its weights quantized ("int8"; rows "NAME+int8"), or not ("none")
     quantize: str = "none"
+    # which implementation computes our models' sparse experts (dsmoe.model.settings.Kernels)
+    kernels: str = "auto"
 
     def check(self) -> None:
         if self.dtype not in DTYPE_NAMES:
@@ -61,6 +64,8 @@ class BenchSettings:
             raise ConfigError(
                 f"unknown --quantize '{self.quantize}': choose one of {', '.join(QUANTIZATIONS)}"
             )
+        if self.kernels not in KERNEL_IMPLS:
+            raise ConfigError(f"unknown --kernels '{self.kernels}': choose one of {', '.join(KERNEL_IMPLS)}")
         if self.peers and self.shape != "llama":
             raise ConfigError(
                 "--peers builds transformers' Llama and OLMoE, which have SwiGLU MLPs and RMSNorm: "

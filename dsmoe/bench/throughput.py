@@ -38,7 +38,7 @@ from dsmoe.bench.settings import BenchSettings
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import Decoder, generate
 from dsmoe.inference.meter import ActiveMeter
-from dsmoe.inference.quantize import quantize
+from dsmoe.inference.prepare import prepare
 from dsmoe.model.plan import SparsePlan
 from dsmoe.model.routing import route
 from dsmoe.model.settings import Kernels
@@ -285,13 +285,20 @@ def run_benchmark(s: BenchSettings) -> dict:
         for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k, s.shape)
         if e.name in s.models
     ]
-    models = {e.name: Transformer(e.cfg).to(device=s.device, dtype=DTYPES[s.dtype]).eval() for e in entries}
-    plans = {e.name: e.plan for e in entries}
+    prepared = {
+        e.name: prepare(Transformer(e.cfg), e.plan, device=s.device, dtype=DTYPES[s.dtype], kernels=s.kernels)
+        for e in entries
+    }
+    models = {name: p.model for name, p in prepared.items()}
+    plans = {name: p.plan for name, p in prepared.items()}
     variants = dict(models)  # row name -> model; with --quantize, each model's quantized copy beside it
     model_of = {name: name for name in models}  # variant -> the model it is (a copy of)
     if s.quantize != "none":
         for name, m in models.items():
-            variants[f"{name}+{s.quantize}"] = quantize(copy.deepcopy(m), s.quantize)
+            copied = prepare(
+                copy.deepcopy(m), plans[name], quantize=s.quantize, device=s.device, kernels=s.kernels
+            )
+            variants[f"{name}+{s.quantize}"] = copied.model
             model_of[f"{name}+{s.quantize}"] = name
     runners: dict[str, Runner] = {}
     compiled_rows = {}  # row name -> the variant it decodes compiled

@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dsmoe.config import ConfigError, ModelConfig
+
+if TYPE_CHECKING:
+    from dsmoe.model.plan import SparsePlan
 
 
 def _add_text_args(p: argparse.ArgumentParser) -> None:
@@ -61,28 +65,25 @@ def _text(args: argparse.Namespace):
     )
 
 
-def _load(args: argparse.Namespace):
-    """(model, tokenizer, text): the text first, as it may fail on bad input; the weights last."""
-    from dsmoe.training.checkpoint import load_pretrained
+def _load(args: argparse.Namespace, plan: SparsePlan | None = None, quantize: str = "none"):
+    """(the prepared model, text): the text first, as it may fail on bad input; the weights last."""
+    from dsmoe.inference.prepare import prepare
 
     text = _text(args)
-    model, tokenizer = load_pretrained(args.checkpoint)
-    return model, tokenizer, text
+    return prepare(args.checkpoint, plan, quantize=quantize, kernels=getattr(args, "kernels", "auto")), text
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from dsmoe.evaluation.text import evaluate_text
     from dsmoe.inference.arguments import plan_from_args
-    from dsmoe.inference.quantize import quantize
 
     plan = plan_from_args(args, _check(args))
-    model, tokenizer, text = _load(args)
-    quantize(model, args.quantize)
+    prepared, text = _load(args, plan, args.quantize)
     result = evaluate_text(
-        model,
-        tokenizer,
+        prepared.model,
+        prepared.tokenizer,
         text.documents,
-        plan,
+        prepared.plan,
         batch_size=args.batch_size,
         max_len=args.max_len,
         progress=not args.json,
@@ -127,10 +128,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from dsmoe.model.settings_file import load_plan
 
         points.append(settings_point(load_plan(args.settings, cfg), Path(args.settings).name))
-    model, tokenizer, text = _load(args)
+    prepared, text = _load(args)
     result = run_sweep(
-        model,
-        tokenizer,
+        prepared.model,
+        prepared.tokenizer,
         text.documents,
         points,
         layer_threshold=args.layer_threshold,
@@ -232,12 +233,13 @@ def _split_list(kind):
 
 
 def add_commands(sub) -> None:
-    from dsmoe.inference.arguments import add_quantize_arg, add_sparse_args
+    from dsmoe.inference.arguments import add_kernels_arg, add_quantize_arg, add_sparse_args
 
     p = sub.add_parser("eval", help="perplexity and active parameters of a checkpoint on held-out text")
     _add_text_args(p)
     add_sparse_args(p)
     add_quantize_arg(p, "the evaluation (the quality cost of int8 serving)")
+    add_kernels_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object on stdout")
     p.set_defaults(func=cmd_eval)
 

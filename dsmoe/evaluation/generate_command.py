@@ -16,8 +16,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dsmoe.data.tokenizer import eos_id
     from dsmoe.inference.arguments import plan_from_args
     from dsmoe.inference.generate import stream
-    from dsmoe.inference.quantize import quantize
-    from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
+    from dsmoe.inference.prepare import prepare
+    from dsmoe.training.checkpoint import checkpoint_config
 
     cfg = checkpoint_config(args.checkpoint)
     if not (args.checkpoint / "tokenizer.json").is_file():
@@ -29,7 +29,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"need --temperature >= 0 and 0 < --top-p <= 1, got {args.temperature}, {args.top_p}"
         )
     plan = plan_from_args(args, cfg)
-    model, tokenizer = load_pretrained(args.checkpoint)
+    prepared = prepare(
+        args.checkpoint, plan, quantize=args.quantize, kernels=args.kernels, compile=args.compile
+    )
+    tokenizer = prepared.tokenizer
     prompt = tokenizer.encode(args.prompt).ids
     if not prompt:
         raise ConfigError("--prompt is empty after tokenization; give some text")
@@ -38,22 +41,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{len(prompt)} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed the model's max_seq_len "
             f"{cfg.max_seq_len}; shorten one"
         )
-    quantize(model, args.quantize)
-    compile = args.compile or args.quantize != "none"  # int8 weights pay only in the compiled step
     generator = torch.Generator().manual_seed(args.seed)
     print(args.prompt, end="", flush=True)
     ids: list[int] = []
     shown = ""
     for token in stream(
-        model,
+        prepared.model,
         torch.tensor(prompt),
         args.max_new_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
         eos_token_id=eos_id(tokenizer),
         generator=generator,
-        plan=plan,
-        compile=compile,
+        plan=prepared.plan,
+        compile=prepared.compile,
     ):
         ids.append(token)
         text = tokenizer.decode(ids)  # decoded whole, so that tokens merging into one character print right
@@ -64,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from dsmoe.inference.arguments import add_quantize_arg, add_sparse_args
+    from dsmoe.inference.arguments import add_kernels_arg, add_quantize_arg, add_sparse_args
 
     p = sub.add_parser(
         "generate",
@@ -81,4 +82,5 @@ def add_commands(sub) -> None:
     )
     add_sparse_args(p)
     add_quantize_arg(p, "generation; implies --compile")
+    add_kernels_arg(p)
     p.set_defaults(func=cmd_generate)

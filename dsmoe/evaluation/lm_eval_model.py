@@ -103,7 +103,8 @@ class DSMoELM(TemplateLM):
         if unused:
             log.warning("dsmoe model ignores arguments it does not know: %s", ", ".join(sorted(unused)))
         from dsmoe.data.tokenizer import eos_id
-        from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
+        from dsmoe.inference.prepare import prepare
+        from dsmoe.training.checkpoint import checkpoint_config
 
         cfg = checkpoint_config(checkpoint)
         given = {
@@ -120,12 +121,13 @@ class DSMoELM(TemplateLM):
                 raise ConfigError(
                     f"settings={settings} gives every layer's setting; drop {', '.join(named)} from --model_args"
                 )
-            self.plan = load_plan(str(settings), cfg)
+            plan = load_plan(str(settings), cfg)
         else:
-            self.plan = SparsePlan.parse({**given, "normalize_weights": normalize}, cfg, MODEL_ARGS)
+            plan = SparsePlan.parse({**given, "normalize_weights": normalize}, cfg, MODEL_ARGS)
         self._device = resolve_device(device)
         torch_dtype = getattr(torch, dtype) if dtype not in (None, "auto") else None
-        self.model, self.tokenizer = load_pretrained(Path(checkpoint), device=self._device, dtype=torch_dtype)
+        prepared = prepare(Path(checkpoint), plan, device=self._device, dtype=torch_dtype)
+        self.model, self.tokenizer, self.plan = prepared.model, prepared.tokenizer, prepared.plan
         if self.tokenizer is None:
             raise ConfigError(
                 f"checkpoint {checkpoint} has no tokenizer.json: lm-eval needs text -> token ids"

@@ -158,10 +158,11 @@ def evaluate_run(
     """One trained run on the three held-out texts ('in_domain', 'dev', 'test'): as trained and, for DS-MoE, over
     the sparsity sweep, with the operating point chosen on dev; zero-shot accuracy at that point."""
     from dsmoe.evaluation.text import evaluate_text
+    from dsmoe.inference.prepare import prepare
     from dsmoe.model.plan import SparsePlan
-    from dsmoe.training.checkpoint import load_pretrained
 
-    model, tokenizer = load_pretrained(checkpoint)
+    prepared = prepare(checkpoint)
+    model, tokenizer = prepared.model, prepared.tokenizer
 
     def rows(att: SparseSetting | None, mlp: SparseSetting | None, label: dict) -> dict[str, dict]:
         plan = SparsePlan.build(model.cfg, att, mlp)

@@ -68,12 +68,13 @@ def run_tune(
 ) -> dict[str, Any]:
     """Tune ``checkpoint`` on the dev half of ``documents``, report on the test half, write the settings file
     ``out``; returns the record (also the file's ``meta``)."""
-    from dsmoe.training.checkpoint import load_pretrained
+    from dsmoe.inference.prepare import prepare
 
     if out.exists() and out.is_dir():
         raise ConfigError(f"--out {out} is a folder; give the path of the settings file to write")
     dev_all, test_all = split_dev_test(documents)
-    model, tokenizer = load_pretrained(checkpoint)
+    prepared = prepare(checkpoint)
+    model, tokenizer = prepared.model, prepared.tokenizer
     dev, test = first_tokens(tokenizer, dev_all, dev_tokens), first_tokens(tokenizer, test_all, test_tokens)
     chosen, record = tune_and_report(model, tokenizer, dev, test, opts, progress=progress)
     record = {"made_by": "dsmoe tune", "checkpoint": str(checkpoint), "data": data or {}, **record}

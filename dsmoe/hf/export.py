@@ -38,7 +38,8 @@ def export(
     """
     from tokenizers import Tokenizer
 
-    from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
+    from dsmoe.inference.prepare import prepare
+    from dsmoe.training.checkpoint import checkpoint_config
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -55,7 +56,8 @@ def export(
         raise ConfigError(
             f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json"
         )
-    native, tokenizer = load_pretrained(checkpoint)
+    prepared = prepare(checkpoint, plan)
+    native, tokenizer, plan = prepared.model, prepared.tokenizer, prepared.plan
     if tokenizer_file is not None:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))
 

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from dsmoe.config import ConfigError
-from dsmoe.inference.arguments import add_quantize_arg
+from dsmoe.inference.arguments import add_kernels_arg, add_quantize_arg
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
@@ -78,30 +78,34 @@ class Completer:
         settings: str | Path | None = None,
         compile: bool = False,
         quantize: str = "none",
+        kernels: str = "auto",
     ):
         import torch
         from tokenizers import Tokenizer
 
         from dsmoe.hf import DSMoEForCausalLM
+        from dsmoe.inference.prepare import prepare
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = DSMoEForCausalLM.from_pretrained(folder).to(self.device).eval()
+        self.model = DSMoEForCausalLM.from_pretrained(folder).eval()
         if settings is not None:  # per-layer sparse settings (dsmoe tune) instead of config.json's
             self.model.load_sparse_settings(settings)
-        if quantize != "none":
-            from dsmoe.inference.quantize import quantize as quantize_weights
-
-            quantize_weights(self.model, quantize)
-            # int8 weights pay only in the compiled step; eager, each use dequantizes the whole weight
-            compile = True
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.prepared = prepare(
+            self.model.model,
+            self.model.sparse_plan,
+            quantize=quantize,
+            device=self.device,
+            kernels=kernels,
+            compile=compile,
+            tokenizer=self.tokenizer,
+        )
         self.eos = self.model.config.eos_token_id
         self.name = name
         self.created = int((folder / "config.json").stat().st_mtime)
         self.lock = threading.Lock()
-        self.compile = compile  # decode through the compiled step (dsmoe.inference.generate.Decoder)
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "dsmoe"}
@@ -194,15 +198,15 @@ class Completer:
         if req["seed"] is not None:
             generator = torch.Generator(self.device).manual_seed(req["seed"])
         tokens = stream(
-            self.model.model,
+            self.prepared.model,
             torch.tensor(req["ids"], device=self.device),
             req["max_tokens"],
             temperature=req["temperature"],
             top_p=req["top_p"],
             eos_token_id=self.eos,
             generator=generator,
-            plan=self.model.sparse_plan,
-            compile=self.compile,
+            plan=self.prepared.plan,
+            compile=self.prepared.compile,
         )
         ids: list[int] = []
         sent, reason = "", "length"
@@ -449,18 +453,22 @@ def serve(
     settings: str | Path | None = None,
     compile: bool = False,
     quantize: str = "none",
+    kernels: str = "auto",
 ) -> None:
     """Serve ``folder`` (written by ``dsmoe export``) until interrupted, as model ``name`` (default: ``folder`` as
     given). ``settings``: a per-layer sparse settings file (``dsmoe tune``) that replaces config.json's.
     ``compile``: decode through the compiled step (each new cache length, in steps of 64, compiles once).
-    ``quantize``: 'int8' stores the projection weights as int8 and decodes compiled."""
+    ``quantize``: 'int8' stores the projection weights as int8 and decodes compiled. ``kernels``: see
+    ``dsmoe.inference.prepare``."""
     path = Path(folder)
     for needed in ("config.json", "tokenizer.json", "model.safetensors"):
         if not (path / needed).is_file():
             raise ConfigError(f"{path} has no {needed}; serve a folder written by `dsmoe export`")
     if settings is not None and not Path(settings).is_file():
         raise ConfigError(f"settings file {settings} does not exist; write one with `dsmoe tune`")
-    completer = Completer(path, str(folder) if name is None else name, device, settings, compile, quantize)
+    completer = Completer(
+        path, str(folder) if name is None else name, device, settings, compile, quantize, kernels
+    )
     server = ThreadingHTTPServer(
         (host, port), make_handler(completer, log_level.lower() in ("debug", "info"))
     )
@@ -489,6 +497,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings=args.settings,
         compile=args.compile,
         quantize=args.quantize,
+        kernels=args.kernels,
     )
     return 0
 
@@ -520,4 +529,5 @@ def add_commands(sub) -> None:
         "in steps of 64 tokens, waits for its compilation)",
     )
     add_quantize_arg(p, "serving; implies --compile")
+    add_kernels_arg(p)
     p.set_defaults(func=cmd_serve)

@@ -6,7 +6,7 @@ import argparse
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.model.plan import FLAGS, SparsePlan
-from dsmoe.model.settings import STRATEGIES
+from dsmoe.model.settings import KERNEL_IMPLS, STRATEGIES
 from dsmoe.model.settings_file import load_plan
 
 QUANTIZATIONS = ("none", "int8")  # weight storage for inference (dsmoe.inference.quantize)
@@ -33,6 +33,16 @@ def add_sparse_args(parser: argparse.ArgumentParser, settings_file: bool = True)
     )
     g.add_argument("--att-k", type=int)
     g.add_argument("--att-threshold", type=float)
+
+
+def add_kernels_arg(parser: argparse.ArgumentParser) -> None:
+    """--kernels: which implementation computes the sparse experts (dsmoe.model.settings.Kernels)."""
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_IMPLS,
+        default="auto",
+        help="sparse expert kernels: auto (by device: CPU 'cpu', CUDA 'sorted'), or one named, e.g. 'reference'",
+    )
 
 
 def add_quantize_arg(parser: argparse.ArgumentParser, what: str) -> None:

@@ -34,9 +34,15 @@ from dsmoe.kernels.triton_kernels import expert_mlp_triton, moa_triton
 from dsmoe.model.routing import Routing
 from dsmoe.model.settings import AUTO_KERNELS, Kernels
 
-__all__ = ["AttentionContext", "Kernels", "expert_mlp", "implementation", "moa"]
+__all__ = ["AttentionContext", "Kernels", "expert_mlp", "implementation", "kernels_for", "moa"]
 
 _AUTO = {"cpu": "cpu", "cuda": "sorted"}  # device type -> inference path of Kernels('auto')
+
+
+def kernels_for(device: torch.device, impl: str = "auto") -> Kernels:
+    """The kernel choice for a model on ``device``: 'auto' resolved once to the device's inference path, or the path
+    that ``impl`` names."""
+    return Kernels(_AUTO.get(device.type, "reference") if impl == "auto" else impl)
 
 
 def implementation(kernels: Kernels, x: torch.Tensor, needs_grad: bool = False) -> str:

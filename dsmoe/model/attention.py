@@ -16,7 +16,6 @@ from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import AttentionContext, moa
-from dsmoe.model.products import times, times_rows
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.router import Router
 from dsmoe.model.routing import RouterRecord, Routing, route
@@ -106,6 +105,18 @@ class MoA(nn.Module):
         self.wv = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
         self.router = Router(d, self.n_experts) if cfg.has_att_router else None
 
+    def query(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert's query heads at once: x W_q^T -> [T, N * E]."""
+        return F.linear(x_TD, self.wq.flatten(0, 1))
+
+    def output(self, o_TE: torch.Tensor) -> torch.Tensor:
+        """Every expert's heads through their rows of W_o, summed: [T, N * E] -> [T, D]."""
+        return o_TE @ self.wo.flatten(0, 1)
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W_q, W_o) as [N, E, D] each: what the sparse kernels read, the selected experts' rows only."""
+        return self.wq, self.wo
+
     def forward(
         self,
         x_BTD: torch.Tensor,
@@ -134,21 +145,18 @@ class MoA(nn.Module):
         else:
             pos_BT = padding.positions_BT
             cos, sin = cos_Sd[pos_BT][:, :, None], sin_Sd[pos_BT][:, :, None]  # [B, T, 1, d]
-        k = apply_rope(times_rows(x_BTD, self.wk, "weight").view(b, t, self.n_kv, self.head_dim), cos, sin)
-        k_BHSd, v_BHSd = (
-            k.transpose(1, 2),
-            times_rows(x_BTD, self.wv, "weight").view(b, t, self.n_kv, self.head_dim).transpose(1, 2),
-        )
+        k = apply_rope(self.wk(x_BTD).view(b, t, self.n_kv, self.head_dim), cos, sin)
+        k_BHSd = k.transpose(1, 2)
+        v_BHSd = self.wv(x_BTD).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             k_BHSd, v_BHSd = cache.update(start_pos, k_BHSd, v_BHSd)
 
         def dense(x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
-            q = times_rows(x_TD, self, "wq").view(b, t, self.n_heads, self.head_dim)
-            q = apply_rope(q, cos, sin).transpose(1, 2)
+            q = apply_rope(self.query(x_TD).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
             o = _attend(q, k_BHSd, v_BHSd, start_pos, padding).transpose(1, 2)  # [B, T, H, d]
             if probs_TN is not None:
                 o = o.reshape(b * t, self.n_experts, -1) * probs_TN[..., None].to(o.dtype)
-            return times(o.reshape(b * t, -1), self, "wo")
+            return self.output(o.reshape(b * t, -1))
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)
@@ -157,7 +165,7 @@ class MoA(nn.Module):
             else:
                 pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
             ctx = AttentionContext(k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
-            return moa(x_TD, self.wq, self.wo, routing, ctx, kernels)
+            return moa(x_TD, *self.expert_weights(), routing, ctx, kernels)
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:

@@ -7,13 +7,12 @@ at once is one matrix product of width N * F: exactly the cost of a dense FFN of
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dsmoe.config import ModelConfig
 from dsmoe.kernels import expert_mlp
-from dsmoe.kernels.gathered import expert_mlp_gathered
 from dsmoe.kernels.reference import activate
-from dsmoe.model.products import is_quantized, times, times_rows
 from dsmoe.model.router import Router
 from dsmoe.model.routing import RouterRecord, Routing, route
 from dsmoe.model.settings import AUTO_KERNELS, Kernels, SparseSetting
@@ -23,25 +22,31 @@ class MLPExperts(nn.Module):
     def __init__(self, n_experts: int, d_model: int, d_expert: int, activation: str):
         super().__init__()
         self.n_experts, self.d_expert, self.activation = n_experts, d_expert, activation
-        width_in = 2 * d_expert if activation == "swiglu" else d_expert
+        self.width_in = (
+            2 * d_expert if activation == "swiglu" else d_expert
+        )  # F_in: SwiGLU's gate and up halves
         # Rows of each expert's projections are contiguous: w_in[e] is [F_in, D], w_out[e] is [F, D].
-        self.w_in = nn.Parameter(torch.empty(n_experts, width_in, d_model))
+        self.w_in = nn.Parameter(torch.empty(n_experts, self.width_in, d_model))
         self.w_out = nn.Parameter(torch.empty(n_experts, d_expert, d_model))
+
+    def up(self, x_TD: torch.Tensor) -> torch.Tensor:
+        """Every expert's input projection at once: x W_in^T -> [T, N * F_in]."""
+        return F.linear(x_TD, self.w_in.flatten(0, 1))
+
+    def down(self, h_TK: torch.Tensor) -> torch.Tensor:
+        """Every expert's output projection at once, summed: h [T, N * F] times the stacked W_out -> [T, D]."""
+        return h_TK @ self.w_out.flatten(0, 1)
 
     def dense(self, x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
         """All experts at once, each scaled by its router probability (dense training / dense inference)."""
         n, f = self.n_experts, self.d_expert
-        h_TNF = times_rows(x_TD, self, "w_in").view(-1, n, self.w_in.shape[1])
-        h_TNF = activate(h_TNF, self.activation)
+        h_TNF = activate(self.up(x_TD).view(-1, n, self.width_in), self.activation)
         if probs_TN is not None:
             h_TNF = h_TNF * probs_TN[..., None].to(h_TNF.dtype)
-        return times(h_TNF.reshape(-1, n * f), self, "w_out")
+        return self.down(h_TNF.reshape(-1, n * f))
 
     def sparse(self, x_TD: torch.Tensor, routing: Routing, kernels: Kernels = AUTO_KERNELS) -> torch.Tensor:
-        if (
-            kernels.compiled and is_quantized(self, "w_in") and routing.indices.numel() <= self.n_experts
-        ):  # int8 decode: the selected experts' int8 rows read in one fused reduction (see expert_mlp_gathered)
-            return expert_mlp_gathered(x_TD, self.w_in, self.w_out, routing, self.activation)
+        """Only the selected (token, expert) pairs of ``routing``, on the implementation ``kernels`` names."""
         return expert_mlp(x_TD, self.w_in, self.w_out, routing, self.activation, kernels)
 
 

@@ -16,7 +16,6 @@ from dsmoe.model.attention import KVCache, LayerKV, MoA, Padding
 from dsmoe.model.experts import MoEMLP
 from dsmoe.model.losses import router_loss
 from dsmoe.model.plan import SparsePlan, trained_plan
-from dsmoe.model.products import times_rows
 from dsmoe.model.rope import rope_tables
 from dsmoe.model.routing import RouterRecord
 from dsmoe.model.settings import Kernels, SparseSetting
@@ -167,8 +166,7 @@ class Transformer(nn.Module):
 
     def head(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The LM head: logits over the vocabulary (tied to the embedding when ``tie_embeddings``)."""
-        head = self.embed if self.lm_head is None else self.lm_head
-        return times_rows(x_BTD, head, "weight")
+        return F.linear(x_BTD, self.embed.weight) if self.lm_head is None else self.lm_head(x_BTD)
 
     def forward(
         self,

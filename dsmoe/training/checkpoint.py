@@ -128,7 +128,7 @@ def write_checkpoint(
     """Write a complete single-file checkpoint folder at ``path`` atomically (temporary sibling folder, then
     rename), from full state dicts held by this process."""
     path = Path(path)
-    if any(".parametrizations." in f".{key}" for key in model_state):
+    if any(value.dtype == torch.int8 for value in model_state.values()):
         raise ValueError(
             "this model's weights are quantized for inference (dsmoe.inference.quantize); save the full-precision "
             "model and quantize it after loading (--quantize int8)"

@@ -144,8 +144,8 @@ def test_int8_serving_decodes_the_native_int8_models_tokens(exported):
 
     checkpoint, folder = exported
     completer = Completer(folder, "m", "cpu", quantize="int8")
-    assert completer.compile
-    int8 = [p for p in completer.model.parameters() if p.dtype == torch.int8]
+    assert completer.prepared.compile
+    int8 = [t for t in completer.model.state_dict().values() if t.dtype == torch.int8]
     assert len(int8) == 6 * completer.model.config.n_layers + (not completer.model.config.tie_embeddings)
     finish: dict = {}
     text = "".join(

@@ -1,0 +1,69 @@
+"""The one preparation pipeline of every entry point that runs a model (eval, sweep, tune, generate, serve, lm-eval,
+export, bench, the demo): load -> plan -> quantize -> device -> compile, in that order, in ``prepare``.
+
+* load: a checkpoint's cheap checks first (its files, and its config against the weights' headers), then the plan
+  is checked against the config, then the weights load (on the CPU); or a model already built;
+* plan: the SparsePlan every forward is given (a plan, or a function of the config, e.g. reading flags);
+* quantize: swap in int8 weight holders (``dsmoe.inference.quantize``);
+* device: the model moves there (and to ``dtype``), and the plan's kernel choice is fixed for it;
+* compile: whether decoding goes through the compiled step; int8 weights pay only there, so they imply it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsmoe.config import ModelConfig
+from dsmoe.inference.quantize import quantize as quantize_weights
+from dsmoe.kernels import kernels_for
+from dsmoe.model.plan import SparsePlan
+from dsmoe.model.transformer import Transformer
+from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
+
+PlanSource = SparsePlan | Callable[[ModelConfig], SparsePlan] | None
+
+
+@dataclass
+class Prepared:
+    """A model ready to run: what to pass to its forward (``plan``) and to ``generate`` (``compile``)."""
+
+    model: Transformer
+    tokenizer: Any  # a tokenizers.Tokenizer, or None where the source has none
+    plan: SparsePlan
+    compile: bool
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.model.cfg
+
+
+def prepare(
+    source: str | Path | Transformer,
+    plan: PlanSource = None,
+    *,
+    quantize: str = "none",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    kernels: str = "auto",
+    compile: bool = False,
+    tokenizer: Any = None,
+) -> Prepared:
+    """``source``: a checkpoint folder, or a Transformer (with its ``tokenizer``). ``plan``: a SparsePlan, a function
+    of the model's config that gives one, or None (as trained). ``kernels``: 'auto' (by device) or a path named (see
+    ``dsmoe.model.settings.Kernels``). Bad settings are found before any weight loads."""
+    if isinstance(source, Transformer):
+        model, cfg = source, source.cfg
+    else:
+        cfg = checkpoint_config(source)
+    plan = plan(cfg) if callable(plan) else plan or SparsePlan.build(cfg)
+    if not isinstance(source, Transformer):
+        model, tokenizer = load_pretrained(source, dtype=dtype)
+    quantize_weights(model, quantize)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    plan = plan.with_kernels(kernels_for(torch.device(device), kernels).impl)
+    return Prepared(model.eval(), tokenizer, plan, compile or quantize != "none")

@@ -51,4 +51,6 @@ def test_a_built_model_is_prepared_the_same_way(checkpoint):
         a = from_file.model(idx, plan=from_file.plan).logits
         b = built.model(idx, plan=built.plan).logits
     assert torch.equal(a, b)
-    assert prepare(Transformer(small_config()), dtype=torch.bfloat16).model.embed.weight.dtype == torch.bfloat16
+    assert (
+        prepare(Transformer(small_config()), dtype=torch.bfloat16).model.embed.weight.dtype == torch.bfloat16
+    )

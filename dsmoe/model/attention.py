@@ -117,6 +117,15 @@ class MoA(nn.Module):
         """(W_q, W_o) as [N, E, D] each: what the sparse kernels read, the selected experts' rows only."""
         return self.wq, self.wo
 
+    def mix(self, o_TE: torch.Tensor, weights_TN: torch.Tensor | None) -> torch.Tensor:
+        """The reduce of paper eq. 8: every expert's heads [T, N * E], each expert's scaled by its weight [T, N]
+        (None: weight 1, a layer of one expert), through W_o -> [T, D]."""
+        if weights_TN is not None:
+            o_TE = (
+                o_TE.view(o_TE.shape[0], self.n_experts, -1) * weights_TN[..., None].to(o_TE.dtype)
+            ).flatten(1)
+        return self.output(o_TE)
+
     def forward(
         self,
         x_BTD: torch.Tensor,
@@ -129,10 +138,11 @@ class MoA(nn.Module):
         mask_T: torch.Tensor | None = None,
         padding: Padding | None = None,
     ) -> tuple[torch.Tensor, RouterRecord]:
-        """x_BTD: the tokens; cos/sin: the rotary tables; setting: how the router picks experts and kernels: which
-        implementation runs the selected ones (both from the model's SparsePlan); cache/start_pos: incremental decoding (a tensor start_pos comes with ``padding``: the compiled
-        decode step); mask_T: True for real tokens; padding: where a padded batch's real tokens are. Returns the
-        output [B, T, D] and the record of what the router did."""
+        """x_BTD: the tokens; cos/sin: the rotary tables; setting: how the router picks experts, and kernels: which
+        implementation runs the selected ones (both from the model's SparsePlan); cache/start_pos: incremental
+        decoding (a tensor start_pos comes with ``padding``: the compiled decode step); mask_T: True for real
+        tokens; padding: where a padded batch's real tokens are. Returns the output [B, T, D] and the record of what
+        the router did."""
         b, t, d = x_BTD.shape
         if padding is None:
             assert isinstance(start_pos, int), (
@@ -154,9 +164,7 @@ class MoA(nn.Module):
         def dense(x_TD: torch.Tensor, probs_TN: torch.Tensor | None) -> torch.Tensor:
             q = apply_rope(self.query(x_TD).view(b, t, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
             o = _attend(q, k_BHSd, v_BHSd, start_pos, padding).transpose(1, 2)  # [B, T, H, d]
-            if probs_TN is not None:
-                o = o.reshape(b * t, self.n_experts, -1) * probs_TN[..., None].to(o.dtype)
-            return self.output(o.reshape(b * t, -1))
+            return self.mix(o.reshape(b * t, -1), probs_TN)
 
         def sparse(x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
             batch_T = torch.arange(b, device=x_TD.device).repeat_interleave(t)

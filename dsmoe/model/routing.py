@@ -75,6 +75,18 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
     )
 
 
+def mixing_weights(
+    probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[T, N]: the weight each expert's output gets under ``setting``: every router score for 'dense'; otherwise the
+    selected experts' scores (normalized if the setting says so) and zero for the others. Computing every expert and
+    mixing with these weights gives exactly the sparse result (vLLM's MoA does, around its paged attention)."""
+    if setting.strategy == "dense":
+        return probs_TN
+    routing = route(probs_TN, setting, mask_T)
+    return torch.zeros_like(probs_TN).scatter_(1, routing.indices, routing.weights * routing.mask)
+
+
 @dataclass
 class RouterRecord:
     """What one MoE layer's router did in one forward: the model returns one per layer, and losses, training

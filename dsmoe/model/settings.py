@@ -43,12 +43,6 @@ class SparseSetting:
                 "the threshold compares S_i * N_experts, so 1.0 means 'above uniform'"
             )
 
-    def check(self, n_experts: int, where: str) -> None:
-        if self.strategy == "topk" and self.k > n_experts:  # type: ignore[operator]
-            raise ConfigError(
-                f"k={self.k} is larger than the {n_experts} experts of {where}: use k <= {n_experts}"
-            )
-
     def describe(self) -> str:
         if self.strategy == "topk":
             return f"topk(k={self.k})"

@@ -1,4 +1,6 @@
-"""The `dsmoe` command. Each subsystem adds its subcommands through an ``add_commands(subparsers)`` function; a
+"""DS-MoE language models: dense training, sparse inference -- prepare data, train, evaluate, serve and export.
+
+The `dsmoe` command. Each subsystem adds its subcommands through an ``add_commands(subparsers)`` function; a
 subcommand parses its arguments, builds a config and calls one library function."""
 
 from __future__ import annotations
@@ -7,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 from dsmoe.config import PRESETS, ConfigError, preset
 from dsmoe.inference.arguments import add_sparse_args, plan_from_args
@@ -98,7 +101,25 @@ def _command_modules() -> list:
     return [importlib.import_module(n) for n in names]
 
 
+def _warnings_as_lines() -> None:
+    """dsmoe's own warnings: each message once, as one line (not Python's file:line and the source line)."""
+    warnings.filterwarnings("once", module=r"dsmoe(\.|$)")
+    default = warnings.formatwarning
+    if getattr(default, "dsmoe", False):
+        return
+    package = os.path.dirname(os.path.abspath(__file__))
+
+    def one_line(message, category, filename, lineno, line=None):
+        if os.path.abspath(filename).startswith(package):
+            return f"dsmoe: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    one_line.dsmoe = True  # type: ignore[attr-defined]
+    warnings.formatwarning = one_line
+
+
 def main(argv: list[str] | None = None) -> int:
+    _warnings_as_lines()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -88,16 +88,16 @@ def run_demo(args: argparse.Namespace) -> int:
     mcfg = model.cfg
     print(f"\nheld-out Wikipedia ({len(wiki)} articles; gensim's enwiki sample, not WikiText):")
     print(
-        f"  {'setting':24s} {'word ppl':>9s} {'token ppl':>9s} {'bits/byte':>9s} {'active params':>14s} "
-        f"{'active hidden':>13s}"
+        f"  {'setting':24s} {'bits/byte':>9s} {'token ppl':>9s} {'word ppl':>9s} {'active params':>14s} "
+        f"{'active share':>12s}"
     )
     for name, (att, mlp) in SETTINGS.items():
         meter = ActiveMeter(mcfg)
         plan = SparsePlan.build(mcfg, att=att, mlp=mlp)
         r = perplexity(model, tokenizer, wiki, mcfg.max_seq_len, eos_id(tokenizer), plan=plan, meter=meter)
         print(
-            f"  {name:24s} {r['word_perplexity']:9.1f} {r['token_perplexity']:9.1f} {r['bits_per_byte']:9.3f} "
-            f"{meter.active_params / 1e6:12.2f}M {meter.active_hidden:12.0%}"
+            f"  {name:24s} {r['bits_per_byte']:9.3f} {r['token_perplexity']:9.1f} {r['word_perplexity']:9.1f} "
+            f"{meter.active_params / 1e6:12.2f}M {meter.active_share:12.0%}"
         )
 
     plan = SparsePlan.build(mcfg, mlp=SparseSetting("topk", k=4))

@@ -182,3 +182,11 @@ def test_cli_reports_bad_settings(capsys):
         "needs an integer k in 1..32 (the layer's 32 experts), got k=40; pass --k N"
         in capsys.readouterr().err
     )
+
+
+def test_command_line_values_are_validated_as_settings_files_are(capsys):
+    argv = ["info", "--preset", "ds-moe-1b", "--strategy", "threshold"]
+    assert main([*argv, "--threshold", "99"]) == 2  # above the 32 experts: only the top one would ever run
+    assert "needs a threshold in (0, 32]" in capsys.readouterr().err
+    assert main([*argv, "--threshold", "1.0", "--k", "2"]) == 2
+    assert "k is read by strategy 'topk' only" in capsys.readouterr().err

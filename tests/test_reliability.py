@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import prepared_data, small_config, tiny_train_config, train_cli_args
+from helpers import prepared_data, small_config, tiny_model_dict, tiny_train_config, train_cli_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ from dsmoe.data.corpus import read_documents
 from dsmoe.data.errors import DataError
 from dsmoe.data.loader import TokenLoader
 from dsmoe.model.routing import route
-from dsmoe.model.settings import STRATEGIES, SparseSetting
+from dsmoe.model.settings import STRATEGIES
 from dsmoe.training import checkpoint as ckpt
 from dsmoe.training.config import TrainConfig
 from dsmoe.training.loop import NonFiniteError, train
@@ -174,15 +174,19 @@ def test_non_finite_loss_is_caught_and_named(data_dir, tmp_path, mode):
     assert all(torch.equal(good[k], latest[k]) for k in good)  # skipped steps never touched the weights
 
 
-def test_router_collapse_is_reported(data_dir, tmp_path, capsys):
+@pytest.mark.parametrize("top", [1.0, 0.6], ids=["one-hot", "soft"])
+def test_router_collapse_is_reported_from_the_logged_load(data_dir, tmp_path, capsys, top):
+    """One signal: the warning fires where metrics.jsonl logs max_load above 0.9, also when every token's top expert
+    is the same one with a soft probability (0.6: the mean probability never reaches 0.9)."""
     cfg = tiny_train_config(data_dir, tmp_path / "run", total_tokens=256, warmup_tokens=0, eval_every=0)
     from dsmoe.model import router
 
     original = router.Router.forward
 
     def collapsed(self, x):
-        probs = torch.zeros(x.shape[0], self.weight.shape[0])
-        probs[:, 0] = 1.0
+        n = self.weight.shape[0]
+        probs = torch.full((x.shape[0], n), (1 - top) / (n - 1))
+        probs[:, 0] = top
         return probs + 0 * original(self, x)
 
     router.Router.forward = collapsed
@@ -192,6 +196,11 @@ def test_router_collapse_is_reported(data_dir, tmp_path, capsys):
         router.Router.forward = original
     printed = "".join(capsys.readouterr())
     assert "router collapse in mlp layer 0" in printed and "router collapse in att layer 1" in printed
+    assert printed.count("router collapse in mlp layer 0") == 1  # once per router
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in rows if r.get("event") == "router_collapse"]
+    loads = next(r for r in rows if "max_load_mlp" in r)["max_load_mlp"]
+    assert {(e["kind"], e["layer"]) for e in events} >= {("mlp", 0), ("att", 1)} and min(loads) > 0.9
 
 
 # ----- fuzzing -----
@@ -288,11 +297,16 @@ def test_fuzz_corpus_readers(tmp_path, contents):
     st.integers(1, 40),
 )
 def test_fuzz_sparse_settings(strategy, k, threshold, normalize, n_experts, n_tokens):
+    from dsmoe.model.plan import check_setting
+
+    cfg = small_config(n_mlp_experts=n_experts)
     try:
-        setting = SparseSetting(strategy, k=k, threshold=threshold, normalize=normalize)
-        setting.check(n_experts, "the fuzzed layer")
+        setting = check_setting("mlp", strategy, k, threshold, normalize, cfg, None)
     except ConfigError as err:
         assert str(err)
+        return
+    if setting is None:  # one expert: no router, nothing to route
+        assert n_experts == 1
         return
     probs = torch.softmax(torch.randn(n_tokens, n_experts) * 3, dim=-1)
     routing = route(probs, setting)
@@ -330,3 +344,23 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_and_runs_nothing(data_dir
     with pytest.raises(ConfigError, match="could run code when loaded"):
         train(longer, resume=True)
     assert not marker.exists()
+
+
+def test_a_warning_prints_once_as_one_line(data_dir, tmp_path):
+    """The train and validation loaders both find the model's vocabulary larger than the data's: the command prints
+    that once, as one line, without Python's file:line and source line."""
+    model = json.dumps({**tiny_model_dict(), "vocab_size": 4096})
+    args = [
+        a if not a.startswith("model=") else f"model={model}" for a in run_args(data_dir, tmp_path / "run", 2)
+    ]
+    child = subprocess.run(
+        [sys.executable, "-m", "dsmoe", "train", *args, "eval_every=2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    warned = [line for line in child.stderr.splitlines() if "were tokenized with a vocabulary" in line]
+    assert len(warned) == 1 and warned[0].startswith("dsmoe: warning: shards in "), child.stderr[-2000:]
+    assert "warnings.warn(" not in child.stderr and "UserWarning" not in child.stderr

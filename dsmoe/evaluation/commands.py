@@ -105,12 +105,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"  note: {text.description['note']}")
     weights = "" if args.quantize == "none" else f", {args.quantize} weights"
     print(f"  att {result['att_strategy']}, mlp {result['mlp_strategy']}{weights}")
-    print(f"  word perplexity  {result['word_perplexity']:.3f}")
+    print(f"  bits per byte    {result['bits_per_byte']:.4f}")
     print(f"  token perplexity {result['token_perplexity']:.3f}")
-    print(f"  byte perplexity  {result['byte_perplexity']:.4f}   bits per byte {result['bits_per_byte']:.4f}")
     print(
-        f"  active params    {result['active_params']:,.0f} of {result['non_embedding_params']:,} "
-        f"({result['active_hidden']:.1%} of expert hidden units)"
+        f"  word perplexity  {result['word_perplexity']:.3f}   byte perplexity {result['byte_perplexity']:.4f}"
+    )
+    print(
+        f"  active params    {result['active_params']:,.0f} of {result['non_embedding_params']:,} non-embedding "
+        f"(active share {result['active_share']:.1%}; active hidden {result['active_hidden']:.1%} of expert units)"
     )
     return 0
 
@@ -122,7 +124,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder for the sweep's outputs")
     ks = args.ks or list(range(1, cfg.n_mlp_experts + 1))
-    points = sweep_grid(args.strategies, args.thresholds, ks, cfg.n_mlp_experts, args.att_dense)
+    points = sweep_grid(args.strategies, args.thresholds, ks, cfg.n_mlp_experts, args.att_same)
     if args.settings is not None:
         from dsmoe.evaluation.sweep import settings_point
         from dsmoe.model.settings_file import load_plan
@@ -139,7 +141,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         max_len=args.max_len,
     )
     name = args.name or args.checkpoint.name
-    settings = {"checkpoint": str(args.checkpoint), "data": text.description, "att_dense": args.att_dense}
+    settings = {"checkpoint": str(args.checkpoint), "data": text.description, "att_same": args.att_same}
     if args.settings is not None:
         settings["settings_file"] = str(args.settings)
     paths = write_sweep(result, args.out, name, settings)
@@ -265,7 +267,10 @@ def add_commands(sub) -> None:
         "--ks", type=_split_list(int), help="comma-separated K values for topk (default: all 1..N)"
     )
     p.add_argument(
-        "--att-dense", action="store_true", help="keep attention dense for the threshold strategies"
+        "--att-same",
+        action="store_true",
+        help="give the threshold strategies' points the same setting for attention too (default: the strategies "
+        "set the MLP routers and attention runs as trained, as eval's --strategy does)",
     )
     p.add_argument("--layer-threshold", type=float, default=0.48, help="eps of the layer-utilization plot")
     p.add_argument(
@@ -317,7 +322,10 @@ def add_commands(sub) -> None:
         help="minimise measured active parameters, or measured decode seconds per token",
     )
     p.add_argument(
-        "--metric", choices=("word", "token", "byte"), default="word", help="perplexity of the budget"
+        "--metric",
+        choices=("token", "byte", "word"),
+        default="token",
+        help="perplexity of the budget (default token: word perplexity depends on how a text is split into words)",
     )
     p.add_argument("--json", action="store_true", help="the whole record as one JSON object on stdout")
     p.set_defaults(func=cmd_tune)

@@ -14,7 +14,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from dsmoe.data.tokenizer import eos_id
-    from dsmoe.inference.arguments import plan_from_args
+    from dsmoe.inference.arguments import COMPILING, plan_from_args
     from dsmoe.inference.generate import stream
     from dsmoe.inference.prepare import prepare
     from dsmoe.training.checkpoint import checkpoint_config
@@ -42,6 +42,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{cfg.max_seq_len}; shorten one"
         )
     generator = torch.Generator().manual_seed(args.seed)
+    if prepared.compile:
+        print(COMPILING, file=sys.stderr, flush=True)
     print(args.prompt, end="", flush=True)
     ids: list[int] = []
     shown = ""
@@ -65,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub) -> None:
-    from dsmoe.inference.arguments import add_kernels_arg, add_quantize_arg, add_sparse_args
+    from dsmoe.inference.arguments import COMPILE_HELP, add_kernels_arg, add_quantize_arg, add_sparse_args
 
     p = sub.add_parser(
         "generate",
@@ -77,9 +79,7 @@ def add_commands(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="seeds sampling")
-    p.add_argument(
-        "--compile", action="store_true", help="decode through the compiled step (dsmoe's Decoder)"
-    )
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     add_sparse_args(p)
     add_quantize_arg(p, "generation; implies --compile")
     add_kernels_arg(p)

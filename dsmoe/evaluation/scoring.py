@@ -86,7 +86,8 @@ def score_requests(
     check_requests(requests, model.cfg.max_seq_len)
     results: list[Score | None] = [None] * len(requests)
     batches = batches_by_length([len(ids) for ids, _ in requests], batch_size)
-    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress):
+    # leave=False: under a sweep's or tune's bar of settings, this bar is the current setting's, then goes
+    for batch in tqdm(batches, desc="scoring", unit="batch", disable=not progress, leave=False):
         width = len(requests[batch[0]][0]) - 1
         inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
         real = torch.zeros(len(batch), width, dtype=torch.bool)

@@ -1,10 +1,11 @@
 """Sparsity sweeps as in the paper: perplexity against measured active parameters over a grid of sparse settings
 (Figures 3-4), per-layer share of active experts at one threshold (Figure 5), and a Table-3-style markdown table.
 
-Grid points: ``threshold`` and ``threshold_topk`` apply the same strategy and epsilon to the attention and MLP
-routers (``att_dense=True`` keeps attention dense instead); ``topk`` sets K for the MLP routers and keeps attention
-dense, as the paper's TopK does. The dense point (every expert) is always measured first as the reference. A
-per-layer settings file (``dsmoe tune``) adds one point, strategy ``settings``, to compare against the curves.
+Grid points mean what ``dsmoe eval``'s flags mean: a strategy and its epsilon or K set the MLP routers, and the
+attention routers run as trained; ``att_same=True`` (``--att-same``) gives the threshold strategies' points the same
+setting for attention too (the paper's Figures 3-4 threshold both); ``topk`` never touches attention, as the paper's
+TopK. The dense point (every expert of both) is always measured first as the reference. A per-layer settings file
+(``dsmoe tune``) adds one point, strategy ``settings``, to compare against the curves.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dsmoe.config import ConfigError
 from dsmoe.evaluation.text import evaluate_text
 from dsmoe.files import write_atomic
 from dsmoe.model.plan import SparsePlan
-from dsmoe.model.settings import SparseSetting
+from dsmoe.model.settings import SparseSetting, describe_setting
 
 if TYPE_CHECKING:
     from dsmoe.model.transformer import Transformer
@@ -33,8 +34,8 @@ SWEEP_STRATEGIES = ("threshold", "topk", "threshold_topk")
 @dataclass(frozen=True)
 class GridPoint:
     strategy: str  # "dense" for the reference point, "settings" for a per-layer settings file
-    att: SparseSetting | LayerList
-    mlp: SparseSetting | LayerList
+    att: SparseSetting | LayerList | None  # None: as trained
+    mlp: SparseSetting | LayerList | None
     value: float | None  # the swept epsilon or K
     name: str | None = None  # the settings file's label
 
@@ -42,13 +43,9 @@ class GridPoint:
     def label(self) -> str:
         if self.strategy == "settings":
             return f"per-layer settings {self.name}"
-        if (
-            self.strategy == "dense"
-            or not isinstance(self.att, SparseSetting)
-            or not isinstance(self.mlp, SparseSetting)
-        ):
+        if self.strategy == "dense":
             return "dense"
-        return f"att {self.att.describe()}, mlp {self.mlp.describe()}"
+        return f"att {describe_setting(self.att)}, mlp {describe_setting(self.mlp)}"
 
 
 def settings_point(plan: SparsePlan, name: str) -> GridPoint:
@@ -61,7 +58,7 @@ def sweep_grid(
     thresholds: Sequence[float],
     ks: Sequence[int],
     n_mlp_experts: int,
-    att_dense: bool = False,
+    att_same: bool = False,
 ) -> list[GridPoint]:
     dense = SparseSetting()
     points = [GridPoint("dense", dense, dense, None)]
@@ -75,12 +72,12 @@ def sweep_grid(
             if bad:
                 raise ConfigError(f"--ks {bad} outside 1..{n_mlp_experts} (the model's MLP experts)")
             points += [
-                GridPoint("topk", dense, SparseSetting("topk", k=k), k) for k in sorted(ks, reverse=True)
+                GridPoint("topk", None, SparseSetting("topk", k=k), k) for k in sorted(ks, reverse=True)
             ]
         else:
             for eps in sorted(thresholds):
                 setting = SparseSetting(strategy, threshold=eps)
-                points.append(GridPoint(strategy, dense if att_dense else setting, setting, eps))
+                points.append(GridPoint(strategy, setting if att_same else None, setting, eps))
     return points
 
 
@@ -102,17 +99,22 @@ def run_sweep(
     rows = []
     for point in tqdm(points, desc="sweep", unit="setting", disable=not progress):
         plan = SparsePlan.build(model.cfg, point.att, point.mlp)
-        result = evaluate_text(model, tokenizer, documents, plan, batch_size=batch_size, max_len=max_len)
+        result = evaluate_text(
+            model, tokenizer, documents, plan, batch_size=batch_size, max_len=max_len, progress=progress
+        )
         result.pop("layers")
         rows.append({"strategy": point.strategy, "value": point.value, "label": point.label, **result})
     setting = SparseSetting("threshold", threshold=layer_threshold)
     plan = SparsePlan.build(model.cfg, setting, setting)
-    utilization = evaluate_text(model, tokenizer, documents, plan, batch_size=batch_size, max_len=max_len)
+    utilization = evaluate_text(
+        model, tokenizer, documents, plan, batch_size=batch_size, max_len=max_len, progress=progress
+    )
     return {
         "points": rows,
         "layer_utilization": {
             "threshold": layer_threshold,
             "layers": utilization["layers"],
+            "token_perplexity": utilization["token_perplexity"],
             "word_perplexity": utilization["word_perplexity"],
             "active_params": utilization["active_params"],
         },
@@ -120,15 +122,17 @@ def run_sweep(
 
 
 def markdown_table(model_name: str, rows: Sequence[dict]) -> str:
-    """Rows laid out like the paper's Table 3: model, perplexity, active parameters, active hidden."""
+    """Rows laid out like the paper's Table 3: model, quality (bits per byte and token perplexity first), active
+    parameters, active share and active hidden (defined in dsmoe.inference.meter)."""
     lines = [
-        "| Model | Setting | Word PPL | Token PPL | Bits/byte | Active params | Active hidden |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| Model | Setting | Bits/byte | Token PPL | Word PPL | Active params | Active share | Active hidden |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {model_name} | {r['label']} | {r['word_perplexity']:.2f} | {r['token_perplexity']:.2f} | "
-            f"{r['bits_per_byte']:.4f} | {format_params(r['active_params'])} | {r['active_hidden']:.1%} |"
+            f"| {model_name} | {r['label']} | {r['bits_per_byte']:.4f} | {r['token_perplexity']:.2f} | "
+            f"{r['word_perplexity']:.2f} | {format_params(r['active_params'])} | {r['active_share']:.1%} | "
+            f"{r['active_hidden']:.1%} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -141,7 +145,8 @@ def format_params(n: float) -> str:
 
 
 def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
-    """Word perplexity against active parameters, one line per strategy, the dense point as a star."""
+    """Token perplexity against active parameters, one line per strategy with each point's eps or K beside it, the
+    dense point as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,9 +154,17 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for strategy in SWEEP_STRATEGIES:
-        pts = sorted((r["active_params"], r["word_perplexity"]) for r in rows if r["strategy"] == strategy)
+        pts = sorted(
+            (r["active_params"], r["token_perplexity"], r["value"]) for r in rows if r["strategy"] == strategy
+        )
         if pts:
-            ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+            (line,) = ax.plot([p[0] / 1e6 for p in pts], [p[1] for p in pts], marker="o", label=strategy)
+            name = "k" if strategy == "topk" else "eps"
+            for x, y, value in pts:
+                ax.annotate(
+                    f"{name}={value:g}", (x / 1e6, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                    color=line.get_color(),
+                )  # fmt: skip
     marks = {  # single points beside the curves: strategy -> (marker, size, colour, label or None for the row's)
         "settings": ("D", 9, "crimson", None),
         "dense": ("*", 14, "black", "dense (all experts)"),
@@ -161,7 +174,7 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
             marker, size, color, label = marks[r["strategy"]]
             ax.plot(
                 r["active_params"] / 1e6,
-                r["word_perplexity"],
+                r["token_perplexity"],
                 marker=marker,
                 markersize=size,
                 color=color,
@@ -169,7 +182,7 @@ def plot_tradeoff(rows: Sequence[dict], path: Path, title: str) -> None:
                 label=label or r["label"],
             )
     ax.set_xlabel("active non-embedding parameters (M)")
-    ax.set_ylabel("word perplexity")
+    ax.set_ylabel("token perplexity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -195,9 +208,9 @@ def plot_layers(layers: dict, threshold: float, path: Path, title: str) -> None:
     ax.set_xticks(range(len(layers["mlp"])))
     ax.set_xlabel("layer")
     ax.set_ylabel("active experts (%)")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 125)  # room above the bars for the legend
     ax.set_title(f"{title} (threshold eps={threshold})")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=2)
     _save(fig, path)
 
 

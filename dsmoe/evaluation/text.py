@@ -102,6 +102,7 @@ def evaluate_text(
     return {
         **result,
         "active_params": summary["active_params"],
+        "active_share": summary["active_share"],
         "active_hidden": summary["active_hidden"],
         "non_embedding_params": summary["non_embedding_params"],
         "layers": summary["layers"],

@@ -56,7 +56,7 @@ class TuneOptions:
     values: tuple[float, ...] | None = None  # eps grid (threshold strategies); None: DEFAULT_THRESHOLDS
     kinds: tuple[str, ...] = ("att", "mlp")
     objective: str = "params"
-    metric: str = "word"
+    metric: str = "token"
     batch_size: int = 16
     max_len: int | None = None
     latency_tokens: int = 32  # decoded tokens per latency measurement
@@ -156,7 +156,13 @@ def tune(
         if key not in cache:
             plan = SparsePlan.build(cfg, att, mlp)
             cache[key] = evaluate_text(
-                model, tokenizer, dev_docs, plan, batch_size=opts.batch_size, max_len=opts.max_len
+                model,
+                tokenizer,
+                dev_docs,
+                plan,
+                batch_size=opts.batch_size,
+                max_len=opts.max_len,
+                progress=progress is not None,
             )
             search.evaluations += 1
         if progress is not None:

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-from dsmoe.config import ModelConfig
+from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.hf.configuration import HF_FIELDS, SPARSE_KEYS, DSMoEConfig
 from dsmoe.inference.generate import generate as decode
 from dsmoe.inference.meter import ActiveMeter
@@ -189,6 +189,25 @@ class DSMoEForCausalLM(PreTrainedModel, GenerationMixin):
             yield self
         finally:
             self.set_sparse(meter=old_meter, **old)
+
+    def generate(self, inputs=None, generation_config=None, *args, **kwargs):
+        """transformers' ``generate``, after checking that the prompt and the new tokens fit in the model's
+        ``max_seq_len`` (else it would fail at the first token past it, after all the work before)."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        config = generation_config if generation_config is not None else self.generation_config
+        if ids is not None and hasattr(ids, "shape"):
+            max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
+            total = (
+                ids.shape[-1] + max_new
+                if max_new is not None
+                else kwargs.get("max_length", config.max_length)
+            )
+            if total is not None and total > self.config.max_seq_len:
+                raise ConfigError(
+                    f"this model reads at most {self.config.max_seq_len} tokens, but the prompt has {ids.shape[-1]} "
+                    f"and generation would reach {total}: lower max_new_tokens (or max_length), or shorten the prompt"
+                )
+        return super().generate(inputs, generation_config, *args, **kwargs)
 
     # --- compiled decoding -----------------------------------------------------------------------------------------
 

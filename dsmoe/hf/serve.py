@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from dsmoe.config import ConfigError
-from dsmoe.inference.arguments import add_kernels_arg, add_quantize_arg
+from dsmoe.inference.arguments import COMPILE_HELP, COMPILING, add_kernels_arg, add_quantize_arg
 
 MAX_BODY = 1 << 20  # bytes of a request body
 MAX_STOP = 4  # stop sequences per request, as OpenAI allows
@@ -106,6 +106,7 @@ class Completer:
         self.name = name
         self.created = int((folder / "config.json").stat().st_mtime)
         self.lock = threading.Lock()
+        self.compiled_lengths: set[int] = set()  # cache lengths whose decode step has compiled
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "dsmoe"}
@@ -192,8 +193,13 @@ class Completer:
         ``finish_reason`` and ``tokens``. Call it holding ``self.lock``."""
         import torch
 
-        from dsmoe.inference.generate import stream
+        from dsmoe.inference.generate import cache_length, stream
 
+        if self.prepared.compile:
+            length = cache_length(len(req["ids"]) + req["max_tokens"], self.model.config.max_seq_len)
+            if length not in self.compiled_lengths:
+                self.compiled_lengths.add(length)
+                print(f"{COMPILING} (cache length {length})", file=sys.stderr, flush=True)
         generator = None
         if req["seed"] is not None:
             generator = torch.Generator(self.device).manual_seed(req["seed"])
@@ -525,8 +531,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--compile",
         action="store_true",
-        help="decode through a torch.compile'd step over a static KV cache (the first request of each length, "
-        "in steps of 64 tokens, waits for its compilation)",
+        help=COMPILE_HELP + " (the first request of each length waits for its compilation)",
     )
     add_quantize_arg(p, "serving; implies --compile")
     add_kernels_arg(p)

@@ -148,7 +148,11 @@ class DSMoEForVLLM(nn.Module):
         held = {}
         for name, tensor in weights:
             held[name] = tuple(tensor.shape)
-            if name in params and held[name] == params[name].shape:
+            if name.endswith(".router.weight") and name in params:
+                # routers stay in float32 whatever vLLM's dtype, as in dsmoe's bf16 training: thresholds compare
+                # their probabilities, which bf16-rounded weights would shift
+                params[name].data = tensor.to(device=params[name].device, dtype=torch.float32)
+            elif name in params and held[name] == params[name].shape:
                 params[name].data.copy_(tensor)
         check_weights(self.cfg, held, "the folder's config.json and its weights", prefix="model.")
         for i, block in enumerate(self.model.block_list()):

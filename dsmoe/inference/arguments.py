@@ -35,6 +35,15 @@ def add_sparse_args(parser: argparse.ArgumentParser, settings_file: bool = True)
     g.add_argument("--att-threshold", type=float)
 
 
+# What --compile does (the help of every command that has it), and the note those commands print before it compiles.
+COMPILE_HELP = (
+    "decode through a torch.compile'd step over a static KV cache: compiling takes tens of seconds (once per batch "
+    "size and cache length, in steps of 64 tokens), after which each token is faster, so it pays for long "
+    "generations and a server's repeated requests, not for one short generation"
+)
+COMPILING = "compiling the decode step (first call of this batch size and length only; tens of seconds)..."
+
+
 def add_kernels_arg(parser: argparse.ArgumentParser) -> None:
     """--kernels: which implementation computes the sparse experts (dsmoe.model.settings.Kernels)."""
     parser.add_argument(

@@ -1,7 +1,16 @@
 """The active-parameter meter: a pure function of the router records every forward returns
 (``ModelOutput.routers``), summed over the tokens a caller runs. No hooks and no global state: whoever runs the model
 adds its records (``meter.update(out.routers)``); the compiled decode step returns each record's expert counts
-instead (``meter.update_counts``)."""
+instead (``meter.update_counts``).
+
+Its figures, named the same in every command's output (eval, sweep, tune, lm-eval, bench, the demo):
+
+* ``active_params``: the non-embedding parameters a token uses, averaged over the tokens: shared K/V projections,
+  routers, norms, and the slices of the experts it runs (``ModelConfig.active_params``);
+* ``active_share``: ``active_params`` over the model's non-embedding parameters (Dense and DS-MoE as trained: 1);
+* ``active_hidden``: the share of expert hidden units a token uses (attention heads and MLP units together), the
+  paper's "active hidden"; it differs from ``active_share`` because shared K/V, routers and norms always run.
+"""
 
 from __future__ import annotations
 
@@ -78,8 +87,12 @@ class ActiveMeter:
     def active_hidden(self) -> float:
         return self.cfg.active_hidden(self.mean_active("att"), self.mean_active("mlp"))
 
+    @property
+    def active_share(self) -> float:
+        return self.active_params / self.cfg.non_embedding_params
+
     def summary(self) -> dict:
-        """Active parameters, active hidden share, and per-layer mean/min/max share of active experts."""
+        """The figures of the module docstring, and per-layer mean/min/max share of active experts."""
         n_exp = {"att": self.cfg.n_att_experts, "mlp": self.cfg.n_mlp_experts}
         layers = {
             kind: [
@@ -90,6 +103,7 @@ class ActiveMeter:
         }
         return {
             "active_params": self.active_params,
+            "active_share": self.active_share,
             "active_hidden": self.active_hidden,
             "non_embedding_params": self.cfg.non_embedding_params,
             "layers": layers,

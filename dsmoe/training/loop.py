@@ -25,7 +25,7 @@ from dsmoe.training.distributed import (
     init_distributed,
     load_full_state_dicts,
 )
-from dsmoe.training.metrics import MetricsLogger, collapsed_routers, router_metrics
+from dsmoe.training.metrics import COLLAPSE_LOAD, MetricsLogger, collapsed_routers, router_metrics
 from dsmoe.training.optim import build_optimizer, lr_at, set_lr
 from dsmoe.training.resume import check_changes, find_checkpoint, say, set_aside_newer
 from dsmoe.training.transforms import apply_transforms
@@ -287,17 +287,17 @@ class Trainer:
         last.update({name: float(sums[i]) for i, name in logged.get(self.model_cfg.regime, ())})
         last.update(router_metrics(result.out.routers))
         n_experts = {"att": self.model_cfg.n_att_experts, "mlp": self.model_cfg.n_mlp_experts}
-        for kind, layer, share in collapsed_routers(result.out.routers):
+        for kind, layer, load in collapsed_routers(last):
             if (kind, layer) not in self.warned and self.info.is_main:
                 self.warned.add((kind, layer))
                 bar.write(
-                    f"warning: router collapse in {kind} layer {layer}: one expert takes {share:.0%} of "
-                    f"the router probability (balanced: {1 / n_experts[kind]:.0%}); "
-                    "raise alpha (MI loss) or switch_loss_weight, or lower the learning rate",
+                    f"warning: router collapse in {kind} layer {layer}: one expert is the top choice of {load:.0%} "
+                    f"of the tokens (max_load_{kind}; balanced: {1 / n_experts[kind]:.0%}, warned above "
+                    f"{COLLAPSE_LOAD:.0%}); raise alpha (MI loss) or switch_loss_weight, or lower the learning rate",
                     file=sys.stderr,
                 )
                 self.logger.log(
-                    self.step, {"event": "router_collapse", "kind": kind, "layer": layer, "share": share}
+                    self.step, {"event": "router_collapse", "kind": kind, "layer": layer, "load": load}
                 )
         self.logger.log(self.step, last)
         bar.set_postfix(loss=f"{last['lm_loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")

@@ -68,14 +68,16 @@ def router_metrics(routers: list[RouterRecord]) -> dict[str, Any]:
     return out
 
 
-def collapsed_routers(routers: list[RouterRecord], threshold: float = 0.9) -> list[tuple[str, int, float]]:
-    """(kind, layer, share) of routers whose busiest expert holds more than ``threshold`` of the mean router
-    probability: the router sends almost every token to one expert."""
-    found = []
-    for r in routers:
-        if r.probs_TN is None:
-            continue
-        share = float(counted_probs(r).mean(0).max())
-        if share > threshold:
-            found.append((r.kind, r.layer, share))
-    return found
+# A router has collapsed when one expert is the top choice of more than this share of the tokens: the max_load_*
+# that metrics.jsonl logs (1/N is balanced, 1.0 is every token to one expert). The one collapse signal.
+COLLAPSE_LOAD = 0.9
+
+
+def collapsed_routers(metrics: dict[str, Any]) -> list[tuple[str, int, float]]:
+    """(kind, layer, load) of every router whose logged ``max_load_{kind}`` is above COLLAPSE_LOAD."""
+    return [
+        (kind, layer, load)
+        for kind in ("att", "mlp")
+        for layer, load in enumerate(metrics.get(f"max_load_{kind}", []))
+        if load > COLLAPSE_LOAD
+    ]

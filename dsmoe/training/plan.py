@@ -11,6 +11,8 @@ CPU autocast, whose lists of bf16 ops match CUDA's for the ops this model uses (
 from __future__ import annotations
 
 import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -216,23 +218,42 @@ def valid_micro_batches(cfg: TrainConfig, world_size: int) -> list[int]:
     ]
 
 
-def fit(cfg: TrainConfig, world_size: int, budget: int, checkpointing: bool, bf16: bool = True) -> Fit:
+def fit(
+    cfg: TrainConfig,
+    world_size: int,
+    budget: int,
+    checkpointing: bool,
+    bf16: bool = True,
+    report: Callable[[str], None] | None = None,
+) -> Fit:
     """Trace micro-batches 1 and 2, extrapolate the (linear) peak to the largest valid micro-batch within
-    ``budget`` bytes, and confirm it by tracing that size (stepping down while the trace says it does not fit)."""
+    ``budget`` bytes, and confirm it by tracing that size (stepping down while the trace says it does not fit).
+    ``report`` is told of each trace as it starts and how long it took (a large model's take minutes)."""
     sizes = valid_micro_batches(cfg, world_size)
     if not sizes:
         raise ConfigError(
             f"global_batch_tokens={cfg.global_batch_tokens} is less than one sequence of {cfg.seq_len} tokens "
             f"per rank on {world_size} ranks: raise global_batch_tokens"
         )
-    traced = [trace_step(cfg, world_size, b, checkpointing, bf16) for b in (1, 2)]
+
+    def timed(b: int) -> StepMemory:
+        started = time.perf_counter()
+        if report is not None:
+            ac = "on" if checkpointing else "off"
+            report(f"tracing a training step at micro-batch {b}, activation checkpointing {ac}...")
+        memory = trace_step(cfg, world_size, b, checkpointing, bf16)
+        if report is not None:
+            report(f"  done in {time.perf_counter() - started:.0f} s")
+        return memory
+
+    traced = [timed(b) for b in (1, 2)]
     per_sequence = traced[1].peak - traced[0].peak
     fixed = traced[0].peak - per_sequence
     candidates = [b for b in sizes if fixed + per_sequence * b <= budget]
     while candidates:
         best = candidates.pop()
         known = [m for m in traced if m.micro_batch == best]
-        memory = known[0] if known else trace_step(cfg, world_size, best, checkpointing, bf16)
+        memory = known[0] if known else timed(best)
         if not known:
             traced.append(memory)
         if memory.peak <= budget:
@@ -240,9 +261,15 @@ def fit(cfg: TrainConfig, world_size: int, budget: int, checkpointing: bool, bf1
     return Fit(checkpointing, traced, per_sequence, 0, None)
 
 
-def make_plan(cfg: TrainConfig, world_size: int, gpu_memory_gb: float, headroom: float) -> dict[str, Any]:
+def make_plan(
+    cfg: TrainConfig,
+    world_size: int,
+    gpu_memory_gb: float,
+    headroom: float,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Both settings of activation checkpointing on ``world_size`` GPUs of ``gpu_memory_gb`` GB (10^9 bytes),
-    ``headroom`` of each kept free for what the trace does not count; bytes throughout."""
+    ``headroom`` of each kept free for what the trace does not count; bytes throughout. ``report``: see ``fit``."""
     if gpu_memory_gb <= 0 or not 0 <= headroom < 1:
         raise ConfigError(f"need gpu_memory_gb > 0 and 0 <= headroom < 1, got {gpu_memory_gb} and {headroom}")
     budget = int(gpu_memory_gb * 1e9 * (1 - headroom))
@@ -259,5 +286,5 @@ def make_plan(cfg: TrainConfig, world_size: int, gpu_memory_gb: float, headroom:
         "global_batch_tokens": cfg.global_batch_tokens,
         "dtype": "bf16" if bf16 else "fp32",
         "sharding": "FSDP2 full sharding, one unit per block" if world_size > 1 else "none (one rank)",
-        "settings": [fit(cfg, world_size, budget, ac, bf16).to_dict() for ac in (False, True)],
+        "settings": [fit(cfg, world_size, budget, ac, bf16, report).to_dict() for ac in (False, True)],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from dsmoe.config import PRESETS, ConfigError
 from dsmoe.training.config import load_train_config
@@ -76,7 +77,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     if args.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
-    result = make_plan(plan_config(args), args.gpus, args.gpu_memory_gb, args.headroom)
+    say = lambda line: print(f"dsmoe plan: {line}", file=sys.stderr, flush=True)  # noqa: E731
+    result = make_plan(plan_config(args), args.gpus, args.gpu_memory_gb, args.headroom, report=say)
     result["name"] = args.preset or args.config
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0

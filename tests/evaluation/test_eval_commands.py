@@ -197,12 +197,17 @@ def test_sweep_writes_json_plots_and_table(tiny_checkpoint, docs_file, tmp_path,
 def test_sweep_grid_checks_its_values():
     from dsmoe.config import ConfigError
 
-    grid = sweep_grid(["topk", "threshold"], [1.0], [1, 3], n_mlp_experts=4, att_dense=True)
-    assert [p.label for p in grid] == [
+    grid = sweep_grid(["topk", "threshold"], [1.0], [1, 3], n_mlp_experts=4)
+    assert [p.label for p in grid] == [  # as eval's --strategy: the MLP routers, attention as trained
         "dense",
-        "att dense, mlp topk(k=3)",
-        "att dense, mlp topk(k=1)",
-        "att dense, mlp threshold(eps=1.0)",
+        "att trained, mlp topk(k=3)",
+        "att trained, mlp topk(k=1)",
+        "att trained, mlp threshold(eps=1.0)",
+    ]
+    same = sweep_grid(["topk", "threshold"], [1.0], [3], n_mlp_experts=4, att_same=True)
+    assert [p.label for p in same][1:] == [
+        "att trained, mlp topk(k=3)",
+        "att threshold(eps=1.0), mlp threshold(eps=1.0)",
     ]
     with pytest.raises(ConfigError, match="outside"):
         sweep_grid(["topk"], [], [5], n_mlp_experts=4)
@@ -214,9 +219,10 @@ def test_sweep_grid_checks_its_values():
         "token_perplexity": 5.0,
         "bits_per_byte": 1.25,
         "active_params": 2.5e9,
+        "active_share": 0.625,
         "active_hidden": 0.5,
     }
-    assert "| m | dense | 12.35 | 5.00 | 1.2500 | 2.50B | 50.0% |" in markdown_table("m", [row])
+    assert "| m | dense | 1.2500 | 5.00 | 12.35 | 2.50B | 62.5% | 50.0% |" in markdown_table("m", [row])
 
 
 def test_an_smoe_is_scored_as_trained_unless_every_expert_is_asked_for(
@@ -249,3 +255,41 @@ def test_an_smoe_is_scored_as_trained_unless_every_expert_is_asked_for(
 def test_k_or_threshold_without_a_strategy_is_an_error(tiny_checkpoint, docs_file, capsys):
     code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--k", "2"])
     assert code == 2 and "--k needs --strategy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("att_flags", [[], ["--att-strategy", "threshold", "--att-threshold", "1.0"]])
+def test_eval_and_sweep_mean_the_same_by_a_setting_and_report_the_same_figures(
+    tiny_checkpoint, docs_file, tmp_path, capsys, att_flags
+):
+    """One meaning for a sparse flag and one definition of each figure: eval's --strategy threshold (attention as
+    trained, or thresholded too) is the sweep's threshold point (without or with --att-same), figure for figure."""
+    text = ["--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--max-docs", "4"]
+    evaluated = run_json(
+        capsys, "eval", *text, "--strategy", "threshold", "--threshold", "1.0", *att_flags, "--json"
+    )
+    out = tmp_path / "sweep"
+    same = ["--att-same"] if att_flags else []
+    argv = ["sweep", *text, "--strategies", "threshold", "--thresholds", "1.0", *same, "--out", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    point = next(
+        p for p in json.loads((out / "sweep.json").read_text())["points"] if p["strategy"] == "threshold"
+    )
+    for figure in ("bits_per_byte", "token_perplexity", "active_params", "active_share", "active_hidden"):
+        assert point[figure] == pytest.approx(evaluated[figure], rel=1e-9), figure
+    assert point["active_share"] == pytest.approx(
+        evaluated["active_params"] / evaluated["non_embedding_params"]
+    )
+    assert evaluated["att_strategy"] == ("threshold(eps=1.0)" if att_flags else "trained")
+
+
+def test_eval_leads_with_bits_per_byte_and_names_each_figure(tiny_checkpoint, docs_file, capsys):
+    assert (
+        main(["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--max-docs", "2"]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    figures = [
+        line.split()[0] for line in lines[1:] if line.startswith("  ") and not line.startswith("  att ")
+    ]
+    assert figures[:3] == ["bits", "token", "word"]
+    assert "active share 100.0%; active hidden 100.0% of expert units" in lines[-1]

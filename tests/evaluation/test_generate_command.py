@@ -53,3 +53,12 @@ def test_generate_prints_the_native_greedy_continuation(tiny_checkpoint, capsys)
 def test_generate_errors_name_the_problem(tiny_checkpoint, capsys, argv, message):
     code = main(["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", PROMPT, *argv])
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compiling_says_so_first(tiny_checkpoint, capsys):
+    argv = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "2"]
+    assert main([*argv, "--compile"]) == 0
+    assert capsys.readouterr().err.startswith("compiling the decode step (first call")
+    assert main(argv) == 0
+    assert "compiling" not in capsys.readouterr().err

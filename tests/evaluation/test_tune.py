@@ -57,7 +57,9 @@ def test_tuned_settings_meet_the_budget_on_dev(tiny_trained_checkpoint, held_out
     dev = held_out[1]
     trained = evaluate_text(model, tokenizer, dev)
     sparse = evaluate_text(model, tokenizer, dev, plan)  # measured again, from the file alone
-    assert sparse["word_perplexity"] <= (1 + budget) * trained["word_perplexity"] * (1 + 1e-9)
+    assert sparse["token_perplexity"] <= (1 + budget) * trained["token_perplexity"] * (
+        1 + 1e-9
+    )  # the default metric
     assert sparse["active_params"] == pytest.approx(record["dev"]["tuned"]["active_params"])
     assert sparse["active_params"] < trained["active_params"]  # the budget buys sparsity on this model
 
@@ -143,7 +145,7 @@ def test_latency_objective_is_never_slower_than_the_global_threshold(
     assert main([*argv, "--objective", "latency", "--out", str(path), "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
     dev = record["dev"]
-    assert dev["tuned"]["word_perplexity"] <= dev["limit"]
+    assert dev["tuned"]["token_perplexity"] <= dev["limit"]
     assert dev["tuned"]["seconds_per_token"] <= dev["global"]["seconds_per_token"]  # same timing run
     assert all("seconds_per_token" in row for row in record["test"].values())
 
@@ -193,7 +195,7 @@ def test_topk_tuning_and_dev_tokens(tiny_trained_checkpoint, held_out, tmp_path,
     record = json.loads(capsys.readouterr().out)
     assert record["split"]["dev_documents"] < len(held_out[1])  # stopped once 600 tokens were in
     assert record["split"]["dev_tokens"] >= 600
-    assert record["dev"]["tuned"]["word_perplexity"] <= record["dev"]["limit"]
+    assert record["dev"]["tuned"]["token_perplexity"] <= record["dev"]["limit"]
     plan = load_plan(path, checkpoint_config(tiny_trained_checkpoint))
     assert all(s is None or s.strategy == "topk" for s in plan.att + plan.mlp)
     assert any(s is not None for s in plan.att + plan.mlp)

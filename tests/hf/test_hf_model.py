@@ -186,3 +186,15 @@ def test_compiled_generate_gives_generates_tokens(name):
     prompt[1, :3] = 0
     hf = wrapped.generate(prompt, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
     assert torch.equal(wrapped.compiled_generate(prompt, 8, attention_mask=mask), hf)
+
+
+def test_generate_past_the_models_length_is_refused_before_any_work(monkeypatch):
+    _, wrapped = pair()  # max_seq_len 64
+    prompt = torch.randint(0, 97, (1, 10))
+    monkeypatch.setattr(wrapped, "forward", lambda *a, **k: pytest.fail("generation started"))
+    with pytest.raises(
+        ConfigError, match="at most 64 tokens, but the prompt has 10 and generation would reach 74"
+    ):
+        wrapped.generate(prompt, max_new_tokens=64, do_sample=False, pad_token_id=0)
+    with pytest.raises(ConfigError, match="would reach 100"):
+        wrapped.generate(input_ids=prompt, max_length=100, do_sample=False, pad_token_id=0)

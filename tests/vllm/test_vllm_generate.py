@@ -96,6 +96,29 @@ def test_smoe_and_dense_in_vllm_match_native_generate(tmp_path_factory, regime):
         assert vllm_tokens(llm, PROMPTS) == native_tokens(checkpoint, PROMPTS)
 
 
+def router_dtypes(model) -> list[str]:
+    return sorted({str(p.dtype) for n, p in model.named_parameters() if n.endswith("router.weight")})
+
+
+def test_the_readme_default_keeps_the_exports_float32_and_its_tokens(tmp_path_factory, monkeypatch):
+    """``LLM(model=export, trust_remote_code=True)``, no dtype: vLLM's 'auto' would downcast the float32 export to
+    bfloat16; dsmoe's plugin keeps float32, so vLLM gives the Hugging Face model's greedy tokens."""
+    import torch
+
+    mlp = SparseSetting("threshold", threshold=1.0)
+    checkpoint, folder = export_folder(tmp_path_factory, "dsmoe", mlp=mlp)
+    with vllm_engine(folder, dtype=None) as llm:
+        assert llm.llm_engine.model_config.dtype == torch.float32
+        assert vllm_tokens(llm, PROMPTS) == native_tokens(checkpoint, PROMPTS, mlp=mlp)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the engine
+    with vllm_engine(folder, dtype="bfloat16") as llm:  # asked for explicitly: vLLM's choice stands
+        assert llm.llm_engine.model_config.dtype == torch.bfloat16
+        # ... but the routers stay float32, as in dsmoe's bf16 training, so thresholds see unrounded scores
+        routers = llm.apply_model(router_dtypes)
+        assert routers == [["torch.float32"]]
+        assert len(vllm_tokens(llm, PROMPTS)) == len(PROMPTS)
+
+
 def test_the_plugin_registers_the_architecture():
     from vllm import ModelRegistry
 

@@ -65,13 +65,14 @@ def native_tokens(checkpoint: Path, prompts: list[list[int]], att=None, mlp=None
 
 
 @contextlib.contextmanager
-def vllm_engine(folder: Path, **kwargs) -> Iterator:
-    """An offline vLLM engine over ``folder`` in fp32, small enough for a 2-core CI machine; shut down on exit."""
+def vllm_engine(folder: Path, dtype: str | None = "float32", **kwargs) -> Iterator:
+    """An offline vLLM engine over ``folder`` in fp32 (``dtype=None``: vLLM's default, as the README writes it), small
+    enough for a 2-core CI machine; shut down on exit."""
     from vllm import LLM
 
     llm = LLM(
         model=str(folder),
-        dtype="float32",
+        **({} if dtype is None else {"dtype": dtype}),
         trust_remote_code=True,
         max_model_len=MAX_LEN,
         max_num_seqs=8,

@@ -36,7 +36,7 @@ DEMO = dict(
 SETTINGS = {  # (attention, MLP)
     "as trained (all experts)": (None, None),
     "topk k=4 of 16 (MLP)": (None, SparseSetting("topk", k=4)),
-    "threshold eps=1.0": (
+    "threshold eps=1.0 (both)": (
         SparseSetting("threshold", threshold=1.0),
         SparseSetting("threshold", threshold=1.0),
     ),

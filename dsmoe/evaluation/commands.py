@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         prepared.plan,
         batch_size=args.batch_size,
         max_len=args.max_len,
-        progress=not args.json,
+        progress=True,  # on stderr: --json keeps stdout for the record
     )
     result = {
         "checkpoint": str(args.checkpoint),
@@ -176,7 +176,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         dev_tokens=args.dev_tokens,
         test_tokens=args.test_tokens,
         data=text.description,
-        progress=not args.json,
+        progress=True,  # on stderr: --json keeps stdout for the record
     )
     if args.json:
         print(json.dumps(record, indent=2))

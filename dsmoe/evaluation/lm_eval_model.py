@@ -259,7 +259,7 @@ class DSMoELM(TemplateLM):
     # --- what dsmoe adds ------------------------------------------------------------------------------------------
 
     def active_summary(self) -> dict:
-        """Active parameters and active hidden share over every token scored or generated so far."""
+        """The meter's figures (``dsmoe.inference.meter``) over every token scored or generated so far."""
         return {
             "att_strategy": self.plan.describe("att"),
             "mlp_strategy": self.plan.describe("mlp"),
@@ -275,6 +275,7 @@ class DSMoELM(TemplateLM):
         if all(n > 0 for kind in ("att", "mlp") for n in self.meter.tokens[kind]):
             info.update(
                 dsmoe_active_params=self.meter.active_params,
+                dsmoe_active_share=self.meter.active_share,
                 dsmoe_active_hidden=self.meter.active_hidden,
                 dsmoe_non_embedding_params=self.cfg.non_embedding_params,
             )

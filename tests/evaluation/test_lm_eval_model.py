@@ -97,6 +97,9 @@ def test_active_parameters_accumulate_over_scored_tokens(tiny_checkpoint, eval_d
     )  # every input token, no padding
     assert adapter.active_summary()["active_params"] == pytest.approx(cfg.active_params(1, 2))
     assert adapter.get_model_info()["dsmoe_active_params"] == pytest.approx(cfg.active_params(1, 2))
+    assert adapter.get_model_info()["dsmoe_active_share"] == pytest.approx(
+        cfg.active_params(1, 2) / cfg.non_embedding_params
+    )
 
 
 def test_generate_until_matches_generate(tiny_checkpoint):

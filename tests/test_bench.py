@@ -22,6 +22,7 @@ def skip_unless_peers_build():
 
 
 TINY = dict(
+    size="toy",
     d_model=64,
     n_layers=1,
     vocab_size=64,
@@ -306,3 +307,70 @@ def test_peer_param_check_rejects_another_shape():
     wider = replace(entries[0], cfg=entries[0].cfg.replace(d_expert=512))
     with pytest.raises(PeerMismatch, match="hf-llama is not at the shape of our 'dense'"):
         build_peers([wider], {"dense": models["dense"]}, "cpu", models["dense"].embed.weight.dtype)
+
+
+@pytest.mark.parametrize("size", ["1b", "3b", "6b", "10b", "14b", "19b"])
+@pytest.mark.parametrize("shape", ["table6", "llama"])
+def test_named_sizes_are_the_papers_models_per_layer(size, shape):
+    """--size NAME builds the paper's Dense / SMoE / DS-MoE of that size, layer for layer; the llama layout keeps
+    every width and head and swaps in SwiGLU and RMSNorm."""
+    from dsmoe.bench.settings import SIZES
+
+    models = {m.name: m for m in bench_models(0, 2, 4096, 64, shape=shape, size=size)}
+    for name, preset_name in zip(("dense", "smoe", "ds-moe"), SIZES[size], strict=True):
+        cfg = models[name].cfg
+        paper = preset(preset_name) if preset_name else None
+        if paper is not None:
+            assert (cfg.d_model, cfg.n_query_heads, cfg.head_dim, cfg.n_kv_heads) == (
+                paper.d_model,
+                paper.n_query_heads,
+                paper.head_dim,
+                paper.n_kv_heads,
+            )
+            assert (cfg.n_att_experts, cfg.n_mlp_experts, cfg.d_expert) == (
+                paper.n_att_experts,
+                paper.n_mlp_experts,
+                paper.d_expert,
+            )
+            if shape == "table6":
+                per_layer = paper.non_embedding_params / paper.n_layers
+                assert cfg.non_embedding_params == pytest.approx(2 * per_layer, rel=1e-3), name
+        assert (cfg.n_layers, cfg.vocab_size) == (2, 4096)
+        expected = ("swiglu", "rmsnorm") if shape == "llama" else ("gelu", "layernorm")
+        assert (cfg.activation, cfg.norm) == expected
+    smoe, dense = models["smoe"].cfg, models["dense"].cfg
+    if size == "6b":  # no 6B SMoE in the paper: Table 6's rule, twice the dense MLP in 16 experts
+        assert (smoe.n_mlp_experts, smoe.n_mlp_experts * smoe.d_expert) == (16, 2 * dense.d_expert)
+    assert models["ds-moe"].mlp.k == 4 and smoe.smoe_top_k == 2
+
+
+def test_a_named_size_runs_the_whole_benchmark_with_sparse_attention():
+    """DS-MoE-1B's 16 attention experts of 2 heads: --att-k 8 of 16 adds a row with sparse attention."""
+    settings = {k: v for k, v in TINY.items() if k not in ("d_model", "size")}
+    result = run_benchmark(BenchSettings(**settings, size="1b", att_k=8, models=["dense", "ds-moe"]))
+    assert result["settings"]["d_model"] == 2048
+    assert result["shapes"]["ds-moe"]["n_att_experts"] == 16
+    # MLP-only sparsity as in the paper's speed test, and beside it the same model with attention top-8 of 16
+    assert result["sparse_settings"]["ds-moe"]["att"] == "trained"
+    assert result["sparse_settings"]["ds-moe+att"]["att"].startswith("topk")
+    ratios = result["ratios"]
+    assert ratios["ds-moe+att"]["active_params"] < ratios["ds-moe"]["active_params"] < 0.5
+    assert "ds-moe+att/sparse-fast" not in result["mlp_flops"]  # the same MLP as ds-moe's
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "1b", "--d-model", "1024"], "a named size has its own width"),
+        (["--size", "1b", "--att-k", "17"], "16 attention experts"),
+    ],
+)
+def test_named_size_errors(capsys, args, message):
+    assert main(["bench", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_default_size_is_ds_moe_1b_and_a_width_means_the_toy():
+    assert (BenchSettings().size, BenchSettings().width) == ("1b", 2048)
+    assert BenchSettings().decode_batches == (1, 16, 64)
+    assert (BenchSettings(d_model=512).size, BenchSettings(d_model=512).width) == ("toy", 512)

@@ -121,6 +121,21 @@ def test_threshold_selects_varying_counts_and_at_least_one():
     assert counts.tolist() == [3, 1, 1, 0] and (expert.diff() >= 0).all()
 
 
+@pytest.mark.parametrize("eps", [0.5, 1.0, 1.7])
+def test_threshold_mask_is_each_tokens_count_of_experts_above_eps(eps):
+    """The threshold mask (a prefix of the sorted scores) keeps exactly the experts with N * S_i > eps, at least
+    one, also where scores tie at the threshold."""
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(64, 16, generator=gen) * 2, -1)
+    probs[:8] = 1 / 16  # ties, right at eps = 1.0
+    routing = route(probs, SparseSetting("threshold", threshold=eps))
+    expected = (probs * 16 > eps).sum(-1).clamp_min(1)
+    assert routing.counts_per_token.tolist() == expected.tolist()
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, routing.indices, routing.mask)
+    top = torch.arange(16) == routing.indices[:, :1]  # the one kept where none is above eps (ties: any)
+    assert (kept == ((probs * 16 > eps) | top)).all()
+
+
 def _grad_rows(p):
     return (p.grad.flatten(1).abs().sum(1) > 0).tolist()
 

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsmoe.bench.settings import DECODE_MODES, METRICS, SHAPES, BenchSettings
+from dsmoe.bench.settings import DECODE_MODES, DEFAULT_SIZE, METRICS, SHAPES, SIZES, TOY_WIDTH, BenchSettings
 from dsmoe.files import write_atomic
 from dsmoe.inference.arguments import QUANTIZATIONS, add_kernels_arg
 
@@ -21,7 +21,15 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=d.dtype)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", type=Path, help="also write the JSON result to this file")
-    p.add_argument("--d-model", type=int, default=d.d_model, help="model width (Table 6 shape scaled to it)")
+    p.add_argument(
+        "--size",
+        choices=SIZES,
+        default="",
+        help="the paper's models, per layer exactly: 1b/3b/6b (Table 1's Dense, SMoE, DS-MoE), 10b/14b/19b "
+        f"(Table 6), --n-layers deep (default {DEFAULT_SIZE}); toy: the Table 6 shape scaled to --d-model "
+        "(earlier runs; the default when --d-model is given)",
+    )
+    p.add_argument("--d-model", type=int, default=None, help=f"--size toy: its width (default {TOY_WIDTH})")
     p.add_argument("--n-layers", type=int, default=d.n_layers)
     p.add_argument("--vocab-size", type=int, default=d.vocab_size)
     p.add_argument("--input-len", type=int, default=d.input_len)
@@ -49,8 +57,9 @@ def add_commands(sub) -> None:
         "--shape",
         choices=SHAPES,
         default=d.shape,
-        help="table6: the paper's layout (GELU, LayerNorm, 32 heads of D/32, FFN 4D); llama: transformers' "
-        "Llama/OLMoE layout (SwiGLU, RMSNorm, 16 heads of D/16, FFN 8D/3 rounded up to 256)",
+        help="layout. table6: the paper's (GELU, LayerNorm); llama: transformers' Llama/OLMoE (SwiGLU, RMSNorm). "
+        "A named --size keeps its widths and heads in both; the toy's llama layout has 16 heads of D/16 and an "
+        "FFN of 8D/3 rounded up to 256",
     )
     p.add_argument(
         "--peers",
@@ -86,6 +95,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     s = BenchSettings(
         device=args.device,
         dtype=args.dtype,
+        size=args.size,
         d_model=args.d_model,
         n_layers=args.n_layers,
         vocab_size=args.vocab_size,

@@ -10,7 +10,30 @@ from dsmoe.model.settings import KERNEL_IMPLS
 
 DTYPE_NAMES = ("fp32", "bf16")
 METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
-SHAPES = ("table6", "llama")  # see dsmoe.bench.models
+SHAPES = ("table6", "llama")  # layouts, see dsmoe.bench.models
+# The paper's model sizes: size -> presets of (Dense, SMoE partner, DS-MoE). Table 1's 1B/3B pair each DS-MoE with
+# its SMoE; Table 1 has no 6B SMoE, so 6b's partner follows Table 6's rule (twice the MLP, 16 experts, top-2).
+# "toy": the 1,024-wide Table 6 shape of earlier runs (history; --d-model scales it).
+SIZES: dict[str, tuple[str, str | None, str]] = {
+    "toy": ("", "", ""),
+    "1b": ("dense-1b", "smoe-1b", "ds-moe-1b"),
+    "3b": ("dense-3b", "smoe-5b", "ds-moe-3b"),
+    "6b": ("dense-6b", None, "ds-moe-6b"),
+    "10b": ("dense-10b", "smoe-17b", "ds-moe-10b"),
+    "14b": ("dense-14b", "smoe-25b", "ds-moe-14b"),
+    "19b": ("dense-19b", "smoe-34b", "ds-moe-19b"),
+}
+TOY_WIDTH = 1024
+DEFAULT_SIZE = "1b"
+
+
+def size_width(size: str) -> int:
+    """The model width of a named size (the toy's default width for "toy")."""
+    from dsmoe.config import PRESETS
+
+    return TOY_WIDTH if size == "toy" else int(PRESETS[SIZES[size][0]]["d_model"])
+
+
 DECODE_MODES = ("eager", "compiled", "both")  # how our models decode (both: a "+compiled" row beside each)
 PEERS = {"dense": "hf-llama", "ds-moe": "hf-olmoe"}  # our model -> the transformers model measured beside it
 
@@ -19,15 +42,17 @@ PEERS = {"dense": "hf-llama", "ds-moe": "hf-olmoe"}  # our model -> the transfor
 class BenchSettings:
     device: str = "cpu"
     dtype: str = "fp32"
-    d_model: int = 1024
+    # SIZES: the paper's per-layer shapes, a few layers deep; "" -> "1b", or "toy" when d_model is given
+    size: str = ""
+    d_model: int | None = None  # the toy's width (default 1024); a named size has its own
     n_layers: int = 4
     vocab_size: int = 4096  # keeps the LM head's share of the work small, as in the paper's 36-layer models
     input_len: int = 256
     memory_gb: float = 4.0  # budget for weights + activations of the input-throughput batch
-    max_input_batch: int = 8  # cap on that batch (CPU time); raise it on a GPU
-    decode_tokens: int = 512
+    max_input_batch: int = 4  # cap on that batch (CPU time); raise it on a GPU
+    decode_tokens: int = 64
     decode_prompt: int = 16
-    decode_batches: tuple[int, ...] = (1, 16)
+    decode_batches: tuple[int, ...] = (1, 16, 64)
     latency_batch: int = 4
     latency_prompt: int = 256
     latency_new: int = 8
@@ -49,7 +74,25 @@ class BenchSettings:
     # which implementation computes our models' sparse experts (dsmoe.model.settings.Kernels)
     kernels: str = "auto"
 
+    def __post_init__(self) -> None:
+        if not self.size:
+            self.size = DEFAULT_SIZE if self.d_model is None else "toy"
+        if self.size in SIZES and self.size != "toy" and self.d_model not in (None, size_width(self.size)):
+            raise ConfigError(
+                f"--d-model {self.d_model} with --size {self.size}: a named size has its own width "
+                f"({size_width(self.size)}); drop --d-model, or use --size toy to scale the toy shape"
+            )
+        if self.d_model is None:
+            self.d_model = size_width(self.size) if self.size in SIZES else TOY_WIDTH
+
+    @property
+    def width(self) -> int:
+        assert self.d_model is not None  # set by __post_init__
+        return self.d_model
+
     def check(self) -> None:
+        if self.size not in SIZES:
+            raise ConfigError(f"unknown size '{self.size}': choose one of {', '.join(SIZES)}")
         if self.dtype not in DTYPE_NAMES:
             raise ConfigError(f"unknown dtype '{self.dtype}': choose one of {', '.join(DTYPE_NAMES)}")
         if self.device == "cuda" and not cuda_available():

@@ -81,7 +81,7 @@ def input_batch(s: BenchSettings, models: Mapping[str, nn.Module]) -> int:
     elem = DTYPES[s.dtype].itemsize
     weights = sum(p.numel() for m in models.values() for p in m.parameters()) * elem
     # live activations per token, generously: residual, norms, q/k/v/o (~8 D) and the widest MLP hidden (4 D) x2
-    per_sequence = s.input_len * elem * 16 * s.d_model
+    per_sequence = s.input_len * elem * 16 * s.width
     fits = int((s.memory_gb * 2**30 - weights) // per_sequence)
     if fits < 1:
         raise ConfigError(
@@ -204,13 +204,15 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
     2 * tokens_routed * D * (F_in + F) per expert pair."""
     gen = torch.Generator().manual_seed(s.seed + 1)
     dtype = DTYPES[s.dtype]
-    x = torch.randn(s.mlp_tokens, s.d_model, generator=gen).to(device=s.device, dtype=dtype)
+    x = torch.randn(s.mlp_tokens, s.width, generator=gen).to(device=s.device, dtype=dtype)
     jobs: dict[str, Callable[[], float | None]] = {}
     flops: dict[str, int] = {}
     for e in entries:
+        if e.att is not None:  # "ds-moe+att": the same MLP as "ds-moe"
+            continue
         mlp = models[e.name].block_list()[0].mlp
         w_in, w_out = mlp.experts.w_in, mlp.experts.w_out
-        per_pair = 2 * s.d_model * (w_in.shape[1] + w_out.shape[1])
+        per_pair = 2 * s.width * (w_in.shape[1] + w_out.shape[1])
         if mlp.router is None:
 
             def dense_job(mlp=mlp):
@@ -282,8 +284,10 @@ def run_benchmark(s: BenchSettings) -> dict:
         torch.set_num_threads(s.threads)
     entries = [
         e
-        for e in bench_models(s.d_model, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k, s.shape)
-        if e.name in s.models
+        for e in bench_models(
+            s.width, s.n_layers, s.vocab_size, s.max_seq_len, s.mlp_k, s.att_k, s.shape, s.size
+        )
+        if e.name.split("+")[0] in s.models
     ]
     prepared = {
         e.name: prepare(Transformer(e.cfg), e.plan, device=s.device, dtype=DTYPES[s.dtype], kernels=s.kernels)
@@ -341,7 +345,7 @@ def run_benchmark(s: BenchSettings) -> dict:
         itemsize = DTYPES[s.dtype].itemsize
         for name, row in figures.items():
             size = 1 if quantized(name) else itemsize  # int8: one byte per weight (routers, norms aside)
-            row.update(decode_bandwidth(row, s.vocab_size, s.d_model, size, memory["read_gb_per_s"]))
+            row.update(decode_bandwidth(row, s.vocab_size, s.width, size, memory["read_gb_per_s"]))
     keys = (*_metric_keys(s), "active_params", "total_params")
     baseline = figures["dense"]
     result = {

@@ -53,6 +53,13 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
     else:
         if setting.threshold is None:  # SparseSetting.__post_init__ rules this out
             raise ConfigError(f"strategy '{setting.strategy}' needs a threshold")
+        if setting.strategy == "threshold":
+            # The scores are sorted, so the experts above the threshold are a prefix of each row: the mask is the
+            # comparison itself, with the first expert always kept (at least one per token). Fewer small ops than
+            # counting and comparing positions, which shows at batch 1 on small models.
+            mask = weights * n_experts > setting.threshold
+            mask[:, 0] = True
+            return _routing(indices, weights, mask, n_experts, setting)
         # at least one expert per token
         counts_T = (probs_TN * n_experts > setting.threshold).sum(dim=-1).clamp_min(1)
         if setting.strategy == "threshold_topk":
@@ -64,6 +71,12 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
             k_mean = torch.where(real_T.any(), torch.floor(mean + 0.5), torch.ones_like(mean))
             counts_T = k_mean.clamp(1, n_experts).long().expand_as(counts_T)
         mask = torch.arange(n_experts, device=probs_TN.device)[None, :] < counts_T[:, None]
+    return _routing(indices, weights, mask, n_experts, setting)
+
+
+def _routing(
+    indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n_experts: int, setting: SparseSetting
+) -> Routing:
     if setting.normalize:
         weights = weights * mask / (weights * mask).sum(dim=-1, keepdim=True)
     return Routing(

@@ -1,8 +1,10 @@
 """The paper's throughput setting (Table 5) in vLLM: input and output tokens/s of our Dense, SMoE and DS-MoE exports
-of the bench shapes (``dsmoe bench --shape llama``: SwiGLU, RMSNorm, 16 query heads, 4 K/V heads) and of vLLM's own
-``LlamaForCausalLM`` at our Dense model's shape, each served by vLLM in a process of its own, one after another.
+of the bench shapes (``dsmoe bench --shape llama``: SwiGLU, RMSNorm; the toy's 16 query heads and 4 K/V heads, or a
+paper size's own with ``--size``) and of vLLM's own ``LlamaForCausalLM`` at our Dense model's shape, each served by
+vLLM in a process of its own, one after another.
 
     .venv-vllm/bin/python benchmarks/vllm/bench_vllm.py --out benchmarks/vllm/throughput-cpu-fp32.json
+    .venv-vllm/bin/python benchmarks/vllm/bench_vllm.py --size 1b --out benchmarks/vllm/throughput-cpu-fp32-1b.json
 
 Input tokens/s: prompts of --input-len tokens, one new token each. Output tokens/s: --batch sequences of
 --decode-prompt tokens decoding --decode-tokens tokens each (batch 1 and the batch). Random prompts, prefix caching
@@ -40,7 +42,13 @@ def build_folders(args, root: Path) -> dict[str, dict]:
     entries = {
         e.name: e
         for e in bench_models(
-            args.d_model, args.n_layers, args.vocab_size, args.max_len, mlp_k=args.mlp_k, shape="llama"
+            args.d_model,
+            args.n_layers,
+            args.vocab_size,
+            args.max_len,
+            mlp_k=args.mlp_k,
+            shape="llama",
+            size=args.size,
         )
     }
     tokenizer = _tokenizer(root, args.vocab_size)
@@ -162,7 +170,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--d-model", type=int, default=1024)
+    parser.add_argument(
+        "--size",
+        default="toy",
+        help="the paper's size per layer (dsmoe bench --size: 1b, 3b, 6b, ...) in the SwiGLU layout; toy: --d-model",
+    )
+    parser.add_argument("--d-model", type=int, default=1024, help="--size toy: the width")
     parser.add_argument("--n-layers", type=int, default=4)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--mlp-k", type=int, default=4)
@@ -184,7 +197,7 @@ def main() -> None:
     if args.table:
         args.table.with_suffix(".md").write_text(markdown(json.loads(args.table.read_text())))
         return
-    if args.d_model // 16 < 32:
+    if args.size == "toy" and args.d_model // 16 < 32:
         parser.error("vLLM's CPU attention needs heads of at least 32: use --d-model 512 or more (16 heads)")
     args.max_len = max(args.input_len, args.decode_prompt + args.decode_tokens) + 1
     if args.measure:

@@ -59,7 +59,7 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
             # counting and comparing positions, which shows at batch 1 on small models.
             mask = weights * n_experts > setting.threshold
             mask[:, 0] = True
-            return _routing(indices, weights, mask, n_experts, setting)
+            return _selected(indices, weights, mask, n_experts, setting)
         # at least one expert per token
         counts_T = (probs_TN * n_experts > setting.threshold).sum(dim=-1).clamp_min(1)
         if setting.strategy == "threshold_topk":
@@ -71,10 +71,10 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
             k_mean = torch.where(real_T.any(), torch.floor(mean + 0.5), torch.ones_like(mean))
             counts_T = k_mean.clamp(1, n_experts).long().expand_as(counts_T)
         mask = torch.arange(n_experts, device=probs_TN.device)[None, :] < counts_T[:, None]
-    return _routing(indices, weights, mask, n_experts, setting)
+    return _selected(indices, weights, mask, n_experts, setting)
 
 
-def _routing(
+def _selected(
     indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n_experts: int, setting: SparseSetting
 ) -> Routing:
     if setting.normalize:

@@ -314,10 +314,10 @@ def test_peer_param_check_rejects_another_shape():
 def test_named_sizes_are_the_papers_models_per_layer(size, shape):
     """--size NAME builds the paper's Dense / SMoE / DS-MoE of that size, layer for layer; the llama layout keeps
     every width and head and swaps in SwiGLU and RMSNorm."""
-    from dsmoe.bench.settings import SIZES
+    from dsmoe.bench.settings import PAPER_SIZES
 
     models = {m.name: m for m in bench_models(0, 2, 4096, 64, shape=shape, size=size)}
-    for name, preset_name in zip(("dense", "smoe", "ds-moe"), SIZES[size], strict=True):
+    for name, preset_name in zip(("dense", "smoe", "ds-moe"), PAPER_SIZES[size], strict=True):
         cfg = models[name].cfg
         paper = preset(preset_name) if preset_name else None
         if paper is not None:

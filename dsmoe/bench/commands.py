@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dsmoe.bench.settings import DECODE_MODES, DEFAULT_SIZE, METRICS, SHAPES, SIZES, TOY_WIDTH, BenchSettings
+from dsmoe.bench.settings import DECODE_MODES, DEFAULT_SIZE, SHAPES, SIZES, TOY_WIDTH, BenchSettings
 from dsmoe.files import write_atomic
 from dsmoe.inference.arguments import QUANTIZATIONS, add_kernels_arg
 
@@ -216,4 +216,4 @@ def _bandwidth_lines(result: dict) -> list[str]:
     return lines
 
 
-__all__ = ["METRICS", "add_commands", "cmd_bench"]
+__all__ = ["add_commands", "cmd_bench"]

@@ -8,7 +8,7 @@ Table 6 keeps 32 query heads, head size D/32 and 4 shared K/V heads, and sets th
   ``att_k``, also a "ds-moe+att" row whose attention runs its top ``att_k`` experts.
 The same scaling (width, depth, vocabulary) is applied to all three.
 
-Named sizes (``size``, see ``dsmoe.bench.settings.SIZES``) are the paper's own models instead, per layer exactly:
+Named sizes (``size``, see ``dsmoe.bench.settings.PAPER_SIZES``) are the paper's own models instead, per layer exactly:
 Table 1's Dense / SMoE / DS-MoE-1B, -3B (SMoE-5B), -6B (an SMoE by Table 6's rule: no 6B SMoE was trained) and
 Table 6's 10B/14B/19B, at ``n_layers`` layers and the benchmark's vocabulary. Their ``llama`` layout swaps in SwiGLU
 and RMSNorm and keeps every width, so each SwiGLU expert has 1.5x the parameters of its GeLU one; at 1B it is
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsmoe.bench.settings import SHAPES, SIZES
+from dsmoe.bench.settings import PAPER_SIZES, SHAPES, SIZES
 from dsmoe.config import ConfigError, ModelConfig, preset
 from dsmoe.model.plan import SparsePlan
 from dsmoe.model.settings import SparseSetting
@@ -134,8 +134,8 @@ def _trio(
 def paper_models(
     size: str, n_layers: int, vocab_size: int, max_seq_len: int, mlp_k: int, att_k: int | None, shape: str
 ) -> list[BenchModel]:
-    """The paper's Dense, SMoE and DS-MoE of ``size`` (SIZES), ``n_layers`` deep, in the layout ``shape``."""
-    dense_name, smoe_name, dsmoe_name = SIZES[size]
+    """The paper's Dense, SMoE and DS-MoE of ``size`` (PAPER_SIZES), ``n_layers`` deep, in the layout ``shape``."""
+    dense_name, smoe_name, dsmoe_name = PAPER_SIZES[size]
     common: dict[str, Any] = dict(n_layers=n_layers, vocab_size=vocab_size, max_seq_len=max_seq_len)
     if shape == "llama":
         common.update(activation="swiglu", norm="rmsnorm")

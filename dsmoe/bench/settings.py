@@ -9,13 +9,10 @@ from dsmoe.inference.arguments import QUANTIZATIONS
 from dsmoe.model.settings import KERNEL_IMPLS
 
 DTYPE_NAMES = ("fp32", "bf16")
-METRICS = ("input_tps", "output_tps_b1", "output_tps_b16", "latency_s")
 SHAPES = ("table6", "llama")  # layouts, see dsmoe.bench.models
 # The paper's model sizes: size -> presets of (Dense, SMoE partner, DS-MoE). Table 1's 1B/3B pair each DS-MoE with
 # its SMoE; Table 1 has no 6B SMoE, so 6b's partner follows Table 6's rule (twice the MLP, 16 experts, top-2).
-# "toy": the 1,024-wide Table 6 shape of earlier runs (history; --d-model scales it).
-SIZES: dict[str, tuple[str, str | None, str]] = {
-    "toy": ("", "", ""),
+PAPER_SIZES: dict[str, tuple[str, str | None, str]] = {
     "1b": ("dense-1b", "smoe-1b", "ds-moe-1b"),
     "3b": ("dense-3b", "smoe-5b", "ds-moe-3b"),
     "6b": ("dense-6b", None, "ds-moe-6b"),
@@ -23,15 +20,17 @@ SIZES: dict[str, tuple[str, str | None, str]] = {
     "14b": ("dense-14b", "smoe-25b", "ds-moe-14b"),
     "19b": ("dense-19b", "smoe-34b", "ds-moe-19b"),
 }
+# "toy": the 1,024-wide Table 6 shape of earlier runs (history; --d-model scales it)
+SIZES = ("toy", *PAPER_SIZES)
 TOY_WIDTH = 1024
 DEFAULT_SIZE = "1b"
 
 
 def size_width(size: str) -> int:
-    """The model width of a named size (the toy's default width for "toy")."""
+    """The model width of a paper size (the toy's default width for "toy")."""
     from dsmoe.config import PRESETS
 
-    return TOY_WIDTH if size == "toy" else int(PRESETS[SIZES[size][0]]["d_model"])
+    return TOY_WIDTH if size == "toy" else int(PRESETS[PAPER_SIZES[size][0]]["d_model"])
 
 
 DECODE_MODES = ("eager", "compiled", "both")  # how our models decode (both: a "+compiled" row beside each)
@@ -77,7 +76,7 @@ class BenchSettings:
     def __post_init__(self) -> None:
         if not self.size:
             self.size = DEFAULT_SIZE if self.d_model is None else "toy"
-        if self.size in SIZES and self.size != "toy" and self.d_model not in (None, size_width(self.size)):
+        if self.size in PAPER_SIZES and self.d_model not in (None, size_width(self.size)):
             raise ConfigError(
                 f"--d-model {self.d_model} with --size {self.size}: a named size has its own width "
                 f"({size_width(self.size)}); drop --d-model, or use --size toy to scale the toy shape"

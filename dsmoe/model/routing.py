@@ -59,24 +59,17 @@ def route(probs_TN: torch.Tensor, setting: SparseSetting, mask_T: torch.Tensor |
             # counting and comparing positions, which shows at batch 1 on small models.
             mask = weights * n_experts > setting.threshold
             mask[:, 0] = True
-            return _selected(indices, weights, mask, n_experts, setting)
-        # at least one expert per token
-        counts_T = (probs_TN * n_experts > setting.threshold).sum(dim=-1).clamp_min(1)
-        if setting.strategy == "threshold_topk":
-            # One K for the batch: the mean count over real tokens, rounded half up (2.5 -> 3, 3.5 -> 4; not to
-            # even as Python's round() would), in [1, N]; 1 when no token is real.
+        else:
+            # threshold_topk: one K for the batch, the mean count (at least one per token) over real tokens,
+            # rounded half up (2.5 -> 3, 3.5 -> 4; not to even as Python's round() would), in [1, N]; 1 when no
+            # token is real.
+            counts_T = (probs_TN * n_experts > setting.threshold).sum(dim=-1).clamp_min(1)
             real_T = torch.ones_like(counts_T, dtype=torch.bool) if mask_T is None else mask_T
             total = (counts_T * real_T).sum().float()
             mean = total / real_T.sum().clamp_min(1)
             k_mean = torch.where(real_T.any(), torch.floor(mean + 0.5), torch.ones_like(mean))
             counts_T = k_mean.clamp(1, n_experts).long().expand_as(counts_T)
-        mask = torch.arange(n_experts, device=probs_TN.device)[None, :] < counts_T[:, None]
-    return _selected(indices, weights, mask, n_experts, setting)
-
-
-def _selected(
-    indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor, n_experts: int, setting: SparseSetting
-) -> Routing:
+            mask = torch.arange(n_experts, device=probs_TN.device)[None, :] < counts_T[:, None]
     if setting.normalize:
         weights = weights * mask / (weights * mask).sum(dim=-1, keepdim=True)
     return Routing(

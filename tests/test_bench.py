@@ -95,6 +95,7 @@ def test_run_benchmark_compiled_decode_rows_and_bandwidth_share():
     assert rows["ds-moe+compiled"]["active_params"] == rows["ds-moe"]["active_params"]
     read = result["memory_bandwidth"]["read_gb_per_s"]
     assert read > 0 and result["memory_bandwidth"]["copy_gb_per_s"] > 0
+    assert result["memory_bandwidth"]["matvec_gb_per_s"] > 0
     for r in rows.values():
         per_token = (r["active_params"] + 64 * 64) * 4  # fp32; LM head of vocabulary x width
         assert r["decode_b1_weight_bytes_per_token"] == per_token

@@ -199,7 +199,13 @@ def _bandwidth_lines(result: dict) -> list[str]:
         return []
     lines = [
         "",
-        f"memory bandwidth, this run: copy {memory['copy_gb_per_s']:.1f} GB/s, read {memory['read_gb_per_s']:.1f} GB/s",
+        f"memory bandwidth, this run: read {memory['read_gb_per_s']:.1f} GB/s (a streaming sum: the limit), "
+        + (
+            f"torch's matrix-vector product {memory['matvec_gb_per_s']:.1f} GB/s, "
+            if "matvec_gb_per_s" in memory
+            else ""
+        )
+        + f"copy {memory['copy_gb_per_s']:.1f} GB/s",
     ]
     rows = {n: r for n, r in result["models"].items() if "decode_b1_bandwidth_share" in r}
     if rows:

@@ -47,7 +47,7 @@ class BenchSettings:
     n_layers: int = 4
     vocab_size: int = 4096  # keeps the LM head's share of the work small, as in the paper's 36-layer models
     input_len: int = 256
-    memory_gb: float = 4.0  # budget for weights + activations of the input-throughput batch
+    memory_gb: float = 8.0  # budget for weights + activations of the input-throughput batch
     max_input_batch: int = 4  # cap on that batch (CPU time); raise it on a GPU
     decode_tokens: int = 64
     decode_prompt: int = 16

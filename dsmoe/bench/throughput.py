@@ -5,9 +5,9 @@
   allows (capped to keep CPU runs short);
 * output throughput: ``decode_tokens`` tokens decoded one step at a time with the KV cache, at each decode batch;
 * MLP FLOP/s: the dense MLP path and the sparse expert paths on the same token count (see ``mlp_flops``);
-* memory bandwidth: this machine's copy and read bandwidth, measured in the same run, and for batch-1 decode the
-  bytes of weights each token reads (active parameters and the LM head) times tokens/s, as a share of the read
-  bandwidth: how close decoding comes to its physical limit (see ``bandwidth``).
+* memory bandwidth: this machine's read limit (a streaming sum), torch's matrix-vector read rate and its copy rate,
+  measured in the same run, and for batch-1 decode the bytes of weights each token reads (active parameters and the
+  LM head) times tokens/s, as a share of the read limit: how close decoding comes to it (see ``bandwidth``).
 
 Our models decode eagerly or through the compiled decode step (``--decode compiled``; ``both`` adds a "+compiled"
 row per model), see ``dsmoe.inference.generate.Decoder``; the prefill (input throughput) is eager either way.
@@ -86,7 +86,7 @@ def input_batch(s: BenchSettings, models: Mapping[str, nn.Module]) -> int:
     if fits < 1:
         raise ConfigError(
             f"--memory-gb {s.memory_gb} does not hold the models' weights ({weights / 2**30:.2f} GiB) "
-            "and one sequence: raise --memory-gb or lower --d-model"
+            "and one sequence: raise --memory-gb, or pick a smaller --size (or --d-model)"
         )
     return min(fits, s.max_input_batch)
 
@@ -245,22 +245,34 @@ def mlp_flops(s: BenchSettings, entries: list[BenchModel], models: dict[str, Tra
 
 def bandwidth(s: BenchSettings) -> dict[str, float]:
     """This machine's memory bandwidth, GB/s (10^9 bytes) over a ``bandwidth_mb`` buffer (by default larger than
-    the last-level cache of the machines we measure on): ``copy`` counts the bytes copied (each read once and written
-    once); ``read`` the bytes of a matrix-vector product's matrix, which is what a decode step does with its
-    weights. Best of ``repeats`` rounds, at the benchmark's thread count."""
+    the last-level cache of the machines we measure on), best of ``repeats`` rounds at the benchmark's thread count:
+
+    * ``read``: a sum over the whole buffer, a pure streaming read: the machine's limit for reading weights (on a
+      2-vCPU EPYC 33 GB/s, what llama.cpp's decode reaches there; issue #33);
+    * ``matvec``: the bytes of a matrix-vector product's matrix, which is what a decode step does with its weights
+      through torch's products (17 GB/s on the same machine);
+    * ``copy``: the bytes copied (each read once and written once).
+
+    Batch-1 decode's weight reads are reported as a share of ``read``."""
     n = s.bandwidth_mb * 2**20 // 4
     matrix = torch.rand(n // 1024, 1024, device=s.device)
     vector = torch.rand(1024, device=s.device)
     dst = torch.empty_like(matrix)
 
+    def read() -> None:
+        matrix.sum()
+
+    def matvec() -> None:
+        matrix @ vector
+
     def copy() -> None:
         dst.copy_(matrix)
 
-    def read() -> None:
-        matrix @ vector
-
     times = best_of(
-        {"copy": copy, "read": read}, s.repeats, s.device, f"memory bandwidth, {s.bandwidth_mb} MB"
+        {"read": read, "matvec": matvec, "copy": copy},
+        s.repeats,
+        s.device,
+        f"memory bandwidth, {s.bandwidth_mb} MB",
     )
     return {f"{name}_gb_per_s": n * 4 / t / 1e9 for name, t in times.items()}
 

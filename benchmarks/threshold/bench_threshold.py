@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dsmoe.bench.throughput import best_of
 from dsmoe.data.corpus import read_documents
 from dsmoe.data.sources import fetch
 from dsmoe.evaluation.repro import split_dev_test
@@ -75,19 +76,6 @@ def decode_seconds(
     for _ in range(n_new):
         token = decoder.step(token).argmax(-1)
     return time.perf_counter() - start
-
-
-def best_of(jobs: dict, repeats: int) -> dict[str, float]:
-    """Best seconds of each job over ``repeats`` rounds, jobs taking turns, after one untimed round."""
-    for fn in jobs.values():
-        fn()
-    best = {name: float("inf") for name in jobs}
-    for _ in range(repeats):
-        for name, fn in jobs.items():
-            start = time.perf_counter()
-            reported = fn()
-            best[name] = min(best[name], reported if reported is not None else time.perf_counter() - start)
-    return best
 
 
 def main() -> int:
@@ -150,7 +138,7 @@ def main() -> int:
         jobs = {
             n: (lambda s=s: model(x_in, plan=plan(s), last_only=True) and None) for n, s in settings.items()
         }
-        for name, t in best_of(jobs, args.repeats).items():
+        for name, t in best_of(jobs, args.repeats, "cpu").items():
             speed[name]["input_tps"] = x_in.numel() / t
     for compile in (False, True) if args.compiled else (False,):
         for b in args.batches:
@@ -161,7 +149,7 @@ def main() -> int:
                 for n, s in settings.items()
             }
             key = f"output_tps_b{b}" + ("_compiled" if compile else "")
-            for name, t in best_of(jobs, args.repeats).items():
+            for name, t in best_of(jobs, args.repeats, "cpu").items():
                 speed[name][key] = b * args.new_tokens / t
             if (
                 not compile

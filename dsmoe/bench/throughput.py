@@ -248,7 +248,7 @@ def bandwidth(s: BenchSettings) -> dict[str, float]:
     the last-level cache of the machines we measure on), best of ``repeats`` rounds at the benchmark's thread count:
 
     * ``read``: a sum over the whole buffer, a pure streaming read: the machine's limit for reading weights (on a
-      2-vCPU EPYC 33 GB/s, what llama.cpp's decode reaches there; issue #33);
+      2-vCPU EPYC 29-57 GB/s between processes, where llama.cpp's decode reads ~31; issue #33);
     * ``matvec``: the bytes of a matrix-vector product's matrix, which is what a decode step does with its weights
       through torch's products (17 GB/s on the same machine);
     * ``copy``: the bytes copied (each read once and written once).

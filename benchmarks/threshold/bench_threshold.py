@@ -134,10 +134,12 @@ def main() -> int:
     speed: dict[str, dict[str, float]] = {name: {} for name in settings}
     decoding: dict[str, dict[str, float]] = {name: {} for name in settings}
     x_in = prompts(tokenizer, test, args.input_batch, cfg.max_seq_len)
+
+    def prefill(setting: SparseSetting | None) -> None:
+        model(x_in, plan=plan(setting), last_only=True)
+
     with torch.inference_mode():
-        jobs = {
-            n: (lambda s=s: model(x_in, plan=plan(s), last_only=True) and None) for n, s in settings.items()
-        }
+        jobs = {n: (lambda s=s: prefill(s)) for n, s in settings.items()}
         for name, t in best_of(jobs, args.repeats, "cpu").items():
             speed[name]["input_tps"] = x_in.numel() / t
     for compile in (False, True) if args.compiled else (False,):
@@ -151,14 +153,14 @@ def main() -> int:
             key = f"output_tps_b{b}" + ("_compiled" if compile else "")
             for name, t in best_of(jobs, args.repeats, "cpu").items():
                 speed[name][key] = b * args.new_tokens / t
-            if (
-                not compile
-            ):  # what each setting ran while decoding (prompt included), metered in an untimed run
-                for name, setting in settings.items():
-                    meter = ActiveMeter(cfg)
-                    decode_seconds(model, plan(setting), prompt, args.new_tokens, False, meter)
-                    mlp = meter.mean_active("mlp")
-                    decoding[name][f"b{b}_mlp_experts_per_token"] = sum(mlp) / len(mlp)
+            if compile:
+                continue
+            # what each setting ran while decoding (prompt included), metered in an untimed run
+            for name, setting in settings.items():
+                meter = ActiveMeter(cfg)
+                decode_seconds(model, plan(setting), prompt, args.new_tokens, False, meter)
+                mlp = meter.mean_active("mlp")
+                decoding[name][f"b{b}_mlp_experts_per_token"] = sum(mlp) / len(mlp)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model_name = next(
         (line.split(":", 1)[1].strip() for line in cpu.splitlines() if "Model name" in line), ""

@@ -87,6 +87,12 @@ def add_commands(sub) -> None:
         help="also measure our models with int8 weights (rows NAME+int8, same weights; "
         "dsmoe.inference.quantize): int8 pays in compiled batch-1 decode",
     )
+    p.add_argument(
+        "--mkl",
+        action="store_true",
+        help="also measure our models on torch's own fp32 products (rows NAME+mkl, same weights) beside oneDNN's "
+        "(dsmoe.inference.onednn_products)",
+    )
     add_kernels_arg(p)
     p.set_defaults(func=cmd_bench)
 
@@ -117,6 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         decode=args.decode,
         bandwidth_mb=args.bandwidth_mb,
         quantize=args.quantize,
+        mkl=args.mkl,
         kernels=args.kernels,
     )
     from dsmoe.bench.throughput import run_benchmark

@@ -70,6 +70,8 @@ class BenchSettings:
     bandwidth_mb: int = 1024
     # also measure each of our models with its weights quantized ("int8"; rows "NAME+int8"), or not ("none")
     quantize: str = "none"
+    # also measure each of our models on torch's own products (MKL; rows "NAME+mkl") beside oneDNN's (CPU, fp32)
+    mkl: bool = False
     # which implementation computes our models' sparse experts (dsmoe.model.settings.Kernels)
     kernels: str = "auto"
 

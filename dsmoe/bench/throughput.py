@@ -21,7 +21,6 @@ With ``peers`` (and the ``llama`` shape), transformers' Llama and OLMoE at the s
 
 from __future__ import annotations
 
-import copy
 import os
 import platform
 import sys
@@ -38,7 +37,7 @@ from dsmoe.bench.settings import BenchSettings
 from dsmoe.config import ConfigError
 from dsmoe.inference.generate import Decoder, generate
 from dsmoe.inference.meter import ActiveMeter
-from dsmoe.inference.prepare import prepare
+from dsmoe.inference.prepare import Prepared, prepare
 from dsmoe.model.plan import SparsePlan
 from dsmoe.model.routing import route
 from dsmoe.model.settings import Kernels
@@ -301,21 +300,32 @@ def run_benchmark(s: BenchSettings) -> dict:
         )
         if e.name.split("+")[0] in s.models
     ]
-    prepared = {
-        e.name: prepare(Transformer(e.cfg), e.plan, device=s.device, dtype=DTYPES[s.dtype], kernels=s.kernels)
-        for e in entries
-    }
-    models = {name: p.model for name, p in prepared.items()}
-    plans = {name: p.plan for name, p in prepared.items()}
-    variants = dict(models)  # row name -> model; with --quantize, each model's quantized copy beside it
+
+    def prepared(index: int, **options) -> Prepared:
+        """Entry ``index``'s model, prepared with ``options``: every copy built from the same seed, so that it has
+        the same weights."""
+        with torch.random.fork_rng():
+            torch.manual_seed(s.seed + index)
+            model = Transformer(entries[index].cfg)
+        return prepare(
+            model, entries[index].plan, device=s.device, dtype=DTYPES[s.dtype], kernels=s.kernels, **options
+        )
+
+    ready = {e.name: prepared(i) for i, e in enumerate(entries)}
+    models = {name: p.model for name, p in ready.items()}
+    plans = {name: p.plan for name, p in ready.items()}
+    # row name -> model; beside each model, its int8 copy (--quantize) and its copy on torch's own products (--mkl)
+    variants = dict(models)
     model_of = {name: name for name in models}  # variant -> the model it is (a copy of)
-    if s.quantize != "none":
-        for name, m in models.items():
-            copied = prepare(
-                copy.deepcopy(m), plans[name], quantize=s.quantize, device=s.device, kernels=s.kernels
-            )
-            variants[f"{name}+{s.quantize}"] = copied.model
-            model_of[f"{name}+{s.quantize}"] = name
+    int8_variants = set()
+    for i, e in enumerate(entries):
+        if s.quantize != "none":
+            variants[f"{e.name}+{s.quantize}"] = prepared(i, quantize=s.quantize).model
+            model_of[f"{e.name}+{s.quantize}"] = e.name
+            int8_variants.add(f"{e.name}+{s.quantize}")
+        if s.mkl:
+            variants[f"{e.name}+mkl"] = prepared(i, onednn=False).model
+            model_of[f"{e.name}+mkl"] = e.name
     runners: dict[str, Runner] = {}
     compiled_rows = {}  # row name -> the variant it decodes compiled
     for name, m in variants.items():
@@ -336,13 +346,12 @@ def run_benchmark(s: BenchSettings) -> dict:
     figures = measured["models"]
 
     def rows_of(name: str) -> list[str]:
-        """The rows that measure our model ``name``: eager, compiled, or both, and its quantized copy's."""
+        """The rows that measure our model ``name``: eager, compiled, or both, and its copies'."""
         return [row for row in runners if model_of.get(compiled_rows.get(row, row)) == name]
 
     def quantized(row: str) -> bool:
         """Whether ``row`` measures a quantized copy of one of our models (a peer is neither ours nor quantized)."""
-        variant = compiled_rows.get(row, row)
-        return variant in model_of and model_of[variant] != variant
+        return compiled_rows.get(row, row) in int8_variants
 
     for e in entries:
         counts = active_params(e, models[e.name], x_in)

@@ -20,6 +20,7 @@ BUNDLED_MODULES = (
     "dsmoe.model.settings_file",
     "dsmoe.model.routing",
     "dsmoe.model.rope",
+    "dsmoe.kernels.onednn",
     "dsmoe.kernels.reference",
     "dsmoe.kernels.cpu",
     "dsmoe.kernels.triton_kernels",

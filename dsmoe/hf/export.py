@@ -56,7 +56,7 @@ def export(
         raise ConfigError(
             f"checkpoint {checkpoint} has no tokenizer.json; pass --tokenizer PATH/tokenizer.json"
         )
-    prepared = prepare(checkpoint, plan)
+    prepared = prepare(checkpoint, plan, onednn=False)  # the weights are written as they were trained
     native, tokenizer, plan = prepared.model, prepared.tokenizer, prepared.plan
     if tokenizer_file is not None:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))

@@ -1,11 +1,13 @@
 """The one preparation pipeline of every entry point that runs a model (eval, sweep, tune, generate, serve, lm-eval,
-export, bench, the demo): load -> plan -> quantize -> device -> compile, in that order, in ``prepare``.
+export, bench, the demo): load -> plan -> quantize -> device -> products -> compile, in that order, in ``prepare``.
 
 * load: a checkpoint's cheap checks first (its files, and its config against the weights' headers), then the plan
   is checked against the config, then the weights load (on the CPU); or a model already built;
 * plan: the SparsePlan every forward is given (a plan, or a function of the config, e.g. reading flags);
 * quantize: swap in int8 weight holders (``dsmoe.inference.quantize``);
 * device: the model moves there (and to ``dtype``), and the plan's kernel choice is fixed for it;
+* products: on the CPU in fp32, oneDNN's products where they are faster than MKL's
+  (``dsmoe.inference.onednn_products``), unless ``onednn=False``;
 * compile: whether decoding goes through the compiled step; int8 weights pay only there, so they imply it.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from dsmoe.config import ModelConfig
+from dsmoe.inference.onednn_products import use_onednn
 from dsmoe.inference.quantize import quantize as quantize_weights
 from dsmoe.kernels import kernels_for
 from dsmoe.model.plan import SparsePlan
@@ -51,11 +54,13 @@ def prepare(
     dtype: torch.dtype | None = None,
     kernels: str = "auto",
     compile: bool = False,
+    onednn: bool = True,
     tokenizer: Any = None,
 ) -> Prepared:
     """``source``: a checkpoint folder, or a Transformer (with its ``tokenizer``). ``plan``: a SparsePlan, a function
     of the model's config that gives one, or None (as trained). ``kernels``: 'auto' (by device) or a path named (see
-    ``dsmoe.model.settings.Kernels``). Bad settings are found before any weight loads."""
+    ``dsmoe.model.settings.Kernels``); 'reference' keeps every product plain. Bad settings are found before any
+    weight loads."""
     if isinstance(source, Transformer):
         model, cfg = source, source.cfg
     else:
@@ -66,4 +71,6 @@ def prepare(
     quantize_weights(model, quantize)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     plan = plan.with_kernels(kernels_for(torch.device(device), kernels).impl)
+    if onednn and plan.kernels.impl == "cpu":
+        use_onednn(model)
     return Prepared(model.eval(), tokenizer, plan, compile or quantize != "none")

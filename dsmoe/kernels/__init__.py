@@ -23,12 +23,12 @@ from functools import partial
 import torch
 
 from dsmoe.kernels.cpu import (
-    OP_NAMESPACE,
     expert_mlp_cpu,
     expert_mlp_sorted,
     moa_sorted,
     project_sorted,
 )
+from dsmoe.kernels.onednn import OP_NAMESPACE
 from dsmoe.kernels.reference import AttentionContext, expert_mlp_reference, moa_reference
 from dsmoe.kernels.triton_kernels import expert_mlp_triton, moa_triton
 from dsmoe.model.routing import Routing

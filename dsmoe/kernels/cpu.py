@@ -14,11 +14,10 @@ The grouped products are a custom op with their own backward, so the sorted path
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
+from dsmoe.kernels.onednn import OP_NAMESPACE, fast_linear, onednn_suits
 from dsmoe.kernels.reference import AttentionContext, activate, moa_reference
 from dsmoe.model.rope import apply_rope
 from dsmoe.model.routing import Routing
@@ -93,11 +92,6 @@ def grouped_mm(a_PK: torch.Tensor, b_NKM: torch.Tensor, offs_N: torch.Tensor) ->
     if upcast_bf16(a_PK, a_PK.shape[0] / b_NKM.shape[0]):
         return _grouped_mm(a_PK.float(), b_NKM.float(), offs_N).to(torch.bfloat16)
     return _grouped_mm(a_PK, b_NKM, offs_N)
-
-
-# The ops live in the "dsmoe" namespace; a copy of this code bundled into an exported Hugging Face folder (loaded
-# under another module name, perhaps beside dsmoe itself) registers its own namespace instead of colliding.
-OP_NAMESPACE = "dsmoe" if __name__.startswith("dsmoe.") else "dsmoe_" + re.sub(r"\W", "_", __name__)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::grouped_mm", mutates_args=())
@@ -194,6 +188,8 @@ def expert_mlp_cpu(
     """Expert MLP on the CPU path that suits the token count; same contract as ``expert_mlp_reference``."""
     if x_TD.shape[0] == 1:
         return expert_mlp_one_token(x_TD, w_in_NFD, w_out_NFD, routing, activation)
+    if onednn_suits(x_TD, w_in_NFD[0]):  # oneDNN's products beat the grouped ones from one row per expert
+        return expert_mlp_per_expert(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     loop_pairs = LOOP_PAIRS_PER_EXPERT * routing.n_experts
     # T*K bounds the pair count, so decode-size batches skip counting the mask (a reduction and a host sync).
     if routing.indices.numel() >= loop_pairs and int(routing.mask.sum()) >= loop_pairs:
@@ -215,6 +211,10 @@ def expert_mlp_one_token(
     x_D = x_1D.view(-1).to(w_in_NFD.dtype)
     y_D = torch.zeros(x_D.shape[0], dtype=w_out_NFD.dtype, device=x_D.device)
     for e, weight in zip(experts, weights, strict=True):
+        if onednn_suits(x_1D, w_in_NFD[e]):
+            h_1F = activate(fast_linear(x_1D, w_in_NFD[e]), activation)
+            y_D.add_(fast_linear(h_1F, w_out_NFD[e].t()).view(-1), alpha=weight)
+            continue
         h_F = activate(w_in_NFD[e] @ x_D, activation)
         y_D.addmv_(w_out_NFD[e].t(), h_F.to(y_D.dtype), alpha=weight)
     return y_D.view(1, -1).to(x_1D.dtype)
@@ -232,9 +232,9 @@ def expert_mlp_per_expert(
     for e, end in enumerate(pairs.offs_N.tolist()):
         if end > start:
             tokens = pairs.token_P[start:end]
-            h = F.linear(x_TD.index_select(0, tokens).to(compute), w_in_NFD[e].to(compute))
+            h = fast_linear(x_TD.index_select(0, tokens).to(compute), w_in_NFD[e].to(compute))
             h = activate(h, activation) * pairs.weight_P[start:end, None].to(compute)
-            out_TD.index_add_(0, tokens, h @ w_out_NFD[e].to(compute))
+            out_TD.index_add_(0, tokens, fast_linear(h, w_out_NFD[e].to(compute).t()))
         start = end
     return out_TD.to(x_TD.dtype)
 

@@ -1,0 +1,117 @@
+"""oneDNN products (``dsmoe.kernels.onednn``, ``dsmoe.inference.onednn_products``): ``fast_linear`` equal to
+``F.linear`` and taken only where it should be; the module swap keeps every weight's name, shape and value; the CPU
+expert kernels with oneDNN products equal the reference for every strategy and token count; a prepared model's logits
+equal the plain model's; compiled decoding through the opaque op is token for token the plain model's. The tests
+lower the size floor (ONEDNN_MIN_WEIGHTS) so that the small test shapes take oneDNN."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_cases import SETTING_IDS, SETTINGS, make_routing
+from test_decode import CASES, model_for
+
+from dsmoe.inference.generate import Decoder
+from dsmoe.inference.onednn_products import OneDNNLinear, OneDNNMLPExperts, OneDNNMoA, use_onednn, uses_onednn
+from dsmoe.inference.prepare import prepare
+from dsmoe.kernels import onednn
+from dsmoe.kernels.cpu import expert_mlp_cpu
+from dsmoe.kernels.reference import expert_mlp_reference
+
+pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN (mkldnn)")
+
+
+@pytest.fixture
+def no_size_floor(monkeypatch):
+    monkeypatch.setattr(onednn, "ONEDNN_MIN_WEIGHTS", 0)
+
+
+def test_fast_linear_equals_f_linear_and_is_taken_only_where_it_pays(no_size_floor):
+    w = torch.randn(48, 40)
+    for x in (torch.randn(1, 40), torch.randn(7, 40), torch.randn(2, 3, 40), torch.randn(300, 40)[::3]):
+        assert onednn.onednn_suits(x, w)
+        torch.testing.assert_close(onednn.fast_linear(x, w), F.linear(x, w))
+    stacked = torch.randn(40, 3 * 48)  # an expert's rows inside a wider matrix: row-strided, inner stride 1
+    x = torch.randn(5, 48)
+    assert onednn.onednn_suits(x, stacked[:, 48:96])
+    torch.testing.assert_close(onednn.fast_linear(x, stacked[:, 48:96]), F.linear(x, stacked[:, 48:96]))
+    # not taken: a transposed weight, bf16, a gradient, or (with the floor back) a small weight
+    assert not onednn.onednn_suits(torch.randn(5, 48), w.t())
+    assert not onednn.onednn_suits(x.bfloat16(), stacked[:, :48].bfloat16())
+    xg = torch.randn(5, 40, requires_grad=True)
+    assert not onednn.onednn_suits(xg, w)
+    onednn.fast_linear(xg, w).sum().backward()
+    torch.testing.assert_close(xg.grad, w.sum(0).expand(5, 40))
+
+
+def test_the_size_floor_keeps_small_weights_on_torchs_product():
+    assert onednn.ONEDNN_MIN_WEIGHTS == 1 << 18
+    assert not onednn.onednn_suits(torch.randn(1, 1024), torch.randn(255, 1024))
+    assert onednn.onednn_suits(torch.randn(1, 1024), torch.randn(256, 1024))
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("n_tokens", [1, 5, 300])
+def test_cpu_expert_kernel_with_onednn_products_matches_the_reference(no_size_floor, setting, n_tokens):
+    """w_out with [N, D, F] storage (as the swap leaves it): both projections through oneDNN, on every path
+    (one token, the per-expert loop that oneDNN's products take from two tokens up)."""
+    torch.manual_seed(0)
+    n, f, d = 8, 24, 32
+    x = torch.randn(n_tokens, d)
+    w_in, w_out = torch.randn(n, f, d) / d**0.5, torch.randn(n, f, d) / f**0.5
+    w_out_t = w_out.transpose(1, 2).contiguous().transpose(1, 2)
+    routing = make_routing(n_tokens, n, setting)
+    for activation in ("gelu", "swiglu"):
+        w = torch.randn(n, 2 * f, d) / d**0.5 if activation == "swiglu" else w_in
+        expected = expert_mlp_reference(x, w, w_out, routing, activation)
+        torch.testing.assert_close(expert_mlp_cpu(x, w, w_out_t, routing, activation), expected)
+        torch.testing.assert_close(expert_mlp_cpu(x, w, w_out, routing, activation), expected)
+
+
+def test_use_onednn_swaps_modules_and_keeps_every_weight(no_size_floor):
+    model, _ = model_for("dsmoe-topk")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    use_onednn(model)
+    assert uses_onednn(model)
+    block = model.blocks[0]
+    assert isinstance(block.mlp.experts, OneDNNMLPExperts) and isinstance(block.att, OneDNNMoA)
+    assert isinstance(block.att.wk, OneDNNLinear) and isinstance(model.lm_head, OneDNNLinear)  # tied head
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    w_out = block.mlp.experts.w_out
+    assert w_out.shape == (8, 16, 32) and w_out.transpose(1, 2).is_contiguous()
+    assert block.att.wo.transpose(1, 2).is_contiguous()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params == sum(v.numel() for v in before.values())  # the tied head adds no parameter
+    bf16, _ = model_for("dense")
+    assert not uses_onednn(use_onednn(bf16.bfloat16()))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prepared_logits_equal_the_plain_models(no_size_floor, case):
+    plain, plan = model_for(case)
+    fast, _ = model_for(case)
+    prepared = prepare(fast, plan)
+    assert uses_onednn(prepared.model)
+    assert not uses_onednn(prepare(model_for(case)[0], plan, onednn=False).model)
+    assert not uses_onednn(prepare(model_for(case)[0], plan, kernels="reference").model)
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.inference_mode():
+        expected = plain(tokens, plan=plan).logits
+        torch.testing.assert_close(prepared.model(tokens, plan=prepared.plan).logits, expected)
+
+
+@pytest.mark.parametrize("case", ["dense", "dsmoe-threshold", "dsmoe-topk"])
+def test_compiled_onednn_decode_is_the_plain_models_token_for_token(no_size_floor, case):
+    plain, plan = model_for(case)
+    prepared = prepare(model_for(case)[0], plan)
+    prompt = torch.randint(0, 97, (2, 5))
+    expected = Decoder(plain, 2, 16, plan=plan)
+    compiled = Decoder(prepared.model, 2, 16, plan=prepared.plan, compile=True)
+    logits_e, logits_c = expected.prefill(prompt), compiled.prefill(prompt)
+    for _ in range(8):
+        torch.testing.assert_close(logits_c, logits_e, rtol=1e-4, atol=1e-4)
+        token = logits_e.argmax(-1)
+        assert torch.equal(logits_c.argmax(-1), token)
+        logits_e, logits_c = expected.step(token), compiled.step(token)

@@ -104,6 +104,7 @@ def test_run_benchmark_compiled_decode_rows_and_bandwidth_share():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.usefixtures("int8_on_this_cpu")
 def test_run_benchmark_int8_rows_beside_fp32():
     """--quantize int8: each of our models also runs with int8 weights (a '+int8' row, and '+int8+compiled'), the
     same active parameters, its weight reads counted at one byte per weight."""
@@ -122,6 +123,7 @@ def test_run_benchmark_int8_rows_beside_fp32():
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.usefixtures("int8_on_this_cpu")
 def test_int8_rows_leave_the_peers_weight_reads_at_full_precision():
     skip_unless_peers_build()
     settings = BenchSettings(**TINY, shape="llama", peers=True, decode="eager", quantize="int8")

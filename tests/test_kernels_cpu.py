@@ -224,3 +224,40 @@ def test_bf16_products_native_or_upcast_match_reference(monkeypatch, native, pat
     torch.testing.assert_close(
         out, expert_mlp_reference(x, w_in, w_out, routing, "swiglu"), **tolerances(torch.bfloat16)
     )
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("n_tokens", [1, 2])
+def test_gathered_decode_path_matches_reference_compiled_and_is_taken_only_for_topk(
+    monkeypatch, activation, n_tokens
+):
+    """Compiled top-k decode traces ``expert_mlp_gathered`` into the graph; a threshold routing (slots over every
+    expert) keeps the custom op, whose one-token path reads only the selected experts."""
+    torch.manual_seed(0)
+    n, f, d = 8, 12, 16
+    x = torch.randn(n_tokens, d)
+    w_in = torch.randn(n, 2 * f if activation == "swiglu" else f, d) / d**0.5
+    w_out = torch.randn(n, f, d) / f**0.5
+    topk = make_routing(n_tokens, n, SparseSetting("topk", k=3))
+    expected = expert_mlp_reference(x, w_in, w_out, topk, activation)
+    torch.testing.assert_close(cpu.expert_mlp_gathered(x, w_in, w_out, topk, activation), expected)
+    compiled = torch.compile(
+        lambda x, r: kernels.expert_mlp(x, w_in, w_out, r, activation, Kernels("cpu", compiled=True)),
+        fullgraph=True,
+    )
+    torch.testing.assert_close(compiled(x, topk), expected, rtol=1e-5, atol=1e-5)
+    threshold = make_routing(n_tokens, n, SparseSetting("threshold", threshold=1.0))
+    torch.testing.assert_close(
+        compiled(x, threshold),
+        expert_mlp_reference(x, w_in, w_out, threshold, activation),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    calls = []
+    original = cpu.expert_mlp_gathered
+    monkeypatch.setattr(
+        kernels, "expert_mlp_gathered", lambda *a: calls.append(a[3].all_valid) or original(*a)
+    )
+    for routing in (topk, threshold):
+        kernels.expert_mlp(x, w_in, w_out, routing, activation, Kernels("cpu", compiled=True))
+    assert calls == [True]

@@ -3,6 +3,10 @@ dequantized weights (broadcast and plain, eager and compiled), outputs within in
 and strategy, only the selected experts' int8 rows read at decode, and compiled decoding equal to eager decoding of
 the same int8 model, token for token."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from helpers import small_config
@@ -11,6 +15,7 @@ from torch._dynamo.utils import counters
 
 from dsmoe.inference import quantize as quantize_module
 from dsmoe.inference.generate import Decoder, generate
+from dsmoe.inference.prepare import prepare
 from dsmoe.inference.quantize import Int8Linear, Int8MLPExperts, Int8MoA, int8_values, is_quantized, quantize
 from dsmoe.kernels.reference import expert_mlp_reference
 from dsmoe.model.settings import SparseSetting
@@ -165,3 +170,26 @@ def test_a_quantized_model_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="quantize it after loading"):
         write_checkpoint(tmp_path / "ckpt", model.state_dict(), model.cfg)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_prepare_applies_int8_only_where_it_pays(monkeypatch):
+    """On an AVX2 CPU int8 products are slower than fp32 ones: prepare warns and keeps fp32; with AVX-512 it
+    quantizes (and decodes compiled)."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match=r"AVX2\) int8 products are slower than fp32"):
+        kept = prepare(Transformer(small_config()), quantize="int8")
+    assert kept.quantize == "none" and not is_quantized(kept.model) and not kept.compile
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    applied = prepare(Transformer(small_config()), quantize="int8")
+    assert applied.quantize == "int8" and is_quantized(applied.model) and applied.compile
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default", "avx512"])
+def test_int8_choice_follows_aten_cpu_capability(capability):
+    """The choice reads torch's CPU capability, which ATEN_CPU_CAPABILITY lowers: one machine runs the other's."""
+    if capability == "avx512" and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("needs a CPU with AVX-512 (this one has none, so ATEN_CPU_CAPABILITY cannot raise it)")
+    code = "from dsmoe.inference.quantize import int8_pays; print(int8_pays('cpu'), int8_pays('cuda'))"
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [str(capability == "avx512"), "True"]

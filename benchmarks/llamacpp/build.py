@@ -44,7 +44,18 @@ def build(cache: Path = DEFAULT_CACHE, jobs: int = 2) -> Path:
     with tempfile.TemporaryDirectory(prefix="llamacpp-build-") as tmp:
         work = Path(tmp)
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", SDIST, "-d", str(work)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                SDIST,
+                "-d",
+                str(work),
+            ],
             check=True,
         )
         (archive,) = work.glob("llama_cpp_python-*.tar.gz")
@@ -53,8 +64,17 @@ def build(cache: Path = DEFAULT_CACHE, jobs: int = 2) -> Path:
         (source,) = work.glob("llama_cpp_python-*/vendor/llama.cpp")
         build_dir = work / "build"
         subprocess.run(
-            ["cmake", "-S", str(source), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-             "-DLLAMA_CURL=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+            [
+                "cmake",
+                "-S",
+                str(source),
+                "-B",
+                str(build_dir),
+                "-DCMAKE_BUILD_TYPE=Release",
+                "-DGGML_NATIVE=ON",
+                "-DLLAMA_CURL=OFF",
+                "-DBUILD_SHARED_LIBS=OFF",
+            ],
             check=True,
         )
         subprocess.run(

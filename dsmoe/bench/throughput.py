@@ -319,8 +319,9 @@ def run_benchmark(s: BenchSettings) -> dict:
     model_of = {name: name for name in models}  # variant -> the model it is (a copy of)
     int8_variants = set()
     for i, e in enumerate(entries):
-        if s.quantize != "none":
-            variants[f"{e.name}+{s.quantize}"] = prepared(i, quantize=s.quantize).model
+        int8_copy = prepared(i, quantize=s.quantize) if s.quantize != "none" else None
+        if int8_copy is not None and int8_copy.quantize == s.quantize:  # not where int8 would not pay
+            variants[f"{e.name}+{s.quantize}"] = int8_copy.model
             model_of[f"{e.name}+{s.quantize}"] = e.name
             int8_variants.add(f"{e.name}+{s.quantize}")
         if s.mkl:

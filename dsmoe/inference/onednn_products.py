@@ -1,15 +1,17 @@
 """oneDNN products for fp32 inference on the CPU, as a module swap in the style of ``quantize`` (and of the vLLM
 model's): the modules that hold projection weights compute their products through
 ``dsmoe.kernels.onednn.fast_linear`` (oneDNN where it is faster than MKL: large fp32 weights, no gradient;
-benchmarks/cpu_products.md).
+benchmarks/cpu_products.md), or, for one row in a compiled decode step, as a reduction that inductor fuses
+(``product``).
 
 * ``nn.Linear`` (attention keys and values, an untied LM head) -> ``OneDNNLinear``; a tied LM head gets one too,
   reading the embedding's weight;
 * ``MLPExperts`` -> ``OneDNNMLPExperts``, ``MoA`` -> ``OneDNNMoA``, converted in place. oneDNN takes only weights
-  whose rows are contiguous, so the output-side weights (``w_out`` [N, F, D], ``wo`` [N, E, D]) get transposed
-  storage: the same parameter, now a [N, F, D] view of a contiguous [N, D, F] tensor. Every kernel reads them as
-  before, ``dsmoe.kernels.cpu`` finds each expert's [D, F] output rows contiguous and multiplies them by oneDNN, and
-  the state dict keeps its names, shapes and values.
+  that are contiguous matrices (a strided one is ~100x slower), so the output-side weights get transposed storage,
+  each parameter a view of the same values: ``w_out`` [N, F, D] of a contiguous [N, D, F] tensor, so that the
+  per-expert products of ``dsmoe.kernels.cpu`` read each expert's [D, F] block; ``wo`` [N, E, D] of a contiguous
+  [D, N*E] one, read whole by ``output`` (sparse attention's grouped products read it strided, as MKL allows). The
+  state dict keeps its names, shapes and values.
 """
 
 from __future__ import annotations
@@ -22,12 +24,24 @@ from torch import nn
 from dsmoe.kernels.onednn import AVAILABLE, fast_linear
 from dsmoe.model.attention import MoA
 from dsmoe.model.experts import MLPExperts
+from dsmoe.model.transformer import Transformer
 
 M = TypeVar("M", bound=nn.Module)
 
 
+def product(x: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
+    """``x @ w^T`` by the fastest path: ``fast_linear``, except one row in a compiled graph, which is a broadcast
+    multiply and sum that inductor turns into one reduction over the weight's rows, with no library call: SmolLM2's
+    compiled decode step takes 18.8 ms this way against 37.7 through oneDNN and 46.9 through MKL
+    (benchmarks/cpu_products.md). Eager, the broadcast would materialize a weight-sized tensor, so it is taken only
+    while compiling."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+        return (x.unsqueeze(-2) * w_MK).sum(-1)
+    return fast_linear(x, w_MK)
+
+
 class OneDNNLinear(nn.Module):
-    """``nn.Linear`` without bias, its product through ``fast_linear``. ``tied``: the weight is another module's (the
+    """``nn.Linear`` without bias, its product through ``product``. ``tied``: the weight is another module's (the
     embedding's), read here but not registered again, so the state dict gains no key."""
 
     def __init__(self, weight: torch.Tensor, tied: bool = False):
@@ -38,21 +52,20 @@ class OneDNNLinear(nn.Module):
             self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fast_linear(x, self.weight)
+        return product(x, self.weight)
 
 
-def _transpose_storage(p: torch.Tensor) -> None:
-    """Parameter ``p`` [N, A, B] becomes a view of a contiguous [N, B, A] copy: same values, each [B, A] contiguous."""
+def _store_blocks_transposed(p: torch.Tensor) -> None:
+    """Stacked weight ``p`` [N, F, D] becomes a view of a contiguous [N, D, F] tensor: the same values, each expert's
+    [D, F] block (``p[e].t()``) a contiguous matrix, which per-expert products take."""
     p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _times_transposed(h_TK: torch.Tensor, w_t_NDF: torch.Tensor) -> torch.Tensor:
-    """h [T, N*F] times the experts' stacked [N*F, D] weight, stored transposed as [N, D, F] -> [T, D]."""
-    n, _, f = w_t_NDF.shape
-    out = fast_linear(h_TK[:, :f], w_t_NDF[0])
-    for e in range(1, n):
-        out += fast_linear(h_TK[:, e * f : (e + 1) * f], w_t_NDF[e])
-    return out
+def _store_stack_transposed(p: torch.Tensor) -> None:
+    """Stacked weight ``p`` [N, F, D] becomes a view of a contiguous [D, N*F] tensor: the same values, the whole
+    stack (``p.flatten(0, 1).t()``) one contiguous matrix, which a product over every expert takes."""
+    n, f, _ = p.shape
+    p.data = p.data.flatten(0, 1).t().contiguous().t().unflatten(0, (n, f))
 
 
 class OneDNNMLPExperts(MLPExperts):
@@ -61,28 +74,32 @@ class OneDNNMLPExperts(MLPExperts):
     @classmethod
     def convert(cls, experts: MLPExperts) -> None:
         experts.__class__ = cls
-        _transpose_storage(experts.w_out)
+        _store_blocks_transposed(experts.w_out)
 
     def up(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return fast_linear(x_TD, self.w_in.flatten(0, 1))
+        return product(x_TD, self.w_in.flatten(0, 1))
 
     def down(self, h_TK: torch.Tensor) -> torch.Tensor:
-        return _times_transposed(h_TK, self.w_out.transpose(1, 2))
+        n, f, _ = self.w_out.shape
+        out = product(h_TK[:, :f], self.w_out[0].t())
+        for e in range(1, n):  # every expert at once: a DS-MoE run dense, rare in inference
+            out += product(h_TK[:, e * f : (e + 1) * f], self.w_out[e].t())
+        return out
 
 
 class OneDNNMoA(MoA):
-    """MoA whose output rows ``wo`` [N, E, D] have [N, D, E] storage."""
+    """MoA whose output rows ``wo`` [N, E, D] have [D, N*E] storage."""
 
     @classmethod
     def convert(cls, att: MoA) -> None:
         att.__class__ = cls
-        _transpose_storage(att.wo)
+        _store_stack_transposed(att.wo)
 
     def query(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return fast_linear(x_TD, self.wq.flatten(0, 1))
+        return product(x_TD, self.wq.flatten(0, 1))
 
     def output(self, o_TE: torch.Tensor) -> torch.Tensor:
-        return _times_transposed(o_TE, self.wo.transpose(1, 2))
+        return product(o_TE, self.wo.flatten(0, 1).t())
 
 
 def use_onednn(model: M) -> M:
@@ -101,8 +118,8 @@ def use_onednn(model: M) -> M:
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear and child.bias is None:
                 setattr(module, name, OneDNNLinear(child.weight))
-        if getattr(module, "lm_head", False) is None and hasattr(module, "embed"):  # a tied LM head
-            module.lm_head = OneDNNLinear(module.embed.weight, tied=True)
+        if isinstance(module, Transformer) and module.lm_head is None:  # a tied LM head
+            module.lm_head = OneDNNLinear(module.embed.weight, tied=True)  # type: ignore[assignment]
     return model.eval()
 
 

@@ -4,7 +4,8 @@ export, bench, the demo): load -> plan -> quantize -> device -> products -> comp
 * load: a checkpoint's cheap checks first (its files, and its config against the weights' headers), then the plan
   is checked against the config, then the weights load (on the CPU); or a model already built;
 * plan: the SparsePlan every forward is given (a plan, or a function of the config, e.g. reading flags);
-* quantize: swap in int8 weight holders (``dsmoe.inference.quantize``);
+* quantize: swap in int8 weight holders (``dsmoe.inference.quantize``), on CPUs where int8 is faster than fp32
+  (``int8_pays``); elsewhere a warning says so and the weights stay fp32;
 * device: the model moves there (and to ``dtype``), and the plan's kernel choice is fixed for it;
 * products: on the CPU in fp32, oneDNN's products where they are faster than MKL's
   (``dsmoe.inference.onednn_products``), unless ``onednn=False``;
@@ -13,6 +14,7 @@ export, bench, the demo): load -> plan -> quantize -> device -> products -> comp
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,7 @@ import torch
 
 from dsmoe.config import ModelConfig
 from dsmoe.inference.onednn_products import use_onednn
+from dsmoe.inference.quantize import int8_pays
 from dsmoe.inference.quantize import quantize as quantize_weights
 from dsmoe.kernels import kernels_for
 from dsmoe.model.plan import SparsePlan
@@ -39,6 +42,7 @@ class Prepared:
     tokenizer: Any  # a tokenizers.Tokenizer, or None where the source has none
     plan: SparsePlan
     compile: bool
+    quantize: str = "none"  # the weights' storage, as applied ("none" where int8 would not pay)
 
     @property
     def cfg(self) -> ModelConfig:
@@ -68,9 +72,16 @@ def prepare(
     plan = plan(cfg) if callable(plan) else plan or SparsePlan.build(cfg)
     if not isinstance(source, Transformer):
         model, tokenizer = load_pretrained(source, dtype=dtype)
+    if quantize == "int8" and not int8_pays(device):
+        warnings.warn(
+            f"--quantize int8: on this CPU ({torch.backends.cpu.get_cpu_capability()}) int8 products are slower "
+            "than fp32 ones, so the weights stay fp32 (int8 pays on CPUs with AVX-512)",
+            stacklevel=2,
+        )
+        quantize = "none"
     quantize_weights(model, quantize)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     plan = plan.with_kernels(kernels_for(torch.device(device), kernels).impl)
     if onednn and plan.kernels.impl == "cpu":
         use_onednn(model)
-    return Prepared(model.eval(), tokenizer, plan, compile or quantize != "none")
+    return Prepared(model.eval(), tokenizer, plan, compile or quantize != "none", quantize)

@@ -38,6 +38,20 @@ from dsmoe.model.settings import AUTO_KERNELS, Kernels
 
 M = TypeVar("M", bound=nn.Module)
 
+# The CPUs (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY overrides) whose int8 products beat
+# fp32's at batch 1: with AVX-512, SmolLM2-135M's compiled int8 decode is 1.61x (Dense) and 1.33x (DS-MoE) the fp32
+# compiled decode (benchmarks/llamacpp/, Zen 4); with AVX2 only it ran at 0.32x and 0.66x of fp32 (issue #33, an
+# AVX2 EPYC), so int8 there would only slow decoding down, and ``int8_pays`` says no.
+INT8_CPU_CAPABILITIES = ("AVX512",)
+
+
+def int8_pays(device: str | torch.device = "cpu") -> bool:
+    """Whether int8 weights decode faster than fp32 ones on ``device`` (on a CPU: by INT8_CPU_CAPABILITIES)."""
+    if torch.device(device).type != "cpu":
+        return True
+    return torch.backends.cpu.get_cpu_capability() in INT8_CPU_CAPABILITIES
+
+
 # The most rows for which the broadcast product beats dequantizing: 2.1x faster than fp32 at 1 row, 1.6x slower at
 # 16 (benchmarks/int8.md).
 MUL_SUM_MAX_ROWS = 4

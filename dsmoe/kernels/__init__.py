@@ -10,7 +10,11 @@ One table, ``implementation``, maps (the choice, the inputs' device, whether a g
   (torch's grouped products: 1.7-1.9x the Triton scatter-to-scatter kernels' tokens/s on an H200,
   benchmarks/gpu/README.md); anything else -> the reference. Any path can be named instead (``Kernels("triton")``).
 
-A compiled forward (``Kernels(compiled=True)``) reaches inference paths through two ``torch.library`` custom ops,
+A compiled forward (``Kernels(compiled=True)``) on the CPU decodes top-k routings (no more (token, slot) pairs than
+experts) through ``expert_mlp_gathered``, traced into the graph, where inductor fuses the selected experts' gather into
+reductions (benchmarks/cpu_products.md); a threshold routing's slots span every expert, so it keeps the custom op,
+whose one-token path reads only the selected ones. Otherwise a compiled forward reaches inference paths through two
+``torch.library`` custom ops,
 ``dsmoe::expert_mlp`` and ``dsmoe::moa``, with fake (shape-only) implementations, so ``torch.compile`` traces a sparse
 forward as one graph: the data-dependent work (sorting pairs by expert, their counts) happens inside the op.
 """
@@ -24,6 +28,7 @@ import torch
 
 from dsmoe.kernels.cpu import (
     expert_mlp_cpu,
+    expert_mlp_gathered,
     expert_mlp_sorted,
     moa_sorted,
     project_sorted,
@@ -87,6 +92,8 @@ def expert_mlp(
     path = implementation(kernels, x_TD, _needs_grad(x_TD, w_in_NFD, w_out_NFD, routing.weights))
     if not kernels.compiled or path in ("reference", "grouped"):
         return _EXPERT_MLP[path](x_TD, w_in_NFD, w_out_NFD, routing, activation)
+    if path == "cpu" and routing.all_valid and routing.indices.numel() <= w_in_NFD.shape[0]:  # top-k decode
+        return expert_mlp_gathered(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     r = routing
     return expert_mlp_op(
         x_TD, w_in_NFD, w_out_NFD, r.indices, r.weights, r.mask, r.all_valid, activation, path

@@ -188,7 +188,9 @@ def expert_mlp_cpu(
     """Expert MLP on the CPU path that suits the token count; same contract as ``expert_mlp_reference``."""
     if x_TD.shape[0] == 1:
         return expert_mlp_one_token(x_TD, w_in_NFD, w_out_NFD, routing, activation)
-    if onednn_suits(x_TD, w_in_NFD[0]):  # oneDNN's products beat the grouped ones from one row per expert
+    if onednn_suits(
+        x_TD, w_in_NFD[0]
+    ):  # oneDNN's products beat the grouped ones (benchmarks/cpu_products.md)
         return expert_mlp_per_expert(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     loop_pairs = LOOP_PAIRS_PER_EXPERT * routing.n_experts
     # T*K bounds the pair count, so decode-size batches skip counting the mask (a reduction and a host sync).
@@ -211,13 +213,22 @@ def expert_mlp_one_token(
     x_D = x_1D.view(-1).to(w_in_NFD.dtype)
     y_D = torch.zeros(x_D.shape[0], dtype=w_out_NFD.dtype, device=x_D.device)
     for e, weight in zip(experts, weights, strict=True):
-        if onednn_suits(x_1D, w_in_NFD[e]):
-            h_1F = activate(fast_linear(x_1D, w_in_NFD[e]), activation)
-            y_D.add_(fast_linear(h_1F, w_out_NFD[e].t()).view(-1), alpha=weight)
-            continue
         h_F = activate(w_in_NFD[e] @ x_D, activation)
         y_D.addmv_(w_out_NFD[e].t(), h_F.to(y_D.dtype), alpha=weight)
     return y_D.view(1, -1).to(x_1D.dtype)
+
+
+def expert_mlp_gathered(
+    x_TD: torch.Tensor, w_in_NFD: torch.Tensor, w_out_NFD: torch.Tensor, routing: Routing, activation: str
+) -> torch.Tensor:
+    """Decode in a compiled graph (no more (token, slot) pairs than experts): each slot's expert weights indexed and
+    multiplied as broadcast multiply-and-sum reductions, which inductor fuses with the indexing, so only the selected
+    experts' rows are read, with no copy and no library call per product; the slots a threshold routing leaves
+    unselected count at weight zero. Eager, the indexing would copy the selected weights: compiled graphs only."""
+    e_TK = routing.indices
+    weight_TK = torch.where(routing.mask, routing.weights, 0).to(x_TD.dtype)
+    h_TKF = activate((w_in_NFD[e_TK] * x_TD[:, None, None, :]).sum(-1), activation) * weight_TK[..., None]
+    return (h_TKF[..., None] * w_out_NFD[e_TK]).sum((1, 2))
 
 
 def expert_mlp_per_expert(

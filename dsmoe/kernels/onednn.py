@@ -1,10 +1,9 @@
 """``x @ w^T`` on the CPU through oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the product that
 inductor's frozen CPU graphs use), where it is faster than torch's default fp32 product (MKL's sgemm/sgemv).
 
-On a 2-core AMD EPYC (Zen 4, 2 threads; benchmarks/cpu_products.md) oneDNN reads a weight matrix at ~40 GB/s in a
-one-row product, where MKL's matrix-vector product reads ~17, and multiplies 4-16 rows 1.6-3.3x faster than MKL; at
-hundreds of rows it is still ~1.4x faster. Each call costs ~35 us of setup against ~2 for MKL, so weights smaller
-than ONEDNN_MIN_WEIGHTS values stay on MKL; bf16 products already go through oneDNN in torch.
+On a 2-core AMD EPYC (Zen 4, 2 threads; benchmarks/cpu_products.md) oneDNN multiplies 1-16 rows by weights of 2M
+values and more 1.3-3.5x faster than MKL, and 64-256 rows 1.2-1.7x faster. Each call costs ~35 us of setup against
+~2 for MKL, so small weights stay on MKL (ONEDNN_MIN_WEIGHTS); bf16 products already go through oneDNN in torch.
 
 The op is a custom op for one reason: inductor lowers ``mkldnn._linear_pointwise`` only for frozen, constant
 weights, so a compiled graph over a model's (non-constant) weights calls it as an opaque op. It has no backward:
@@ -25,8 +24,9 @@ OP_NAMESPACE = "dsmoe" if __name__.startswith("dsmoe.") else "dsmoe_" + re.sub(r
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
-# From this many weight values (1 MiB of fp32) up, oneDNN's faster read outweighs its per-call setup (~35 us): at a
-# [256, 1024] weight and 1 row the two are level (benchmarks/cpu_products.md).
+# oneDNN's faster read outweighs its per-call setup (~35 us, against ~2 for MKL) from this many weight values with
+# several rows, and from twice as many with one: at one row [256, 1024] is 0.80x MKL and [512, 2048] 1.17x; from 4
+# rows [256, 1024] is 1.36-1.56x (benchmarks/cpu_products.md).
 ONEDNN_MIN_WEIGHTS = 1 << 18
 
 
@@ -42,15 +42,15 @@ def _onednn_linear_fake(x, w_MK):
 
 
 def onednn_suits(x: torch.Tensor, w_MK: torch.Tensor) -> bool:
-    """Whether ``x @ w^T`` is faster through oneDNN: fp32 on the CPU, no gradient, a large weight whose rows are
-    contiguous (oneDNN takes no transposed weight)."""
+    """Whether ``x @ w^T`` is faster through oneDNN: fp32 on the CPU, no gradient, a large contiguous weight
+    (oneDNN reorders a strided one on every call: ~100x slower; it takes no transposed one)."""
     return (
         AVAILABLE
         and x.device.type == "cpu"
         and x.dtype == w_MK.dtype == torch.float32
         and w_MK.dim() == 2
-        and w_MK.stride(1) == 1
-        and w_MK.numel() >= ONEDNN_MIN_WEIGHTS
+        and w_MK.is_contiguous()
+        and w_MK.numel() >= ONEDNN_MIN_WEIGHTS * (2 if x.numel() == x.shape[-1] else 1)
         and not (torch.is_grad_enabled() and (x.requires_grad or w_MK.requires_grad))
     )
 

@@ -16,6 +16,7 @@ def run_json(capsys, *argv):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.usefixtures("int8_on_this_cpu")
 def test_eval_json_reports_perplexities_and_active_parameters(tiny_checkpoint, docs_file, capsys):
     dense = run_json(capsys, "eval", "--checkpoint", str(tiny_checkpoint), "--text", str(docs_file), "--json")
     for key in (

@@ -26,6 +26,7 @@ def native(checkpoint, n: int, int8: bool = False) -> str:
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.usefixtures("int8_on_this_cpu")
 def test_generate_prints_the_native_greedy_continuation(tiny_checkpoint, capsys):
     base = ["generate", "--checkpoint", str(tiny_checkpoint), "--prompt", PROMPT, "--max-new-tokens", "10"]
     base += ["--strategy", "topk", "--k", "2"]

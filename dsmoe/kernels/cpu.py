@@ -7,7 +7,9 @@ tested against it.
   group, and one grouped product per projection (``torch.nn.functional.grouped_mm``), with no Python loop over
   experts; experts without tokens are empty groups whose weights are never touched;
 * long prefill (MLP): one expert at a time over the sorted pairs, so that each expert's rows stay in cache between
-  its two products (see LOOP_PAIRS_PER_EXPERT).
+  its two products (see LOOP_PAIRS_PER_EXPERT); from two tokens up wherever oneDNN multiplies the expert weights
+  (``dsmoe.kernels.onednn``: large fp32 weights), whose products beat the grouped ones;
+* decode in a compiled graph (top-k): ``expert_mlp_gathered``, reductions that inductor fuses with the gather.
 
 The grouped products are a custom op with their own backward, so the sorted path also trains (SMoE) and compiles.
 """
@@ -188,9 +190,8 @@ def expert_mlp_cpu(
     """Expert MLP on the CPU path that suits the token count; same contract as ``expert_mlp_reference``."""
     if x_TD.shape[0] == 1:
         return expert_mlp_one_token(x_TD, w_in_NFD, w_out_NFD, routing, activation)
-    if onednn_suits(
-        x_TD, w_in_NFD[0]
-    ):  # oneDNN's products beat the grouped ones (benchmarks/cpu_products.md)
+    # oneDNN's products, one expert at a time, beat the grouped ones (benchmarks/cpu_products.md)
+    if onednn_suits(x_TD, w_in_NFD[0]):
         return expert_mlp_per_expert(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     loop_pairs = LOOP_PAIRS_PER_EXPERT * routing.n_experts
     # T*K bounds the pair count, so decode-size batches skip counting the mask (a reduction and a host sync).

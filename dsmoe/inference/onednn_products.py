@@ -29,13 +29,19 @@ from dsmoe.model.transformer import Transformer
 M = TypeVar("M", bound=nn.Module)
 
 
+# The largest weight (values) that a compiled graph multiplies by one row as a reduction. Larger ones go through
+# oneDNN, whose one-row product reads them faster: with every one-row product a reduction, Dense-1B's compiled decode
+# (FFN weights of 16M values) ran at 19.3 tokens/s against 36.9 eager on oneDNN (benchmarks/throughput.md).
+REDUCTION_MAX_WEIGHTS = 1 << 22
+
+
 def product(x: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
-    """``x @ w^T`` by the fastest path: ``fast_linear``, except one row in a compiled graph, which is a broadcast
-    multiply and sum that inductor turns into one reduction over the weight's rows, with no library call: SmolLM2's
-    compiled decode step takes 18.8 ms this way against 37.7 through oneDNN and 46.9 through MKL
-    (benchmarks/cpu_products.md). Eager, the broadcast would materialize a weight-sized tensor, so it is taken only
-    while compiling."""
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
+    """``x @ w^T`` by the fastest path: ``fast_linear``, except one row by a weight of at most REDUCTION_MAX_WEIGHTS
+    values in a compiled graph, which is a broadcast multiply and sum that inductor turns into one reduction over the
+    weight's rows, with no library call: SmolLM2's compiled decode products, all as reductions, take 18.8 ms against
+    37.7 through oneDNN and 46.9 through MKL (benchmarks/cpu_products.md). Eager, the broadcast would materialize a
+    weight-sized tensor, so it is taken only while compiling."""
+    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and w_MK.numel() <= REDUCTION_MAX_WEIGHTS:
         return (x.unsqueeze(-2) * w_MK).sum(-1)
     return fast_linear(x, w_MK)
 

@@ -39,8 +39,8 @@ from dsmoe.model.settings import AUTO_KERNELS, Kernels
 M = TypeVar("M", bound=nn.Module)
 
 # The CPUs (torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY overrides) whose int8 products beat
-# fp32's at batch 1: with AVX-512, SmolLM2-135M's compiled int8 decode is 1.61x (Dense) and 1.33x (DS-MoE) the fp32
-# compiled decode (benchmarks/llamacpp/, Zen 4); with AVX2 only it ran at 0.32x and 0.66x of fp32 (issue #33, an
+# fp32's at batch 1: with AVX-512, SmolLM2-135M's compiled int8 decode is 1.62-1.71x (Dense) and 1.44-1.52x (DS-MoE)
+# the fp32 compiled decode (benchmarks/llamacpp/, Zen 4); with AVX2 only it ran at 0.32x and 0.66x of fp32 (issue #33, an
 # AVX2 EPYC), so int8 there would only slow decoding down, and ``int8_pays`` says no.
 INT8_CPU_CAPABILITIES = ("AVX512",)
 

@@ -377,3 +377,31 @@ def test_the_default_size_is_ds_moe_1b_and_a_width_means_the_toy():
     assert (BenchSettings().size, BenchSettings().width) == ("1b", 2048)
     assert BenchSettings().decode_batches == (1, 16, 64)
     assert (BenchSettings(d_model=512).size, BenchSettings(d_model=512).width) == ("toy", 512)
+
+
+def test_run_benchmark_mkl_rows_beside_onednn(monkeypatch):
+    """--mkl: each of our models again on torch's own products ('+mkl' rows), same parameters, fp32 weight reads;
+    the models of the other rows are swapped to oneDNN's products, the '+mkl' ones are not."""
+    from dsmoe.bench import throughput
+    from dsmoe.inference.onednn_products import uses_onednn
+
+    swapped = {}
+    original = throughput.prepare
+
+    def recording_prepare(*args, **kwargs):
+        prepared = original(*args, **kwargs)
+        swapped.setdefault(kwargs.get("onednn", True), []).append(uses_onednn(prepared.model))
+        return prepared
+
+    monkeypatch.setattr(throughput, "prepare", recording_prepare)
+    result = run_benchmark(BenchSettings(**TINY, models=["dense", "ds-moe"], mkl=True))
+    rows = result["models"]
+    assert set(rows) == {"dense", "ds-moe", "dense+mkl", "ds-moe+mkl"}
+    for name in ("dense", "ds-moe"):
+        assert rows[f"{name}+mkl"]["total_params"] == rows[name]["total_params"]
+        assert (
+            rows[f"{name}+mkl"]["decode_b1_weight_bytes_per_token"]
+            == rows[name]["decode_b1_weight_bytes_per_token"]
+        )
+    assert swapped == {True: [True, True], False: [False, False]}
+    assert result["settings"]["mkl"] is True

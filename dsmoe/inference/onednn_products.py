@@ -7,7 +7,7 @@ benchmarks/cpu_products.md), or, for one row in a compiled decode step, as a red
 * ``nn.Linear`` (attention keys and values, an untied LM head) -> ``OneDNNLinear``; a tied LM head gets one too,
   reading the embedding's weight;
 * ``MLPExperts`` -> ``OneDNNMLPExperts``, ``MoA`` -> ``OneDNNMoA``, converted in place. oneDNN takes only weights
-  that are contiguous matrices (a strided one is ~100x slower), so the output-side weights get transposed storage,
+  that are contiguous matrices (a strided one is ~40x slower than MKL), so the output-side weights get transposed storage,
   each parameter a view of the same values: ``w_out`` [N, F, D] of a contiguous [N, D, F] tensor, so that the
   per-expert products of ``dsmoe.kernels.cpu`` read each expert's [D, F] block; ``wo`` [N, E, D] of a contiguous
   [D, N*E] one, read whole by ``output`` (sparse attention's grouped products read it strided, as MKL allows). The

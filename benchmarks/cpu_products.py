@@ -4,7 +4,7 @@
 * ``mkl``: ``F.linear`` (torch's default fp32 product, MKL's sgemm / sgemv);
 * ``onednn``: ``torch.ops.mkldnn._linear_pointwise`` on the plain weight (what ``fast_linear`` calls);
 * ``onednn packed``: the same on a weight reordered once by ``torch.ops.mkldnn._reorder_linear_weight`` (inductor's
-  frozen-graph layout; an opaque tensor, not used by dsmoe: the headroom left);
+  frozen-graph layout; an opaque tensor: ``dsmoe.kernels.onednn.pack``, used by ``prepare(prepack=True)``);
 * ``reduction``: one row as a broadcast multiply and sum, compiled: what a compiled decode step does with one row
   (``dsmoe.inference.onednn_products.product``, ``dsmoe.kernels.cpu.expert_mlp_gathered``);
 * ``int8pack``: ``torch.ops.aten._weight_int8pack_mm``, torch's weight-only int8 kernel (per-channel scales);

@@ -9,6 +9,7 @@ from dsmoe.bench.models import bench_models
 from dsmoe.bench.throughput import BenchSettings, run_benchmark
 from dsmoe.cli import main
 from dsmoe.config import ConfigError, preset
+from dsmoe.kernels import onednn
 
 
 def skip_unless_peers_build():
@@ -405,3 +406,27 @@ def test_run_benchmark_mkl_rows_beside_onednn(monkeypatch):
         )
     assert swapped == {True: [True, True], False: [False, False]}
     assert result["settings"]["mkl"] is True
+
+
+@pytest.mark.skipif(not onednn.PACKING, reason="this torch build has no oneDNN weight packing")
+def test_run_benchmark_prepack_rows_beside_the_plain_weights(monkeypatch):
+    """--prepack: each of our models again with oneDNN's packed weights ('+prepack' rows), the same parameters."""
+    from dsmoe.bench import throughput
+
+    packed = []
+    original = throughput.prepare
+
+    def recording_prepare(*args, **kwargs):
+        prepared = original(*args, **kwargs)
+        packed.append(prepared.prepacked)
+        return prepared
+
+    monkeypatch.setattr(onednn, "ONEDNN_MIN_WEIGHTS", 0)  # the tiny shapes' weights are below oneDNN's floor
+    monkeypatch.setattr(throughput, "prepare", recording_prepare)
+    result = run_benchmark(BenchSettings(**TINY, models=["dense", "ds-moe"], prepack=True))
+    rows = result["models"]
+    assert set(rows) == {"dense", "ds-moe", "dense+prepack", "ds-moe+prepack"}
+    for name in ("dense", "ds-moe"):
+        assert rows[f"{name}+prepack"]["total_params"] == rows[name]["total_params"]
+    assert packed == [False, False, True, True]
+    assert result["settings"]["prepack"] is True

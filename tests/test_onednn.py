@@ -118,3 +118,72 @@ def test_compiled_onednn_decode_is_the_plain_models_token_for_token(no_size_floo
         token = logits_e.argmax(-1)
         assert torch.equal(logits_c.argmax(-1), token)
         logits_e, logits_c = expected.step(token), compiled.step(token)
+
+
+packing = pytest.mark.skipif(not onednn.PACKING, reason="this torch build has no oneDNN weight packing")
+
+
+@packing
+def test_packed_products_equal_f_linear():
+    w = torch.randn(48, 40)
+    packed = onednn.pack(w)
+    for x in (torch.randn(1, 40), torch.randn(7, 40), torch.randn(300, 40)):
+        torch.testing.assert_close(onednn.packed_linear(x, packed), F.linear(x, w))
+
+
+@packing
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_prepacked_models_compute_the_plain_models_logits_and_keep_their_weights(no_size_floor, case):
+    """Batched forwards (prefill of two prompts, decode of a batch) read the packed copies; one row and compiled
+    graphs the plain weights; the state dict is unchanged."""
+    plain, plan = model_for(case)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    prepared = prepare(model_for(case)[0], plan, prepack=True)
+    assert prepared.prepacked and not prepare(model_for(case)[0], plan).prepacked
+    block = prepared.model.blocks[0]
+    assert block.att.wk.packed is not None and block.att.packed_q is not None
+    after = prepared.model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            prepared.model(tokens, plan=prepared.plan).logits, plain(tokens, plan=plan).logits
+        )
+    eager = Decoder(plain, 3, 16, plan=plan)
+    packed = Decoder(prepared.model, 3, 16, plan=prepared.plan)
+    compiled = Decoder(prepared.model, 3, 16, plan=prepared.plan, compile=True)
+    prompt = torch.randint(0, 97, (3, 5))
+    logits = [d.prefill(prompt) for d in (eager, packed, compiled)]
+    for _ in range(4):
+        torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[2], logits[0], rtol=1e-4, atol=1e-4)
+        token = logits[0].argmax(-1)
+        logits = [d.step(token) for d in (eager, packed, compiled)]
+    # the packed copies are what batched forwards read: zeroed, they change the logits; one row does not read them
+    for m in prepared.model.modules():
+        for name in ("packed", "packed_q", "packed_o"):
+            if getattr(m, name, None) is not None:
+                setattr(m, name, onednn.pack(torch.zeros(getattr(m, name).shape)))
+        if getattr(m, "packed_in", None) is not None:
+            m.packed_in = [onednn.pack(torch.zeros(p.shape)) for p in m.packed_in]
+            m.packed_out = [onednn.pack(torch.zeros(p.shape)) for p in m.packed_out]
+    with torch.inference_mode():
+        assert not torch.allclose(
+            prepared.model(tokens, plan=prepared.plan).logits, plain(tokens, plan=plan).logits
+        )
+        one = tokens[:1, :1]
+        torch.testing.assert_close(
+            prepared.model(one, plan=prepared.plan).logits, plain(one, plan=plan).logits
+        )
+
+
+@packing
+def test_prepack_is_refused_or_reported_where_it_does_not_apply():
+    model, plan = model_for("dense")
+    with pytest.raises(ValueError, match="needs onednn=True"):
+        prepare(model, plan, onednn=False, prepack=True)
+    with pytest.warns(UserWarning, match="nothing was packed"):
+        assert not prepare(model, plan, dtype=torch.bfloat16, prepack=True).prepacked
+    small, _ = model_for("dense")  # every weight below oneDNN's size floor: none is packed
+    with pytest.warns(UserWarning, match="nothing was packed"):
+        assert not prepare(small, plan, prepack=True).prepacked

@@ -93,6 +93,12 @@ def add_commands(sub) -> None:
         help="also measure our models on torch's own fp32 products (rows NAME+mkl, same weights) beside oneDNN's "
         "(dsmoe.inference.onednn_products)",
     )
+    p.add_argument(
+        "--prepack",
+        action="store_true",
+        help="also measure our models with oneDNN's weights packed for batched products (rows NAME+prepack, same "
+        "weights, twice the weight memory; prepare(prepack=True))",
+    )
     add_kernels_arg(p)
     p.set_defaults(func=cmd_bench)
 
@@ -124,6 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bandwidth_mb=args.bandwidth_mb,
         quantize=args.quantize,
         mkl=args.mkl,
+        prepack=args.prepack,
         kernels=args.kernels,
     )
     from dsmoe.bench.throughput import run_benchmark

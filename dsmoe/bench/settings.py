@@ -72,6 +72,8 @@ class BenchSettings:
     quantize: str = "none"
     # also measure each of our models on torch's own products (MKL; rows "NAME+mkl") beside oneDNN's (CPU, fp32)
     mkl: bool = False
+    # also measure each of our models with oneDNN's weights packed for batched products (rows "NAME+prepack"; CPU, fp32)
+    prepack: bool = False
     # which implementation computes our models' sparse experts (dsmoe.model.settings.Kernels)
     kernels: str = "auto"
 

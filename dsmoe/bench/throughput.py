@@ -314,7 +314,8 @@ def run_benchmark(s: BenchSettings) -> dict:
     ready = {e.name: prepared(i) for i, e in enumerate(entries)}
     models = {name: p.model for name, p in ready.items()}
     plans = {name: p.plan for name, p in ready.items()}
-    # row name -> model; beside each model, its int8 copy (--quantize) and its copy on torch's own products (--mkl)
+    # row name -> model; beside each model, its int8 copy (--quantize), its copy on torch's own products (--mkl) and
+    # its copy with packed weights (--prepack)
     variants = dict(models)
     model_of = {name: name for name in models}  # variant -> the model it is (a copy of)
     int8_variants = set()
@@ -327,6 +328,9 @@ def run_benchmark(s: BenchSettings) -> dict:
         if s.mkl:
             variants[f"{e.name}+mkl"] = prepared(i, onednn=False).model
             model_of[f"{e.name}+mkl"] = e.name
+        if s.prepack:
+            variants[f"{e.name}+prepack"] = prepared(i, prepack=True).model
+            model_of[f"{e.name}+prepack"] = e.name
     runners: dict[str, Runner] = {}
     compiled_rows = {}  # row name -> the variant it decodes compiled
     for name, m in variants.items():

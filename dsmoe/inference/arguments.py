@@ -33,6 +33,11 @@ def add_sparse_args(parser: argparse.ArgumentParser, settings_file: bool = True)
     )
     g.add_argument("--att-k", type=int)
     g.add_argument("--att-threshold", type=float)
+    g.add_argument(
+        "--normalize-weights",
+        action="store_true",
+        help="rescale the selected experts' scores to sum to one (default: the scores as they are, as in the paper)",
+    )
 
 
 # What --compile does (the help of every command that has it), and the note those commands print before it compiles.
@@ -74,6 +79,7 @@ def plan_from_args(args: argparse.Namespace, cfg: ModelConfig) -> SparsePlan:
         "mlp_strategy": args.strategy,
         "mlp_k": args.k,
         "mlp_threshold": args.threshold,
+        "normalize_weights": True if getattr(args, "normalize_weights", False) else None,
     }
     path = getattr(args, "settings", None)
     if path is None:

@@ -8,7 +8,8 @@ export, bench, the demo): load -> plan -> quantize -> device -> products -> comp
   (``int8_pays``); elsewhere a warning says so and the weights stay fp32;
 * device: the model moves there (and to ``dtype``), and the plan's kernel choice is fixed for it;
 * products: on the CPU in fp32, oneDNN's products where they are faster than MKL's
-  (``dsmoe.inference.onednn_products``), unless ``onednn=False``;
+  (``dsmoe.inference.onednn_products``), unless ``onednn=False``; with ``prepack=True`` their weights are also packed
+  for batched products (faster from two rows, twice the weight memory);
 * compile: whether decoding goes through the compiled step; int8 weights pay only there, so they imply it.
 """
 
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from dsmoe.config import ModelConfig
-from dsmoe.inference.onednn_products import use_onednn
+from dsmoe.inference.onednn_products import is_prepacked, use_onednn
 from dsmoe.inference.quantize import int8_pays
 from dsmoe.inference.quantize import quantize as quantize_weights
 from dsmoe.kernels import kernels_for
@@ -43,6 +44,7 @@ class Prepared:
     plan: SparsePlan
     compile: bool
     quantize: str = "none"  # the weights' storage, as applied ("none" where int8 would not pay)
+    prepacked: bool = False  # weights also packed by oneDNN for batched products, as applied
 
     @property
     def cfg(self) -> ModelConfig:
@@ -59,12 +61,16 @@ def prepare(
     kernels: str = "auto",
     compile: bool = False,
     onednn: bool = True,
+    prepack: bool = False,
     tokenizer: Any = None,
 ) -> Prepared:
     """``source``: a checkpoint folder, or a Transformer (with its ``tokenizer``). ``plan``: a SparsePlan, a function
     of the model's config that gives one, or None (as trained). ``kernels``: 'auto' (by device) or a path named (see
     ``dsmoe.model.settings.Kernels``); 'reference' keeps every product plain. Bad settings are found before any
-    weight loads."""
+    weight loads. ``prepack``: also pack the oneDNN products' weights (fp32 on the CPU; see
+    ``dsmoe.inference.onednn_products``); elsewhere a warning says it does not apply."""
+    if prepack and not onednn:
+        raise ValueError("prepack packs the weights of oneDNN's products: it needs onednn=True")
     if isinstance(source, Transformer):
         model, cfg = source, source.cfg
     else:
@@ -83,5 +89,12 @@ def prepare(
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     plan = plan.with_kernels(kernels_for(torch.device(device), kernels).impl)
     if onednn and plan.kernels.impl == "cpu":
-        use_onednn(model)
-    return Prepared(model.eval(), tokenizer, plan, compile or quantize != "none", quantize)
+        use_onednn(model, prepack=prepack)
+    if prepack and not is_prepacked(model):
+        warnings.warn(
+            "prepack applies to fp32 weights on the CPU with oneDNN's products; these are not, so nothing was packed",
+            stacklevel=2,
+        )
+    return Prepared(
+        model.eval(), tokenizer, plan, compile or quantize != "none", quantize, prepacked=is_prepacked(model)
+    )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 OP_NAMESPACE = "dsmoe" if __name__.startswith("dsmoe.") else "dsmoe_" + re.sub(r"\W", "_", __name__)
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+PACKING = AVAILABLE and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 # oneDNN's faster read outweighs its per-call setup (~35 us, against ~2 for MKL) from this many weight values with
 # several rows, and from twice as many with one: at one row [256, 1024] is 0.80x MKL and [512, 2048] 1.17x; from 4
@@ -58,3 +59,21 @@ def onednn_suits(x: torch.Tensor, w_MK: torch.Tensor) -> bool:
 def fast_linear(x: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` (no bias), through oneDNN where ``onednn_suits`` says it is faster."""
     return onednn_linear(x, w_MK) if onednn_suits(x, w_MK) else F.linear(x, w_MK)
+
+
+# The rows oneDNN lays a packed weight out for. Packed for 8 rows, a weight multiplies 4-256 rows as fast as packed for
+# exactly that many, and 1.15-2.8x faster than unpacked; one row is up to 10% slower, so one row keeps the plain
+# weight (benchmarks/cpu_products.md).
+PACK_ROWS = 8
+
+
+def pack(w_MK: torch.Tensor) -> torch.Tensor:
+    """``w`` [M, K] reordered once into oneDNN's blocked layout for ``packed_linear``: what inductor's frozen CPU
+    graphs do to constant weights. The result is an opaque ``mkldnn`` tensor: it cannot be sliced, saved, moved or
+    traced, and it is a second copy of the weight's values."""
+    return torch.ops.mkldnn._reorder_linear_weight(w_MK.detach().contiguous(), PACK_ROWS)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``x @ w^T`` for a weight packed by ``pack`` (fp32, no gradient, eager only)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")

@@ -179,6 +179,8 @@ def test_export_gguf_from_the_command_line(tmp_path, tokenizer, capsys):
     assert main([*args[:-4], "--strategy", "threshold", "--threshold", "1.0", "--overwrite"]) == 2
     assert "fixed number of experts" in capsys.readouterr().err
     assert gguf.GGUFReader(out).fields["deepseek.expert_used_count"].contents() == 2  # the old file is intact
+    assert main([*args, "--normalize-weights", "--overwrite"]) == 0
+    assert "architecture llama, 2 experts per token" in capsys.readouterr().out
 
 
 def llama_cpp_completion() -> Path | None:

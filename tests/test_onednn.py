@@ -187,3 +187,14 @@ def test_prepack_is_refused_or_reported_where_it_does_not_apply():
     small, _ = model_for("dense")  # every weight below oneDNN's size floor: none is packed
     with pytest.warns(UserWarning, match="nothing was packed"):
         assert not prepare(small, plan, prepack=True).prepacked
+
+
+@packing
+def test_with_a_gradient_the_plain_weights_are_read(no_size_floor):
+    """The packed op has no backward: where a gradient is wanted, products read the weights themselves."""
+    model, plan = model_for("dsmoe-topk")
+    prepared = prepare(model, plan, prepack=True)
+    assert prepared.prepacked
+    prepared.model(torch.randint(0, 97, (2, 8)), plan=prepared.plan).logits.sum().backward()
+    block = prepared.model.blocks[0]
+    assert block.att.wk.weight.grad is not None and block.mlp.experts.w_in.grad is not None

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsmoe.config import ConfigError
+from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.files import umask
 from dsmoe.model.plan import SparsePlan
 from dsmoe.model.transformer import Transformer
@@ -52,9 +52,9 @@ class GGUFLayout:
     zero_shared_expert: bool = False
 
 
-def gguf_layout(model: Transformer, plan: SparsePlan) -> GGUFLayout:
-    """The architecture that computes what ``model`` computes under ``plan``, or a ConfigError saying why none does."""
-    cfg = model.cfg
+def gguf_layout(cfg: ModelConfig, plan: SparsePlan) -> GGUFLayout:
+    """The architecture that computes what a model of config ``cfg`` computes under ``plan``, or a ConfigError
+    saying why none does (before any weight loads)."""
     if cfg.activation != "swiglu" or cfg.norm != "rmsnorm":
         raise ConfigError(
             f"llama.cpp runs SwiGLU experts with RMSNorm; this model is {cfg.activation}/{cfg.norm} (the paper's "
@@ -218,7 +218,7 @@ def write_gguf(
     from dsmoe.data.tokenizer import eos_id
 
     cfg = model.cfg
-    layout = gguf_layout(model, plan)
+    layout = gguf_layout(cfg, plan)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
     tensors = gguf_tensors(model, layout)
     path = Path(path)

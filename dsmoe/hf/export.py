@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dsmoe.config import ConfigError
-from dsmoe.convert.to_gguf import GGUF_TYPES
+from dsmoe.convert.to_gguf import GGUF_TYPES, GGUFLayout, gguf_layout
 from dsmoe.files import apply_umask, temp_folder
 from dsmoe.hf.bundle import MODELING_FILE, bundle_source
 from dsmoe.model.plan import LayerSettings, SparsePlan
@@ -146,9 +146,9 @@ def export_gguf(
     tokenizer_file: str | Path | None = None,
     overwrite: bool = False,
     dtype: str = "f32",
-):
+) -> GGUFLayout:
     """Write the GGUF file ``out`` (llama.cpp) from the checkpoint folder under ``plan``; returns its layout (see
-    ``dsmoe.convert.to_gguf``)."""
+    ``dsmoe.convert.to_gguf``). Whether llama.cpp can run the model is checked before any weight loads."""
     from tokenizers import Tokenizer
 
     from dsmoe.convert.to_gguf import write_gguf
@@ -161,8 +161,9 @@ def export_gguf(
         raise ConfigError(f"{out} already exists; choose another --out or pass --overwrite")
     if tokenizer_file is not None and not Path(tokenizer_file).is_file():
         raise ConfigError(f"--tokenizer {tokenizer_file} is not a file; pass a tokenizer.json")
-    if plan is None:
-        plan = SparsePlan.build(checkpoint_config(checkpoint))
+    cfg = checkpoint_config(checkpoint)
+    plan = plan or SparsePlan.build(cfg)
+    gguf_layout(cfg, plan)
     model, tokenizer = load_pretrained(checkpoint)
     if tokenizer_file is not None:
         tokenizer = Tokenizer.from_file(str(tokenizer_file))

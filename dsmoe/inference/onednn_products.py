@@ -14,8 +14,8 @@ benchmarks/cpu_products.md), or, for one row in a compiled decode step, as a red
   state dict keeps its names, shapes and values.
 
 ``prepack=True`` also keeps each weight packed by oneDNN (``dsmoe.kernels.onednn.pack``, what inductor's frozen graphs
-do), for eager products of two rows and more: batched decode and prefill, 1.15-2.8x faster per product, at the cost
-of a second copy of every weight (twice the weight memory). Packed copies are made once: swap again after changing
+do), for eager products of two rows and more: batched decode and prefill, 1.1-1.9x faster per product from 4 to 64
+rows (benchmarks/cpu_products.md), at the cost of a second copy of every weight (twice the weight memory). Packed copies are made once: swap again after changing
 or moving the weights. Batch-1 and compiled steps keep reading the plain weights.
 """
 
@@ -57,8 +57,8 @@ def product(x: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
 
 def takes_packed(x: torch.Tensor) -> bool:
     """Whether a product of ``x`` reads the packed weight: several rows, eager (a compiled graph cannot hold the
-    opaque packed tensor)."""
-    return x.numel() > x.shape[-1] and not torch.compiler.is_compiling()
+    opaque packed tensor), no gradient (the packed op has none)."""
+    return x.numel() > x.shape[-1] and not torch.compiler.is_compiling() and not torch.is_grad_enabled()
 
 
 class OneDNNLinear(nn.Module):

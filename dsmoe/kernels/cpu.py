@@ -256,8 +256,8 @@ def expert_mlp_packed(
     activation: str,
 ) -> torch.Tensor:
     """``expert_mlp_per_expert`` on weights packed by ``dsmoe.kernels.onednn.pack`` (fp32, eager): expert e's input
-    weight [F_in, D] is ``packed_in[e]``, its output weight [D, F] ``packed_out[e]``. At the DS-MoE-1B shape, top-4
-    of 32, 1.6x / 1.8x faster than the plain weights at 16 / 64 tokens (benchmarks/cpu_products.md)."""
+    weight [F_in, D] is ``packed_in[e]``, its output weight [D, F] ``packed_out[e]``. A DS-MoE-1B model decodes
+    batches of 16 / 64 1.37x / 1.36x faster with packed weights (benchmarks/throughput.md)."""
     return _loop_experts(
         x_TD,
         routing,

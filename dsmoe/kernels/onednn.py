@@ -61,9 +61,9 @@ def fast_linear(x: torch.Tensor, w_MK: torch.Tensor) -> torch.Tensor:
     return onednn_linear(x, w_MK) if onednn_suits(x, w_MK) else F.linear(x, w_MK)
 
 
-# The rows oneDNN lays a packed weight out for. Packed for 8 rows, a weight multiplies 4-256 rows as fast as packed for
-# exactly that many, and 1.15-2.8x faster than unpacked; one row is up to 10% slower, so one row keeps the plain
-# weight (benchmarks/cpu_products.md).
+# The rows oneDNN lays a packed weight out for. Packed for 8 rows, the 1B shapes' weights multiply 4-16 rows 1.4-1.9x
+# faster than unpacked, 64 rows 1.1-1.2x and 256 rows 1.02x, but one row 0.7-1.2x: one row keeps the plain weight
+# (benchmarks/cpu_products.md, "onednn packed").
 PACK_ROWS = 8
 
 

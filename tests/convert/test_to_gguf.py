@@ -66,7 +66,7 @@ def plan_of(model: Transformer, mlp=None) -> SparsePlan:
 )
 def test_each_setting_gets_the_architecture_that_computes_it(regime, mlp, arch, used, shared):
     model = llama_like(regime)
-    layout = gguf_layout(model, plan_of(model, mlp))
+    layout = gguf_layout(model.cfg, plan_of(model, mlp))
     assert (layout.arch, layout.n_expert_used, layout.zero_shared_expert) == (arch, used, shared)
 
 
@@ -83,7 +83,7 @@ def test_each_setting_gets_the_architecture_that_computes_it(regime, mlp, arch, 
 def test_what_llama_cpp_cannot_compute_is_refused_with_the_reason(model_overrides, mlp, message):
     model = llama_like(**model_overrides)
     with pytest.raises(ConfigError, match=message):
-        gguf_layout(model, plan_of(model, mlp))
+        gguf_layout(model.cfg, plan_of(model, mlp))
 
 
 def test_interleaved_rows_rotate_in_adjacent_pairs_as_ours_rotate_halves():

@@ -26,15 +26,16 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from dsmoe.config import ConfigError, ModelConfig
 from dsmoe.files import umask
 from dsmoe.model.plan import SparsePlan
-from dsmoe.model.transformer import Transformer
+
+if TYPE_CHECKING:  # torch, numpy and gguf load where a file is written: `dsmoe --help` imports this module
+    import torch
+
+    from dsmoe.model.transformer import Transformer
 
 GGUF_TYPES = ("f32", "f16")
 # tokenizer.json pre-tokenizers -> the llama.cpp pre-tokenizer that splits text the same way
@@ -103,6 +104,7 @@ def interleave_rope_rows(w_RD: torch.Tensor, n_heads: int) -> torch.Tensor:
 def gguf_tensors(model: Transformer, layout: GGUFLayout) -> dict[str, torch.Tensor]:
     """name -> tensor in llama.cpp's naming, in PyTorch's [out, in] order (GGUF stores dimensions reversed)."""
     import gguf
+    import torch
 
     T = gguf.MODEL_TENSOR
 
@@ -210,6 +212,8 @@ def write_gguf(
     ``dtype``: the matrices' storage, f32 or f16 (norms and routers stay f32; quantize further with llama.cpp's
     ``llama-quantize``)."""
     import gguf
+    import numpy as np
+    import torch
 
     if dtype not in GGUF_TYPES:
         raise ConfigError(f"unknown GGUF type {dtype!r}: choose one of {', '.join(GGUF_TYPES)}")

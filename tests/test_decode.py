@@ -61,6 +61,24 @@ def test_compiled_decode_matches_eager_step_by_step_in_one_graph(case):
         torch.testing.assert_close(compiled_kv[:, :, :14], eager_kv, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_batch_one_top_k_decode_gathers_experts_and_equals_eager(monkeypatch):
+    """At batch 1 a top-k step has no more (token, expert) pairs than experts, so the compiled step traces the
+    gathered paths of both the MLP and attention experts (dsmoe.kernels); its tokens are eager's."""
+    from dsmoe import kernels
+
+    torch._dynamo.reset()  # trace afresh: a step compiled by an earlier test would not call the patched functions
+    traced = []
+    for name in ("expert_mlp_gathered", "moa_gathered"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name: traced.append(_n) or _f(*a))
+    model, plan = model_for("dsmoe-topk")
+    prompt = torch.randint(0, 97, (1, 6))
+    assert torch.equal(
+        generate(model, prompt, 12, plan=plan, compile=True), generate(model, prompt, 12, plan=plan)
+    )
+    assert {"expert_mlp_gathered", "moa_gathered"} <= set(traced)
+
+
 def test_compiled_generate_and_stream_equal_eager_token_for_token():
     model, plan = model_for("dsmoe-threshold")
     prompt = torch.randint(0, 97, (2, 6))

@@ -261,3 +261,34 @@ def test_gathered_decode_path_matches_reference_compiled_and_is_taken_only_for_t
     for routing in (topk, threshold):
         kernels.expert_mlp(x, w_in, w_out, routing, activation, Kernels("cpu", compiled=True))
     assert calls == [True]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_gathered_attention_decode_matches_reference_compiled_and_is_taken_only_where_vouched(
+    monkeypatch, padded
+):
+    """Compiled top-k decode of batch-major tokens (MoA.forward vouches for the layout) traces ``moa_gathered`` into
+    the graph; threshold routings and contexts of unknown layout keep the custom op."""
+    args = moa_inputs(2, 1, 5, 8, 2, 8, 4, 32, torch.float32)
+    if padded:
+        args = left_padded(args, [0, 3])
+    x, wq, wo, ctx = args
+    ctx = dataclasses.replace(ctx, batch_major=True)
+    topk = make_routing(2, 8, SparseSetting("topk", k=3))
+    expected = moa_reference(x, wq, wo, topk, ctx)
+    torch.testing.assert_close(cpu.moa_gathered(x, wq, wo, topk, ctx), expected, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(
+        lambda x, r, c: kernels.moa(x, wq, wo, r, c, Kernels("cpu", compiled=True)), fullgraph=True
+    )
+    torch.testing.assert_close(compiled(x, topk, ctx), expected, rtol=1e-5, atol=1e-5)
+    threshold = make_routing(2, 8, SparseSetting("threshold", threshold=1.0))
+    torch.testing.assert_close(
+        compiled(x, threshold, ctx), moa_reference(x, wq, wo, threshold, ctx), rtol=1e-5, atol=1e-5
+    )
+    calls = []
+    original = cpu.moa_gathered
+    monkeypatch.setattr(kernels, "moa_gathered", lambda *a: calls.append(a[3].all_valid) or original(*a))
+    unvouched = dataclasses.replace(ctx, batch_major=False)
+    for routing, c in ((topk, ctx), (threshold, ctx), (topk, unvouched)):
+        kernels.moa(x, wq, wo, routing, c, Kernels("cpu", compiled=True))
+    assert calls == [True]

@@ -11,12 +11,12 @@ One table, ``implementation``, maps (the choice, the inputs' device, whether a g
   benchmarks/gpu/README.md); anything else -> the reference. Any path can be named instead (``Kernels("triton")``).
 
 A compiled forward (``Kernels(compiled=True)``) on the CPU decodes top-k routings (no more (token, slot) pairs than
-experts) through ``expert_mlp_gathered``, traced into the graph, where inductor fuses the selected experts' gather into
-reductions (benchmarks/cpu_products.md); a threshold routing's slots span every expert, so it keeps the custom op,
-whose one-token path reads only the selected ones. Otherwise a compiled forward reaches inference paths through two
-``torch.library`` custom ops,
-``dsmoe::expert_mlp`` and ``dsmoe::moa``, with fake (shape-only) implementations, so ``torch.compile`` traces a sparse
-forward as one graph: the data-dependent work (sorting pairs by expert, their counts) happens inside the op.
+experts) through ``expert_mlp_gathered`` and ``moa_gathered``, traced into the graph, where inductor fuses the
+selected experts' gather into reductions (benchmarks/cpu_products.md); a threshold routing's slots span every
+expert, so it keeps the custom op, whose one-token path reads only the selected ones. Otherwise a compiled forward
+reaches inference paths through two ``torch.library`` custom ops, ``dsmoe::expert_mlp`` and ``dsmoe::moa``, with fake
+(shape-only) implementations, so ``torch.compile`` traces a sparse forward as one graph: the data-dependent work
+(sorting pairs by expert, their counts) happens inside the op.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dsmoe.kernels.cpu import (
     expert_mlp_cpu,
     expert_mlp_gathered,
     expert_mlp_sorted,
+    moa_gathered,
     moa_sorted,
     project_sorted,
 )
@@ -114,6 +115,9 @@ def moa(
     )
     if not kernels.compiled or path in ("reference", "grouped"):
         return _MOA[path](x_TD, wq_NED, wo_NED, routing, ctx)
+    top_k_decode = routing.all_valid and routing.indices.numel() <= wq_NED.shape[0]
+    if path == "cpu" and top_k_decode and ctx.batch_major:
+        return moa_gathered(x_TD, wq_NED, wo_NED, routing, ctx)
     r, c = routing, ctx
     return moa_op(
         x_TD, wq_NED, wo_NED, r.indices, r.weights, r.mask, r.all_valid,

@@ -304,10 +304,8 @@ def moa_sorted(
     """
     k_BHSd, v_BHSd, pos_T, visible_TS = ctx.k_BHSd, ctx.v_BHSd, ctx.pos_T, ctx.visible_TS
     b, s = k_BHSd.shape[0], k_BHSd.shape[2]
-    if not batch_major(
-        ctx.batch_T, b
-    ):  # tokens not in MoA.forward's layout: the reference handles any layout
-        return moa_reference(x_TD, wq_NED, wo_NED, routing, ctx)
+    if not (ctx.batch_major or batch_major(ctx.batch_T, b)):
+        return moa_reference(x_TD, wq_NED, wo_NED, routing, ctx)  # another layout: the reference handles any
     n_experts, width, _ = wq_NED.shape
     head_dim = k_BHSd.shape[-1]
     n_tokens = x_TD.shape[0]
@@ -333,3 +331,37 @@ def moa_sorted(
     o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
     y_PD = project(_scale(o_TNE[pairs.token_P, pairs.expert_P], pairs), wo_NED, pairs, False)
     return _combine(y_PD, pairs, n_tokens, x_TD.dtype)
+
+
+def moa_gathered(
+    x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
+) -> torch.Tensor:
+    """Sparse attention in a compiled decode step (top-k, batch-major, no more (token, slot) pairs than experts), as
+    ``expert_mlp_gathered`` for the MLP: the selected experts' query rows and output rows indexed inside broadcast
+    multiply-and-sum reductions, which inductor fuses with the indexing, so only their rows are read, with no copy
+    and no library call. The attention itself runs as in ``moa_sorted`` (one fused call, unselected heads at a zero
+    query). Eager, the indexing would copy the selected weights: compiled graphs only."""
+    k_BHSd, v_BHSd = ctx.k_BHSd, ctx.v_BHSd
+    b, s, head_dim = k_BHSd.shape[0], k_BHSd.shape[2], k_BHSd.shape[-1]
+    n_experts, width, _ = wq_NED.shape
+    n_tokens, k = routing.indices.shape
+    t = n_tokens // b
+    e_TK = routing.indices
+    q_TKE = (wq_NED[e_TK] * x_TD[:, None, None, :]).sum(-1)
+    q_TNE = x_TD.new_zeros(n_tokens, n_experts, width).scatter(
+        1, e_TK[..., None].expand(-1, -1, width), q_TKE
+    )
+    pos_Bt = ctx.pos_T.view(b, t)
+    q_BHtd = apply_rope(
+        q_TNE.view(b, t, -1, head_dim), ctx.cos_Sd[pos_Bt][:, :, None], ctx.sin_Sd[pos_Bt][:, :, None]
+    ).transpose(1, 2)
+    if ctx.visible_TS is None:
+        visible = torch.arange(s, device=x_TD.device)[None, None, :] <= pos_Bt[:, :, None]
+    else:
+        visible = ctx.visible_TS.view(b, t, s)
+    o_BHtd = F.scaled_dot_product_attention(
+        q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=q_BHtd.shape[1] != k_BHSd.shape[1]
+    )
+    o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
+    o_TKE = o_TNE.gather(1, e_TK[..., None].expand(-1, -1, width)) * routing.weights[..., None].to(x_TD.dtype)
+    return (o_TKE[..., None] * wo_NED[e_TK]).sum((1, 2)).to(x_TD.dtype)

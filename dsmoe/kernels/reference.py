@@ -49,7 +49,8 @@ def expert_mlp_reference(
 class AttentionContext:
     """What a token's selected query heads attend to: the keys and values all experts share [B, n_kv, S, d]; each
     token's batch row and rotary position [T]; the rotary tables [S, d]; and, in padded batches, the cache slots each
-    token sees [T, S] (None: slots up to its position)."""
+    token sees [T, S] (None: slots up to its position). ``batch_major``: the caller vouches that the tokens are laid
+    out batch-major, every row the same length (as MoA.forward lays them out), so no path needs to check it."""
 
     k_BHSd: torch.Tensor
     v_BHSd: torch.Tensor
@@ -58,6 +59,7 @@ class AttentionContext:
     cos_Sd: torch.Tensor
     sin_Sd: torch.Tensor
     visible_TS: torch.Tensor | None = None
+    batch_major: bool = False
 
 
 def moa_reference(

@@ -172,7 +172,9 @@ class MoA(nn.Module):
                 pos_T, visible_TS = (torch.arange(t, device=x_TD.device) + start_pos).repeat(b), None
             else:
                 pos_T, visible_TS = padding.positions_BT.flatten(), padding.visible_BTS.flatten(0, 1)
-            ctx = AttentionContext(k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+            ctx = AttentionContext(
+                k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS, batch_major=True
+            )
             return moa(x_TD, *self.expert_weights(), routing, ctx, kernels)
 
         x_TD = x_BTD.reshape(b * t, d)

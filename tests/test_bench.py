@@ -1,8 +1,10 @@
 """`dsmoe bench`: the models are Table 6's, the JSON carries every figure and ratios from the same run."""
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from dsmoe.bench.commands import format_table
 from dsmoe.bench.models import bench_models
@@ -430,3 +432,17 @@ def test_run_benchmark_prepack_rows_beside_the_plain_weights(monkeypatch):
         assert rows[f"{name}+prepack"]["total_params"] == rows[name]["total_params"]
     assert packed == [False, False, True, True]
     assert result["settings"]["prepack"] is True
+
+
+def test_the_machine_record_names_the_cpu_and_its_vector_features():
+    """Every benchmark JSON names the CPU beside its figures: lscpu's model name, the vector features that decide
+    which kernels are fast, and torch's CPU capability."""
+    from dsmoe.bench.throughput import CPU_FEATURES, cpu_name, machine
+
+    info = machine("cpu")
+    assert info["cpu"] == cpu_name() and info["cpu"].strip()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    for feature in CPU_FEATURES:
+        assert (feature in info["cpu"]) == (feature in flags)

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -407,12 +408,35 @@ def _metric_keys(s: BenchSettings) -> list[str]:
     return ["input_tps", *(f"output_tps_b{b}" for b in s.decode_batches), "latency_s"]
 
 
+# The CPU features that decide which kernels are fast (AVX2-only AMD EPYC and AVX-512/AMX Xeon machines differ here).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu gives it, with the vector features of CPU_FEATURES it has, e.g.
+    'AMD EPYC (avx2, avx512f, avx512_vnni, avx512_bf16)'."""
+    model, flags = "", set[str]()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    model = model or platform.processor() or platform.machine()
+    features = [f for f in CPU_FEATURES if f in flags]
+    return f"{model} ({', '.join(features)})" if features else model
+
+
 def machine(device: str) -> dict:
     info = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
     }

@@ -122,7 +122,7 @@ class OneDNNMLPExperts(MLPExperts):
 
     def down(self, h_TK: torch.Tensor) -> torch.Tensor:
         n, f, _ = self.w_out.shape
-        packed = self.packed_out if takes_packed(h_TK) else None
+        packed = self.packed_out if self.packed_out is not None and takes_packed(h_TK) else None
 
         def expert(e: int) -> torch.Tensor:
             h = h_TK[:, e * f : (e + 1) * f]

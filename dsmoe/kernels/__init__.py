@@ -77,6 +77,11 @@ _MOA: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
+def _top_k_decode(routing: Routing) -> bool:
+    """A fixed-K routing with no more (token, slot) pairs than experts: what the gathered paths take."""
+    return routing.all_valid and routing.indices.numel() <= routing.n_experts
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -93,7 +98,7 @@ def expert_mlp(
     path = implementation(kernels, x_TD, _needs_grad(x_TD, w_in_NFD, w_out_NFD, routing.weights))
     if not kernels.compiled or path in ("reference", "grouped"):
         return _EXPERT_MLP[path](x_TD, w_in_NFD, w_out_NFD, routing, activation)
-    if path == "cpu" and routing.all_valid and routing.indices.numel() <= w_in_NFD.shape[0]:  # top-k decode
+    if path == "cpu" and _top_k_decode(routing):
         return expert_mlp_gathered(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     r = routing
     return expert_mlp_op(
@@ -115,8 +120,7 @@ def moa(
     )
     if not kernels.compiled or path in ("reference", "grouped"):
         return _MOA[path](x_TD, wq_NED, wo_NED, routing, ctx)
-    top_k_decode = routing.all_valid and routing.indices.numel() <= wq_NED.shape[0]
-    if path == "cpu" and top_k_decode and ctx.batch_major:
+    if path == "cpu" and _top_k_decode(routing) and ctx.batch_major:
         return moa_gathered(x_TD, wq_NED, wo_NED, routing, ctx)
     r, c = routing, ctx
     return moa_op(

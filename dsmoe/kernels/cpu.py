@@ -299,38 +299,16 @@ def moa_sorted(
     """Sparse mixture of attention heads over any grouped ``project``; same contract as ``moa_reference``.
 
     Only the selected experts' query rows and output rows are multiplied (grouped products over the sorted pairs).
-    The attention itself runs once for all heads in one fused SDPA call: unselected heads see a zero query and their
-    outputs are never read, which costs far less than per-expert attention calls.
+    The attention itself runs once for all heads in one fused SDPA call (``_attend_all_heads``).
     """
-    k_BHSd, v_BHSd, pos_T, visible_TS = ctx.k_BHSd, ctx.v_BHSd, ctx.pos_T, ctx.visible_TS
-    b, s = k_BHSd.shape[0], k_BHSd.shape[2]
-    if not (ctx.batch_major or batch_major(ctx.batch_T, b)):
+    if not (ctx.batch_major or batch_major(ctx.batch_T, ctx.k_BHSd.shape[0])):
         return moa_reference(x_TD, wq_NED, wo_NED, routing, ctx)  # another layout: the reference handles any
-    n_experts, width, _ = wq_NED.shape
-    head_dim = k_BHSd.shape[-1]
-    n_tokens = x_TD.shape[0]
-    t = n_tokens // b
     pairs = SortedPairs(routing)
-
-    q_PE = project(x_TD, wq_NED.transpose(1, 2), pairs, True)
-    q_TNE = x_TD.new_zeros(n_tokens, n_experts, width)
-    q_TNE[pairs.token_P, pairs.expert_P] = q_PE
-    q_BtHd = q_TNE.view(b, t, -1, head_dim)
-    pos_Bt = pos_T.view(b, t)
-    q_BHtd = apply_rope(q_BtHd, ctx.cos_Sd[pos_Bt][:, :, None], ctx.sin_Sd[pos_Bt][:, :, None]).transpose(
-        1, 2
-    )
-    if visible_TS is None:
-        visible = torch.arange(s, device=x_TD.device)[None, None, :] <= pos_Bt[:, :, None]
-    else:
-        visible = visible_TS.view(b, t, s)
-    gqa = q_BHtd.shape[1] != k_BHSd.shape[1]
-    o_BHtd = F.scaled_dot_product_attention(
-        q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=gqa
-    )
-    o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
+    q_TNE = x_TD.new_zeros(x_TD.shape[0], *wq_NED.shape[:2])
+    q_TNE[pairs.token_P, pairs.expert_P] = project(x_TD, wq_NED.transpose(1, 2), pairs, True)
+    o_TNE = _attend_all_heads(q_TNE, ctx)
     y_PD = project(_scale(o_TNE[pairs.token_P, pairs.expert_P], pairs), wo_NED, pairs, False)
-    return _combine(y_PD, pairs, n_tokens, x_TD.dtype)
+    return _combine(y_PD, pairs, x_TD.shape[0], x_TD.dtype)
 
 
 def moa_gathered(
@@ -339,29 +317,33 @@ def moa_gathered(
     """Sparse attention in a compiled decode step (top-k, batch-major, no more (token, slot) pairs than experts), as
     ``expert_mlp_gathered`` for the MLP: the selected experts' query rows and output rows indexed inside broadcast
     multiply-and-sum reductions, which inductor fuses with the indexing, so only their rows are read, with no copy
-    and no library call. The attention itself runs as in ``moa_sorted`` (one fused call, unselected heads at a zero
-    query). Eager, the indexing would copy the selected weights: compiled graphs only."""
+    and no library call. The attention itself runs as in ``moa_sorted``. Eager, the indexing would copy the selected
+    weights: compiled graphs only."""
+    e_TK = routing.indices
+    slots_TKE = e_TK[..., None].expand(-1, -1, wq_NED.shape[1])
+    q_TKE = (wq_NED[e_TK] * x_TD[:, None, None, :]).sum(-1)
+    q_TNE = x_TD.new_zeros(x_TD.shape[0], *wq_NED.shape[:2]).scatter(1, slots_TKE, q_TKE)
+    o_TKE = _attend_all_heads(q_TNE, ctx).gather(1, slots_TKE) * routing.weights[..., None].to(x_TD.dtype)
+    return (o_TKE[..., None] * wo_NED[e_TK]).sum((1, 2)).to(x_TD.dtype)
+
+
+def _attend_all_heads(q_TNE: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+    """Every expert's heads attend to ``ctx`` in one fused SDPA call, for batch-major tokens: rotary positions on the
+    queries [T, N, E], then attention over the visible slots -> [T, N, E]. Unselected heads come with a zero query
+    and their outputs are never read, which costs far less than per-expert attention calls."""
     k_BHSd, v_BHSd = ctx.k_BHSd, ctx.v_BHSd
     b, s, head_dim = k_BHSd.shape[0], k_BHSd.shape[2], k_BHSd.shape[-1]
-    n_experts, width, _ = wq_NED.shape
-    n_tokens, k = routing.indices.shape
-    t = n_tokens // b
-    e_TK = routing.indices
-    q_TKE = (wq_NED[e_TK] * x_TD[:, None, None, :]).sum(-1)
-    q_TNE = x_TD.new_zeros(n_tokens, n_experts, width).scatter(
-        1, e_TK[..., None].expand(-1, -1, width), q_TKE
-    )
+    t = q_TNE.shape[0] // b
     pos_Bt = ctx.pos_T.view(b, t)
     q_BHtd = apply_rope(
         q_TNE.view(b, t, -1, head_dim), ctx.cos_Sd[pos_Bt][:, :, None], ctx.sin_Sd[pos_Bt][:, :, None]
     ).transpose(1, 2)
     if ctx.visible_TS is None:
-        visible = torch.arange(s, device=x_TD.device)[None, None, :] <= pos_Bt[:, :, None]
+        visible = torch.arange(s, device=q_TNE.device)[None, None, :] <= pos_Bt[:, :, None]
     else:
         visible = ctx.visible_TS.view(b, t, s)
+    gqa = q_BHtd.shape[1] != k_BHSd.shape[1]
     o_BHtd = F.scaled_dot_product_attention(
-        q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=q_BHtd.shape[1] != k_BHSd.shape[1]
+        q_BHtd, k_BHSd, v_BHSd, attn_mask=visible[:, None], enable_gqa=gqa
     )
-    o_TNE = o_BHtd.transpose(1, 2).reshape(n_tokens, n_experts, width)
-    o_TKE = o_TNE.gather(1, e_TK[..., None].expand(-1, -1, width)) * routing.weights[..., None].to(x_TD.dtype)
-    return (o_TKE[..., None] * wo_NED[e_TK]).sum((1, 2)).to(x_TD.dtype)
+    return o_BHtd.transpose(1, 2).reshape(q_TNE.shape)

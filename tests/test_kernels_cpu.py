@@ -8,8 +8,8 @@ from kernel_cases import SETTING_IDS, SETTINGS, left_padded, make_routing, mlp_i
 
 from dsmoe import kernels
 from dsmoe.config import ConfigError
-from dsmoe.kernels import cpu
-from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_sorted
+from dsmoe.kernels import cpu, onednn
+from dsmoe.kernels.cpu import SortedPairs, expert_mlp_cpu, moa_cpu, moa_per_expert, moa_sorted
 from dsmoe.kernels.reference import expert_mlp_reference, moa_reference
 from dsmoe.model.routing import Routing
 from dsmoe.model.settings import Kernels, SparseSetting
@@ -112,25 +112,44 @@ def test_experts_without_tokens_and_dropped_pairs():
     ids=["decode-b1", "decode-b3", "prefill", "chunk-after-cache"],
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype):
+@pytest.mark.parametrize("moa", [moa_sorted, moa_per_expert], ids=["sorted", "per-expert"])
+def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype, moa):
     n_experts, n_head, head_dim, n_kv = 4, 2, 8, 2
     x, wq, wo, ctx = moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, 32, dtype)
     routing = make_routing(batch * new_tokens, n_experts, setting)
-    out = moa_sorted(x, wq, wo, routing, ctx)
+    out = moa(x, wq, wo, routing, ctx)
     assert out.dtype == dtype
     torch.testing.assert_close(out, moa_reference(x, wq, wo, routing, ctx), **tolerances(dtype))
 
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("new_tokens,cached", [(1, 6), (6, 0), (3, 4)], ids=["decode", "prefill", "chunk"])
-def test_moa_cpu_left_padded_batch_matches_reference(setting, new_tokens, cached):
+@pytest.mark.parametrize("moa", [moa_sorted, moa_per_expert], ids=["sorted", "per-expert"])
+def test_moa_cpu_left_padded_batch_matches_reference(setting, new_tokens, cached, moa):
     x, wq, wo, ctx = left_padded(
         moa_inputs(3, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32), pads=[0, 2, 5]
     )
     routing = make_routing(3 * new_tokens, 4, setting)
-    out = moa_sorted(x, wq, wo, routing, ctx)
+    out = moa(x, wq, wo, routing, ctx)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, moa_reference(x, wq, wo, routing, ctx), rtol=1e-4, atol=1e-5)
+
+
+def test_moa_cpu_takes_one_expert_at_a_time_from_two_tokens_where_onednn_suits(monkeypatch):
+    taken = []
+    monkeypatch.setattr(cpu, "moa_per_expert", lambda *a: taken.append("per-expert") or moa_reference(*a))
+    monkeypatch.setattr(cpu, "moa_sorted", lambda *a: taken.append("sorted") or moa_reference(*a))
+    routing = make_routing(6, 4, SparseSetting("topk", k=2))
+    x, wq, wo, ctx = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.float32)
+    moa_cpu(x, wq, wo, routing, ctx)  # experts' query rows below oneDNN's size floor
+    monkeypatch.setattr(onednn, "ONEDNN_MIN_WEIGHTS", 0)
+    moa_cpu(x, wq, wo, routing, ctx)
+    x1, wq, wo, ctx1 = moa_inputs(1, 1, 4, 4, 2, 8, 2, 32, torch.float32)
+    moa_cpu(x1, wq, wo, make_routing(1, 4, SparseSetting("topk", k=2)), ctx1)  # one token
+    assert taken == ["sorted", "per-expert", "sorted"]
+    bf16 = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.bfloat16)
+    moa_cpu(bf16[0], bf16[1], bf16[2], routing, bf16[3])  # oneDNN multiplies fp32 only
+    assert taken == ["sorted", "per-expert", "sorted", "sorted"]
 
 
 def test_moa_cpu_any_token_layout_falls_back_to_reference():
@@ -138,9 +157,9 @@ def test_moa_cpu_any_token_layout_falls_back_to_reference():
     perm = torch.tensor([3, 0, 5, 1, 4, 2])  # tokens shuffled across batch rows
     routing = make_routing(6, 4, SparseSetting("topk", k=2))
     shuffled = dataclasses.replace(ctx, batch_T=ctx.batch_T[perm], pos_T=ctx.pos_T[perm])
-    out = moa_sorted(x[perm], wq, wo, routing, shuffled)
     ref = moa_reference(x[perm], wq, wo, routing, shuffled)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for moa in (moa_sorted, moa_cpu):
+        torch.testing.assert_close(moa(x[perm], wq, wo, routing, shuffled), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_the_kernel_table_takes_a_differentiable_path_when_a_gradient_is_needed():

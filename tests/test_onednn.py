@@ -16,6 +16,7 @@ from dsmoe.inference.prepare import prepare
 from dsmoe.kernels import onednn
 from dsmoe.kernels.cpu import expert_mlp_cpu
 from dsmoe.kernels.reference import expert_mlp_reference
+from dsmoe.model.plan import SparsePlan
 
 pytestmark = pytest.mark.skipif(not onednn.AVAILABLE, reason="this torch build has no oneDNN (mkldnn)")
 
@@ -123,6 +124,13 @@ def test_compiled_onednn_decode_is_the_plain_models_token_for_token(no_size_floo
 packing = pytest.mark.skipif(not onednn.PACKING, reason="this torch build has no oneDNN weight packing")
 
 
+def zero_packed_lists(module, *names: str) -> None:
+    """Replace each packed weight in the lists ``names`` of ``module`` (where it has them) by packed zeros."""
+    for name in names:
+        if getattr(module, name, None) is not None:
+            setattr(module, name, [onednn.pack(torch.zeros(p.shape)) for p in getattr(module, name)])
+
+
 @packing
 def test_packed_products_equal_f_linear():
     w = torch.randn(48, 40)
@@ -164,9 +172,7 @@ def test_prepacked_models_compute_the_plain_models_logits_and_keep_their_weights
         for name in ("packed", "packed_q", "packed_o"):
             if getattr(m, name, None) is not None:
                 setattr(m, name, onednn.pack(torch.zeros(getattr(m, name).shape)))
-        if getattr(m, "packed_in", None) is not None:
-            m.packed_in = [onednn.pack(torch.zeros(p.shape)) for p in m.packed_in]
-            m.packed_out = [onednn.pack(torch.zeros(p.shape)) for p in m.packed_out]
+        zero_packed_lists(m, "packed_in", "packed_out", "packed_q_experts", "packed_o_experts")
     with torch.inference_mode():
         assert not torch.allclose(
             prepared.model(tokens, plan=prepared.plan).logits, plain(tokens, plan=plan).logits
@@ -198,3 +204,29 @@ def test_with_a_gradient_the_plain_weights_are_read(no_size_floor):
     prepared.model(torch.randint(0, 97, (2, 8)), plan=prepared.plan).logits.sum().backward()
     block = prepared.model.blocks[0]
     assert block.att.wk.weight.grad is not None and block.mlp.experts.w_in.grad is not None
+
+
+@packing
+@pytest.mark.parametrize("case", ["dsmoe-topk", "dsmoe-threshold"])
+def test_sparse_attention_of_several_tokens_reads_each_experts_packed_rows(no_size_floor, case):
+    """Prefill and batched decode with sparse attention multiply each selected expert's packed query and output rows
+    (``moa_packed``): equal to the plain model's, and changed when those copies (and only those) are zeroed."""
+    plain, plan = model_for(case)
+    prepared = prepare(model_for(case)[0], plan, prepack=True)
+    att = prepared.model.blocks[0].att
+    assert isinstance(att, OneDNNMoA) and len(att.packed_q_experts) == att.n_experts
+    tokens = torch.randint(0, 97, (2, 24))
+    with torch.inference_mode():
+        expected = plain(tokens, plan=plan).logits
+        torch.testing.assert_close(prepared.model(tokens, plan=prepared.plan).logits, expected)
+        for block in prepared.model.blocks:
+            zero_packed_lists(block.att, "packed_q_experts", "packed_o_experts")
+        assert not torch.allclose(prepared.model(tokens, plan=prepared.plan).logits, expected)
+        dense_attention = SparsePlan.build(plain.cfg, None, CASES[case][2])  # reads the whole packed W_q, W_o
+        torch.testing.assert_close(
+            prepared.model(tokens, plan=dense_attention).logits, plain(tokens, plan=dense_attention).logits
+        )
+        one = tokens[:1, :1]
+        torch.testing.assert_close(
+            prepared.model(one, plan=prepared.plan).logits, plain(one, plan=plan).logits
+        )

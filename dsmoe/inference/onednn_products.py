@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from dsmoe.kernels import onednn
-from dsmoe.kernels.cpu import expert_mlp_packed
+from dsmoe.kernels.cpu import expert_mlp_packed, moa_packed
 from dsmoe.kernels.onednn import AVAILABLE, PACKING, fast_linear, pack, packed_linear
+from dsmoe.kernels.reference import AttentionContext
 from dsmoe.model.attention import MoA
 from dsmoe.model.experts import MLPExperts
 from dsmoe.model.routing import Routing
@@ -146,10 +147,13 @@ class OneDNNMLPExperts(MLPExperts):
 
 class OneDNNMoA(MoA):
     """MoA whose output rows ``wo`` [N, E, D] have [D, N*E] storage; ``packed_q`` / ``packed_o``: every expert's
-    query rows [N*E, D] and output projection [D, N*E] packed by ``pack``, or None."""
+    query rows [N*E, D] and output projection [D, N*E] packed by ``pack`` (dense attention), and
+    ``packed_q_experts`` / ``packed_o_experts`` each expert's [E, D] and [D, E] (sparse attention), or None."""
 
     packed_q: torch.Tensor | None = None
     packed_o: torch.Tensor | None = None
+    packed_q_experts: list[torch.Tensor] | None = None
+    packed_o_experts: list[torch.Tensor] | None = None
 
     @classmethod
     def convert(cls, att: MoA) -> None:
@@ -160,6 +164,9 @@ class OneDNNMoA(MoA):
         if not worth_packing(self.wq):
             return
         self.packed_q, self.packed_o = pack(self.wq.flatten(0, 1)), pack(self.wo.flatten(0, 1).t())
+        if self.router is not None and worth_packing(self.wq[0]):
+            self.packed_q_experts = [pack(w) for w in self.wq]
+            self.packed_o_experts = [pack(w.t()) for w in self.wo]
 
     def query(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.packed_q is not None and takes_packed(x_TD):
@@ -170,6 +177,20 @@ class OneDNNMoA(MoA):
         if self.packed_o is not None and takes_packed(o_TE):
             return packed_linear(o_TE, self.packed_o)
         return product(o_TE, self.wo.flatten(0, 1).t())
+
+    def sparse(
+        self, x_TD: torch.Tensor, routing: Routing, ctx: AttentionContext, kernels: Kernels = AUTO_KERNELS
+    ) -> torch.Tensor:
+        if (
+            self.packed_q_experts is not None
+            and self.packed_o_experts is not None
+            and kernels.impl in ("auto", "cpu")
+            and ctx.batch_major
+            and takes_packed(x_TD)
+        ):
+            width = self.wq.shape[1]
+            return moa_packed(x_TD, self.packed_q_experts, self.packed_o_experts, width, routing, ctx)
+        return super().sparse(x_TD, routing, ctx, kernels)
 
 
 def use_onednn(model: M, prepack: bool = False) -> M:

@@ -30,6 +30,7 @@ from dsmoe.kernels.cpu import (
     expert_mlp_cpu,
     expert_mlp_gathered,
     expert_mlp_sorted,
+    moa_cpu,
     moa_gathered,
     moa_sorted,
     project_sorted,
@@ -70,7 +71,7 @@ _EXPERT_MLP: dict[str, Callable[..., torch.Tensor]] = {
 }
 _MOA: dict[str, Callable[..., torch.Tensor]] = {
     "reference": moa_reference,
-    "cpu": moa_sorted,
+    "cpu": moa_cpu,
     "triton": moa_triton,
     "sorted": moa_sorted,
     "grouped": moa_sorted,

@@ -311,6 +311,78 @@ def moa_sorted(
     return _combine(y_PD, pairs, x_TD.shape[0], x_TD.dtype)
 
 
+def moa_cpu(
+    x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
+) -> torch.Tensor:
+    """Sparse attention on the CPU path that suits the tokens; same contract as ``moa_reference``. From two tokens
+    up, where oneDNN multiplies the experts' query rows, one expert at a time (``moa_per_expert``): at the DS-MoE-1B
+    shape (top-8 of 16 experts of 2 heads) its prefill runs 1.2x the grouped products' (benchmarks/throughput.md)."""
+    if not (ctx.batch_major or batch_major(ctx.batch_T, ctx.k_BHSd.shape[0])):
+        return moa_reference(x_TD, wq_NED, wo_NED, routing, ctx)  # another layout: the reference handles any
+    if x_TD.shape[0] > 1 and onednn_suits(x_TD, wq_NED[0]):
+        return moa_per_expert(x_TD, wq_NED, wo_NED, routing, ctx)
+    return moa_sorted(x_TD, wq_NED, wo_NED, routing, ctx)
+
+
+def moa_per_expert(
+    x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
+) -> torch.Tensor:
+    """Sparse attention over several tokens, one expert at a time (as ``expert_mlp_per_expert`` for the MLP): each
+    expert's query rows multiply its tokens' rows, every head attends in one call (``_attend_all_heads``), and each
+    expert's output rows multiply its tokens' heads, through oneDNN where it suits (``fast_linear``)."""
+    return _loop_attention_experts(
+        x_TD,
+        routing,
+        ctx,
+        wq_NED.shape[1],
+        lambda e, a: fast_linear(a, wq_NED[e]),
+        lambda e, o: fast_linear(o, wo_NED[e].t()),
+    )
+
+
+def moa_packed(
+    x_TD: torch.Tensor,
+    packed_q: list[torch.Tensor],
+    packed_o: list[torch.Tensor],
+    width: int,
+    routing: Routing,
+    ctx: AttentionContext,
+) -> torch.Tensor:
+    """``moa_per_expert`` on weights packed by ``dsmoe.kernels.onednn.pack`` (fp32, eager, batch-major tokens): expert
+    e's query rows [E, D] are ``packed_q[e]``, its output rows as [D, E] ``packed_o[e]``; E = ``width``."""
+    return _loop_attention_experts(
+        x_TD,
+        routing,
+        ctx,
+        width,
+        lambda e, a: packed_linear(a, packed_q[e]),
+        lambda e, o: packed_linear(o, packed_o[e]),
+    )
+
+
+def _loop_attention_experts(
+    x_TD, routing: Routing, ctx: AttentionContext, width: int, query, output
+) -> torch.Tensor:
+    """For each attention expert e with pairs: its tokens' query heads (``width`` values) by ``query(e, rows)``;
+    then every head attends at once; then each expert's heads, scaled by the pairs' weights, through
+    ``output(e, o)`` into their tokens' outputs. Batch-major tokens only (``_attend_all_heads``)."""
+    pairs = SortedPairs(routing)
+    q_TNE = x_TD.new_zeros(x_TD.shape[0], routing.n_experts, width)
+    groups = []
+    start = 0
+    for e, end in enumerate(pairs.offs_N.tolist()):
+        if end > start:
+            tokens = pairs.token_P[start:end]
+            q_TNE[tokens, e] = query(e, x_TD.index_select(0, tokens))
+            groups.append((e, tokens, pairs.weight_P[start:end, None]))
+        start = end
+    o_TNE = _attend_all_heads(q_TNE, ctx)
+    out_TD = torch.zeros_like(x_TD)
+    for e, tokens, weight in groups:
+        out_TD.index_add_(0, tokens, output(e, o_TNE[tokens, e] * weight.to(x_TD.dtype)))
+    return out_TD
+
+
 def moa_gathered(
     x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
 ) -> torch.Tensor:

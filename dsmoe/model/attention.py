@@ -117,6 +117,13 @@ class MoA(nn.Module):
         """(W_q, W_o) as [N, E, D] each: what the sparse kernels read, the selected experts' rows only."""
         return self.wq, self.wo
 
+    def sparse(
+        self, x_TD: torch.Tensor, routing: Routing, ctx: AttentionContext, kernels: Kernels = AUTO_KERNELS
+    ) -> torch.Tensor:
+        """Only the selected (token, expert) pairs of ``routing``, attending to ``ctx``, on the implementation
+        ``kernels`` names."""
+        return moa(x_TD, *self.expert_weights(), routing, ctx, kernels)
+
     def mix(self, o_TE: torch.Tensor, weights_TN: torch.Tensor | None) -> torch.Tensor:
         """The reduce of paper eq. 8: every expert's heads [T, N * E], each expert's scaled by its weight [T, N]
         (None: weight 1, a layer of one expert), through W_o -> [T, D]."""
@@ -175,7 +182,7 @@ class MoA(nn.Module):
             ctx = AttentionContext(
                 k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS, batch_major=True
             )
-            return moa(x_TD, *self.expert_weights(), routing, ctx, kernels)
+            return self.sparse(x_TD, routing, ctx, kernels)
 
         x_TD = x_BTD.reshape(b * t, d)
         if self.router is None:

@@ -37,11 +37,15 @@ def test_expert_mlp_op_passes_opcheck_and_matches_reference(setting, n_tokens):
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("new_tokens, cached", [(1, 3), (4, 0)])
-def test_moa_op_passes_opcheck_and_matches_reference(setting, new_tokens, cached):
+@pytest.mark.parametrize(
+    "path", ["cpu", "sorted_static"]
+)  # sorted_static: a CUDA graph's (dsmoe.kernels.static)
+def test_moa_op_passes_opcheck_and_matches_reference(setting, new_tokens, cached, path):
     x, wq, wo, c = moa_inputs(2, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32)
     routing = make_routing(2 * new_tokens, 4, setting)
-    context = (c.k_BHSd, c.v_BHSd, c.batch_T, c.pos_T, c.cos_Sd, c.sin_Sd, None)
-    args = (x, wq, wo, *routing_tensors(routing), *context, "cpu")
+    batch_major = True  # moa_inputs lays the tokens out as MoA.forward does
+    context = (c.k_BHSd, c.v_BHSd, c.batch_T, c.pos_T, c.cos_Sd, c.sin_Sd, None, batch_major)
+    args = (x, wq, wo, *routing_tensors(routing), *context, path)
     torch.library.opcheck(torch.ops.dsmoe.moa.default, args)
     ref = moa_reference(x, wq, wo, routing, c)
     torch.testing.assert_close(torch.ops.dsmoe.moa(*args), ref, rtol=1e-4, atol=1e-5)

@@ -192,6 +192,8 @@ def build_peers(
     entries: list[BenchModel], models: dict[str, Transformer], device: str, dtype: torch.dtype
 ) -> list[Peer]:
     """The peer of each of our models that has one, built at its shape and checked against it."""
+    from dsmoe.bench.throughput import building_on
+
     peers = []
     for entry in entries:
         if entry.name not in PEERS:
@@ -199,7 +201,8 @@ def build_peers(
         transformers = _transformers()
         name, config, fields = peer_config(entry)
         cls = transformers.LlamaForCausalLM if name == "hf-llama" else transformers.OlmoeForCausalLM
-        model = cls(config).to(device=device, dtype=dtype).eval()
+        with building_on(device, dtype):
+            model = cls(config).to(device=device, dtype=dtype).eval()
         model.generation_config.eos_token_id = None  # never stop early: every run generates the same count
         model.generation_config.bos_token_id = None
         model.generation_config.pad_token_id = 0

@@ -21,11 +21,12 @@ With ``peers`` (and the ``llama`` shape), transformers' Llama and OLMoE at the s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,6 +137,21 @@ class DSMoERunner:
         generate(self.module, prompt_BT, n_new, plan=self.plan, compile=self.compile)
 
 
+def runner_jobs(
+    runners: Mapping[str, Runner], method: str, *args: Any
+) -> dict[str, Callable[[], float | None]]:
+    """Each runner's ``method(*args)`` as a job for ``best_of``, under inference mode."""
+
+    def job(runner: Runner) -> Callable[[], float | None]:
+        def timed() -> float | None:
+            with torch.inference_mode():
+                return getattr(runner, method)(*args)
+
+        return timed
+
+    return {name: job(runner) for name, runner in runners.items()}
+
+
 def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, torch.Tensor]:
     """Timed figures of every model, and the input-throughput batch (for the active-parameter meter). All models
     see the same inputs."""
@@ -144,20 +160,8 @@ def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, 
     batch_in = input_batch(s, {n: r.module for n, r in runners.items()})
     x_in = torch.randint(0, s.vocab_size, (batch_in, s.input_len), generator=gen).to(s.device)
 
-    def jobs(method: str, *args: Any) -> dict[str, Callable[[], float | None]]:
-        """Each runner's ``method(*args)``, under inference mode."""
-
-        def job(runner: Runner) -> Callable[[], float | None]:
-            def timed() -> float | None:
-                with torch.inference_mode():
-                    return getattr(runner, method)(*args)
-
-            return timed
-
-        return {name: job(runner) for name, runner in runners.items()}
-
     times = best_of(
-        jobs("forward", x_in),
+        runner_jobs(runners, "forward", x_in),
         s.repeats,
         s.device,
         f"input throughput, batch {batch_in} x {s.input_len}",
@@ -167,7 +171,7 @@ def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, 
     for batch in s.decode_batches:
         prompt = torch.randint(0, s.vocab_size, (batch, s.decode_prompt), generator=gen).to(s.device)
         times = best_of(
-            jobs("decode", prompt, s.decode_tokens),
+            runner_jobs(runners, "decode", prompt, s.decode_tokens),
             s.repeats,
             s.device,
             f"output throughput, batch {batch} x {s.decode_tokens} tokens",
@@ -176,7 +180,7 @@ def measure_models(s: BenchSettings, runners: dict[str, Runner]) -> tuple[dict, 
             results[name][f"output_tps_b{batch}"] = batch * s.decode_tokens / t
     prompts = torch.randint(0, s.vocab_size, (s.latency_batch, s.latency_prompt), generator=gen).to(s.device)
     times = best_of(
-        jobs("generate", prompts, s.latency_new),
+        runner_jobs(runners, "generate", prompts, s.latency_new),
         s.repeats,
         s.device,
         f"latency, {s.latency_batch} prompts of {s.latency_prompt} + {s.latency_new} new tokens",
@@ -289,6 +293,33 @@ def decode_bandwidth(row: dict, vocab_size: int, d_model: int, itemsize: int, re
     }
 
 
+@contextlib.contextmanager
+def building_on(device: str, dtype: torch.dtype) -> Iterator[None]:
+    """Where new modules are made: on a GPU, there and in ``dtype``, since a 6B model's fp32 initialisation on the CPU
+    takes minutes and twice its bf16 memory; on the CPU as before (fp32 on the CPU, cast by ``prepare``)."""
+    if device == "cpu":
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def prepare_entry(s: BenchSettings, entries: list[BenchModel], index: int, **options) -> Prepared:
+    """Entry ``index``'s model, prepared with ``options``: every copy built from the same seed, so that it has the
+    same weights."""
+    with torch.random.fork_rng(), building_on(s.device, DTYPES[s.dtype]):
+        torch.manual_seed(s.seed + index)
+        model = Transformer(entries[index].cfg)
+    return prepare(
+        model, entries[index].plan, device=s.device, dtype=DTYPES[s.dtype], kernels=s.kernels, **options
+    )
+
+
 def run_benchmark(s: BenchSettings) -> dict:
     s.check()
     torch.manual_seed(s.seed)
@@ -303,14 +334,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     ]
 
     def prepared(index: int, **options) -> Prepared:
-        """Entry ``index``'s model, prepared with ``options``: every copy built from the same seed, so that it has
-        the same weights."""
-        with torch.random.fork_rng():
-            torch.manual_seed(s.seed + index)
-            model = Transformer(entries[index].cfg)
-        return prepare(
-            model, entries[index].plan, device=s.device, dtype=DTYPES[s.dtype], kernels=s.kernels, **options
-        )
+        return prepare_entry(s, entries, index, **options)
 
     ready = {e.name: prepared(i) for i, e in enumerate(entries)}
     models = {name: p.model for name, p in ready.items()}

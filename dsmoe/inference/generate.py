@@ -32,8 +32,17 @@ def _decode_step(
 
 
 @functools.cache
-def _compiled_decode_step():
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False)
+def _compiled_decode_step(cuda_graphs: bool = False):
+    """The compiled step; with ``cuda_graphs``, also captured in CUDA graphs and replayed, one launch per step.
+
+    Captured by inductor's CUDA graph trees (mode "reduce-overhead") rather than by our own ``torch.cuda.CUDAGraph``:
+    the trees warm the step up before capturing, keep every graph (one per model, plan, batch and cache length) in
+    one memory pool, copy the new token and slot into the graph's inputs before each replay, capture afresh when a
+    new cache (a new Decoder) is given, and where a graph cannot be captured run the compiled kernels without one,
+    counting why (``counters["inductor"]["cudagraph_skips"]``), where our own capture would have to handle all of
+    that. The step has no host sync on CUDA (top-k and threshold routing: ``dsmoe.kernels``), which capture needs."""
+    mode = "reduce-overhead" if cuda_graphs else None
+    return torch.compile(_decode_step, fullgraph=True, dynamic=False, mode=mode)
 
 
 def cache_length(needed: int, max_seq_len: int) -> int:
@@ -78,6 +87,12 @@ class Decoder:
         self.cache = model.new_cache(batch_size, length)
         device = model.embed.weight.device
         self.key_mask_BS = torch.ones(batch_size, length, dtype=torch.bool, device=device)
+        self.cuda_graphs = compile and device.type == "cuda"
+        if self.cuda_graphs:
+            # The graphs read and write the cache and mask where they lie (static inputs), with no copy in or out
+            # per replay; unguarded, so that another Decoder's cache reuses the compiled step (captured afresh).
+            for t in (*self.cache.k, *self.cache.v, self.key_mask_BS):
+                torch._dynamo.mark_static_address(t, guard=False)
         self.padded = False
         self.pos = 0
 
@@ -108,10 +123,14 @@ class Decoder:
         token_B1 = token_B[:, None]
         if self.compile:
             slot = torch.tensor(pos, device=token_B.device)
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
             with torch._dynamo.config.patch(recompile_limit=COMPILED_GRAPHS):
-                logits, counts = _compiled_decode_step()(
+                logits, counts = _compiled_decode_step(self.cuda_graphs)(
                     self.model, token_B1, slot, self.key_mask_BS, self.cache, self.step_plan
                 )
+            if self.cuda_graphs:  # a replay overwrites its outputs: the caller keeps copies
+                logits, counts = logits.clone(), counts.clone()
             if self.meter is not None:
                 self.meter.update_counts(counts)
             return logits

@@ -37,6 +37,7 @@ from dsmoe.kernels.cpu import (
 )
 from dsmoe.kernels.onednn import OP_NAMESPACE
 from dsmoe.kernels.reference import AttentionContext, expert_mlp_reference, moa_reference
+from dsmoe.kernels.static import expert_mlp_static, moa_static
 from dsmoe.kernels.triton_kernels import expert_mlp_triton, moa_triton
 from dsmoe.model.routing import Routing
 from dsmoe.model.settings import AUTO_KERNELS, Kernels
@@ -68,6 +69,7 @@ _EXPERT_MLP: dict[str, Callable[..., torch.Tensor]] = {
     "triton": expert_mlp_triton,
     "sorted": partial(expert_mlp_sorted, project=project_sorted),
     "grouped": partial(expert_mlp_sorted, project=project_sorted),
+    "sorted_static": expert_mlp_static,
 }
 _MOA: dict[str, Callable[..., torch.Tensor]] = {
     "reference": moa_reference,
@@ -75,12 +77,21 @@ _MOA: dict[str, Callable[..., torch.Tensor]] = {
     "triton": moa_triton,
     "sorted": moa_sorted,
     "grouped": moa_sorted,
+    "sorted_static": moa_static,
 }
 
 
 def _top_k_decode(routing: Routing) -> bool:
     """A fixed-K routing with no more (token, slot) pairs than experts: what the gathered paths take."""
     return routing.all_valid and routing.indices.numel() <= routing.n_experts
+
+
+def _graph_path(path: str, x: torch.Tensor, routing: Routing) -> str:
+    """The path of a compiled forward's custom op: on CUDA, a variable-K routing takes the sorted path's static-shape
+    form (``static.py``), which has no host sync, so that a decode step can be captured in a CUDA graph."""
+    if path == "sorted" and x.device.type == "cuda" and not routing.all_valid:
+        return "sorted_static"
+    return path
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -103,7 +114,15 @@ def expert_mlp(
         return expert_mlp_gathered(x_TD, w_in_NFD, w_out_NFD, routing, activation)
     r = routing
     return expert_mlp_op(
-        x_TD, w_in_NFD, w_out_NFD, r.indices, r.weights, r.mask, r.all_valid, activation, path
+        x_TD,
+        w_in_NFD,
+        w_out_NFD,
+        r.indices,
+        r.weights,
+        r.mask,
+        r.all_valid,
+        activation,
+        _graph_path(path, x_TD, r),
     )
 
 
@@ -126,7 +145,8 @@ def moa(
     r, c = routing, ctx
     return moa_op(
         x_TD, wq_NED, wo_NED, r.indices, r.weights, r.mask, r.all_valid,
-        c.k_BHSd, c.v_BHSd, c.batch_T, c.pos_T, c.cos_Sd, c.sin_Sd, c.visible_TS, path,
+        c.k_BHSd, c.v_BHSd, c.batch_T, c.pos_T, c.cos_Sd, c.sin_Sd, c.visible_TS, c.batch_major,
+        _graph_path(path, x_TD, r),
     )  # fmt: skip
 
 
@@ -176,10 +196,12 @@ def moa_op(
     cos_Sd: torch.Tensor,
     sin_Sd: torch.Tensor,
     visible_TS: torch.Tensor | None,
+    batch_major: bool,
     path: str,
 ) -> torch.Tensor:
     routing = _routing(indices_TK, weights_TK, mask_TK, wq_NED.shape[0], all_valid)
-    ctx = AttentionContext(k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS)
+    # batch_major passed on: checking the layout again inside would be a host sync (no CUDA graph could hold it)
+    ctx = AttentionContext(k_BHSd, v_BHSd, batch_T, pos_T, cos_Sd, sin_Sd, visible_TS, batch_major)
     return _MOA[path](x_TD, wq_NED, wo_NED, routing, ctx)
 
 

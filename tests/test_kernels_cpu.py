@@ -17,6 +17,13 @@ from dsmoe.model.settings import Kernels, SparseSetting
 DTYPES = [torch.float32, torch.bfloat16]
 
 
+def moa_all_heads_plain(x, wq, wo, routing, ctx):
+    """``moa_all_heads`` through plain products of the whole W_q and W_o."""
+    return cpu.moa_all_heads(
+        x, routing, ctx, lambda a: a @ wq.flatten(0, 1).T, lambda o: o @ wo.flatten(0, 1)
+    )
+
+
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("n_tokens", [1, 7, 40])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -112,7 +119,9 @@ def test_experts_without_tokens_and_dropped_pairs():
     ids=["decode-b1", "decode-b3", "prefill", "chunk-after-cache"],
 )
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("moa", [moa_sorted, moa_per_expert], ids=["sorted", "per-expert"])
+@pytest.mark.parametrize(
+    "moa", [moa_sorted, moa_per_expert, moa_all_heads_plain], ids=["sorted", "per-expert", "all-heads"]
+)
 def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype, moa):
     n_experts, n_head, head_dim, n_kv = 4, 2, 8, 2
     x, wq, wo, ctx = moa_inputs(batch, new_tokens, cached, n_experts, n_head, head_dim, n_kv, 32, dtype)
@@ -124,7 +133,9 @@ def test_moa_cpu_matches_reference(setting, batch, new_tokens, cached, dtype, mo
 
 @pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
 @pytest.mark.parametrize("new_tokens,cached", [(1, 6), (6, 0), (3, 4)], ids=["decode", "prefill", "chunk"])
-@pytest.mark.parametrize("moa", [moa_sorted, moa_per_expert], ids=["sorted", "per-expert"])
+@pytest.mark.parametrize(
+    "moa", [moa_sorted, moa_per_expert, moa_all_heads_plain], ids=["sorted", "per-expert", "all-heads"]
+)
 def test_moa_cpu_left_padded_batch_matches_reference(setting, new_tokens, cached, moa):
     x, wq, wo, ctx = left_padded(
         moa_inputs(3, new_tokens, cached, 4, 2, 8, 2, 32, torch.float32), pads=[0, 2, 5]
@@ -135,21 +146,31 @@ def test_moa_cpu_left_padded_batch_matches_reference(setting, new_tokens, cached
     torch.testing.assert_close(out, moa_reference(x, wq, wo, routing, ctx), rtol=1e-4, atol=1e-5)
 
 
-def test_moa_cpu_takes_one_expert_at_a_time_from_two_tokens_where_onednn_suits(monkeypatch):
+def test_moa_cpu_takes_each_path_where_it_pays(monkeypatch):
+    """Where oneDNN multiplies the weights: many pairs per expert, one expert at a time; fewer, every head at once.
+    Elsewhere (small weights, bf16), the grouped products."""
     taken = []
-    monkeypatch.setattr(cpu, "moa_per_expert", lambda *a: taken.append("per-expert") or moa_reference(*a))
-    monkeypatch.setattr(cpu, "moa_sorted", lambda *a: taken.append("sorted") or moa_reference(*a))
+    for path in ("moa_per_expert", "moa_all_heads", "moa_sorted"):
+        original = getattr(cpu, path)
+        monkeypatch.setattr(cpu, path, lambda *a, p=path, f=original: taken.append(p) or f(*a))
     routing = make_routing(6, 4, SparseSetting("topk", k=2))
     x, wq, wo, ctx = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.float32)
-    moa_cpu(x, wq, wo, routing, ctx)  # experts' query rows below oneDNN's size floor
+    expected = moa_reference(x, wq, wo, routing, ctx)
+    torch.testing.assert_close(moa_cpu(x, wq, wo, routing, ctx), expected)  # below oneDNN's size floor
     monkeypatch.setattr(onednn, "ONEDNN_MIN_WEIGHTS", 0)
-    moa_cpu(x, wq, wo, routing, ctx)
-    x1, wq, wo, ctx1 = moa_inputs(1, 1, 4, 4, 2, 8, 2, 32, torch.float32)
-    moa_cpu(x1, wq, wo, make_routing(1, 4, SparseSetting("topk", k=2)), ctx1)  # one token
-    assert taken == ["sorted", "per-expert", "sorted"]
+    torch.testing.assert_close(moa_cpu(x, wq, wo, routing, ctx), expected)  # 3 pairs per expert
+    monkeypatch.setattr(cpu, "ATTENTION_LOOP_PAIRS_PER_EXPERT", 3)
+    torch.testing.assert_close(moa_cpu(x, wq, wo, routing, ctx), expected)
     bf16 = moa_inputs(2, 3, 2, 4, 2, 8, 2, 32, torch.bfloat16)
     moa_cpu(bf16[0], bf16[1], bf16[2], routing, bf16[3])  # oneDNN multiplies fp32 only
-    assert taken == ["sorted", "per-expert", "sorted", "sorted"]
+    assert taken == ["moa_sorted", "moa_all_heads", "moa_per_expert", "moa_sorted"]
+
+
+def moa_all_heads_plain(x, wq, wo, routing, ctx):
+    """``moa_all_heads`` through plain products of the whole W_q and W_o."""
+    return cpu.moa_all_heads(
+        x, routing, ctx, lambda a: a @ wq.flatten(0, 1).T, lambda o: o @ wo.flatten(0, 1)
+    )
 
 
 def test_moa_cpu_any_token_layout_falls_back_to_reference():

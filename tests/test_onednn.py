@@ -13,7 +13,7 @@ from test_decode import CASES, model_for
 from dsmoe.inference.generate import Decoder
 from dsmoe.inference.onednn_products import OneDNNLinear, OneDNNMLPExperts, OneDNNMoA, use_onednn, uses_onednn
 from dsmoe.inference.prepare import prepare
-from dsmoe.kernels import onednn
+from dsmoe.kernels import cpu, onednn
 from dsmoe.kernels.cpu import expert_mlp_cpu
 from dsmoe.kernels.reference import expert_mlp_reference
 from dsmoe.model.plan import SparsePlan
@@ -208,9 +208,10 @@ def test_with_a_gradient_the_plain_weights_are_read(no_size_floor):
 
 @packing
 @pytest.mark.parametrize("case", ["dsmoe-topk", "dsmoe-threshold"])
-def test_sparse_attention_of_several_tokens_reads_each_experts_packed_rows(no_size_floor, case):
-    """Prefill and batched decode with sparse attention multiply each selected expert's packed query and output rows
+def test_sparse_attention_of_many_tokens_reads_each_experts_packed_rows(no_size_floor, monkeypatch, case):
+    """A prefill with many pairs per attention expert multiplies each selected expert's packed query and output rows
     (``moa_packed``): equal to the plain model's, and changed when those copies (and only those) are zeroed."""
+    monkeypatch.setattr(cpu, "ATTENTION_LOOP_PAIRS_PER_EXPERT", 4)
     plain, plan = model_for(case)
     prepared = prepare(model_for(case)[0], plan, prepack=True)
     att = prepared.model.blocks[0].att

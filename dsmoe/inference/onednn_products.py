@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from dsmoe.kernels import onednn
-from dsmoe.kernels.cpu import expert_mlp_packed, moa_packed
+from dsmoe.kernels.cpu import expert_mlp_packed, loops_experts, moa_all_heads, moa_packed
 from dsmoe.kernels.onednn import AVAILABLE, PACKING, fast_linear, pack, packed_linear
 from dsmoe.kernels.reference import AttentionContext
 from dsmoe.model.attention import MoA
@@ -181,15 +181,15 @@ class OneDNNMoA(MoA):
     def sparse(
         self, x_TD: torch.Tensor, routing: Routing, ctx: AttentionContext, kernels: Kernels = AUTO_KERNELS
     ) -> torch.Tensor:
-        if (
-            self.packed_q_experts is not None
-            and self.packed_o_experts is not None
-            and kernels.impl in ("auto", "cpu")
-            and ctx.batch_major
-            and takes_packed(x_TD)
-        ):
+        """With packed weights, ``dsmoe.kernels.cpu.moa_cpu``'s choice on them: many pairs per expert, each
+        expert's packed rows (``moa_packed``); fewer, every head through the packed W_q and W_o."""
+        if not (kernels.impl in ("auto", "cpu") and ctx.batch_major and takes_packed(x_TD)):
+            return super().sparse(x_TD, routing, ctx, kernels)
+        if self.packed_q_experts is not None and self.packed_o_experts is not None and loops_experts(routing):
             width = self.wq.shape[1]
             return moa_packed(x_TD, self.packed_q_experts, self.packed_o_experts, width, routing, ctx)
+        if self.packed_q is not None:
+            return moa_all_heads(x_TD, routing, ctx, self.query, self.output)
         return super().sparse(x_TD, routing, ctx, kernels)
 
 

@@ -311,17 +311,59 @@ def moa_sorted(
     return _combine(y_PD, pairs, x_TD.shape[0], x_TD.dtype)
 
 
+# From this many (token, expert) pairs per attention expert on average (prefill of a few hundred tokens and more at
+# top-8 of 16), multiplying each expert's query and output rows by its own tokens (``moa_per_expert``) beats computing
+# every head of every token (``moa_all_heads``): at the DS-MoE-1B shape, prefill of 1,024 tokens (512 pairs per
+# expert) runs 1.11x the all-heads model's tokens/s, while decode batches of 16 and 64 (8 and 32 pairs per expert,
+# every expert's rows read either way) run 0.83x and 0.89x (benchmarks/throughput.md).
+ATTENTION_LOOP_PAIRS_PER_EXPERT = 128
+
+
 def moa_cpu(
     x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
 ) -> torch.Tensor:
-    """Sparse attention on the CPU path that suits the tokens; same contract as ``moa_reference``. From two tokens
-    up, where oneDNN multiplies the experts' query rows, one expert at a time (``moa_per_expert``): at the DS-MoE-1B
-    shape (top-8 of 16 experts of 2 heads) its prefill runs 1.2x the grouped products' (benchmarks/throughput.md)."""
+    """Sparse attention on the CPU path that suits the tokens; same contract as ``moa_reference``. Where oneDNN
+    multiplies fp32 weights: many pairs per expert (prefill), one expert at a time (``moa_per_expert``); fewer
+    (decode), every head at once (``moa_all_heads``). Otherwise the grouped products (``moa_sorted``)."""
     if not (ctx.batch_major or batch_major(ctx.batch_T, ctx.k_BHSd.shape[0])):
         return moa_reference(x_TD, wq_NED, wo_NED, routing, ctx)  # another layout: the reference handles any
-    if x_TD.shape[0] > 1 and onednn_suits(x_TD, wq_NED[0]):
+    if onednn_suits(x_TD, wq_NED[0]) and loops_experts(routing):
         return moa_per_expert(x_TD, wq_NED, wo_NED, routing, ctx)
+    if onednn_suits(x_TD, wq_NED.flatten(0, 1)):
+        return moa_all_heads(
+            x_TD,
+            routing,
+            ctx,
+            lambda x: fast_linear(x, wq_NED.flatten(0, 1)),
+            lambda o: fast_linear(o, wo_NED.flatten(0, 1).t()),
+        )
     return moa_sorted(x_TD, wq_NED, wo_NED, routing, ctx)
+
+
+def loops_experts(routing: Routing) -> bool:
+    """Whether attention experts are multiplied one at a time: ATTENTION_LOOP_PAIRS_PER_EXPERT pairs each or more."""
+    loop_pairs = ATTENTION_LOOP_PAIRS_PER_EXPERT * routing.n_experts
+    # T*K bounds the pair count, so decode-size batches skip counting the mask (a reduction and a host sync)
+    return routing.indices.numel() >= loop_pairs and int(routing.mask.sum()) >= loop_pairs
+
+
+def routing_weights(routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    """Each token's weight for every expert [T, N]: its router weight where selected, else zero."""
+    t, n = routing.indices.shape[0], routing.n_experts
+    kept = torch.where(routing.mask, routing.weights, 0).to(dtype)
+    return torch.zeros(t, n, dtype=dtype, device=kept.device).scatter_add_(1, routing.indices, kept)
+
+
+def moa_all_heads(x_TD: torch.Tensor, routing: Routing, ctx: AttentionContext, query, output) -> torch.Tensor:
+    """Sparse attention as dense products: every expert's query heads for every token (``query``: [T, D] ->
+    [T, N * E]), one attention call, and one output product (``output``: [T, N * E] -> [T, D]) over every head
+    scaled by its expert's weight, zero for the experts a token did not select: the same sum as over the selected
+    experts alone. Where the tokens together select every expert (decode batches), the weights read are the same
+    and two products beat two per expert; at one token it reads every expert's rows (compiled decode gathers only
+    the selected ones: ``moa_gathered``)."""
+    t, n = x_TD.shape[0], routing.n_experts
+    o_TNE = _attend_all_heads(query(x_TD).view(t, n, -1), ctx)
+    return output((o_TNE * routing_weights(routing, o_TNE.dtype)[..., None]).flatten(1))
 
 
 def moa_per_expert(

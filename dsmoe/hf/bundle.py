@@ -23,6 +23,7 @@ BUNDLED_MODULES = (
     "dsmoe.kernels.onednn",
     "dsmoe.kernels.reference",
     "dsmoe.kernels.cpu",
+    "dsmoe.kernels.static",
     "dsmoe.kernels.triton_kernels",
     "dsmoe.kernels",
     "dsmoe.model.router",

@@ -10,8 +10,9 @@ layer's setting from the config's SparsePlan; the attention uses dsmoe's routing
 (``MoA.mix``). vLLM's kernels are plugged in where they are faster, by swapping modules once the weights are loaded
 (as ``dsmoe.inference.quantize`` does): every dense matrix product (the fused Q/K/V of all heads, W_o, an MLP that runs
 all its experts, the LM head) becomes a ``Projection`` through vLLM's own GEMM dispatch -- on a CPU oneDNN with the
-weight prepacked once, as vLLM's Llama does -- and the copies those replace are freed; on a GPU with SwiGLU experts,
-sparse experts go through vLLM's fused-MoE kernel (the pairs a threshold drops weighted zero). RMSNorm and the
+weight prepacked once, as vLLM's Llama does -- and the copies those replace are freed; sparse SwiGLU experts go
+through vLLM's fused MoE: on a GPU its Triton kernel (the pairs a threshold drops weighted zero), on a CPU its C++
+``cpu_fused_moe`` under top-k routing where the widths are multiples of 32 (``expert_kernel``). RMSNorm and the
 rotary positions use vLLM's kernels.
 
 Two parts must differ from ``Transformer.forward``, for vLLM's paged KV cache and its fused kernels:
@@ -60,6 +61,15 @@ try:  # a Triton kernel: vLLM's CPU build has a placeholder that raises
     from vllm.model_executor.layers.fused_moe import fused_experts
 except ImportError:
     fused_experts = None
+try:  # vLLM's CPU fused MoE (a C++ kernel of its CPU build)
+    from vllm._custom_ops import cpu_fused_moe, cpu_prepack_moe_weight
+except ImportError:
+    cpu_fused_moe = cpu_prepack_moe_weight = None
+
+# vLLM's CPU fused MoE: its portable vector kernel ("vec"; the AMX one takes only some dtypes), which needs the
+# width and the expert width to be multiples of CPU_FUSED_ALIGNMENT.
+CPU_FUSED_ISA = "vec"
+CPU_FUSED_ALIGNMENT = 32
 
 
 def dsmoe_config(hf_config) -> DSMoEConfig:
@@ -157,9 +167,8 @@ class DSMoEForVLLM(nn.Module):
         check_weights(self.cfg, held, "the folder's config.json and its weights", prefix="model.")
         for i, block in enumerate(self.model.block_list()):
             VLLMMoA.convert(block.att)
-            dense = block.mlp.router is None or self.sparse_plan.setting("mlp", i).strategy == "dense"
-            fused = not dense and fused_experts is not None and current_platform.is_cuda_alike()
-            VLLMExperts.convert(block.mlp.experts, dense, fused and self.cfg.activation == "swiglu")
+            strategy = "dense" if block.mlp.router is None else self.sparse_plan.setting("mlp", i).strategy
+            VLLMExperts.convert(block.mlp.experts, expert_kernel(self.cfg, strategy))
         norms = [norm for block in self.model.block_list() for norm in (block.att_norm, block.mlp_norm)]
         self.norms = nn.ModuleList(
             _vllm_norm(norm, self.cfg.norm_eps) for norm in [*norms, self.model.final_norm]
@@ -194,31 +203,59 @@ class VLLMMoA(MoA):
         return self.wo_proj(o_TE)
 
 
+def expert_kernel(cfg, strategy: str) -> str:
+    """How a layer's MLP experts run under ``strategy``: "dense" (every expert: vLLM's GEMM), "fused" (vLLM's
+    fused-MoE Triton kernel: a GPU, SwiGLU experts), "cpu-fused" (vLLM's CPU fused MoE: SwiGLU experts of aligned
+    widths under a top-k routing; a threshold's variable count would compute every slot, weighted zero), or
+    "dsmoe" (dsmoe's own kernels, which read only the selected experts' rows)."""
+    if strategy == "dense":
+        return "dense"
+    if cfg.activation != "swiglu":
+        return "dsmoe"
+    if fused_experts is not None and current_platform.is_cuda_alike():
+        return "fused"
+    aligned = cfg.d_model % CPU_FUSED_ALIGNMENT == 0 and cfg.d_expert % CPU_FUSED_ALIGNMENT == 0
+    if cpu_fused_moe is not None and current_platform.is_cpu() and strategy == "topk" and aligned:
+        return "cpu-fused"
+    return "dsmoe"
+
+
 class VLLMExperts(MLPExperts):
-    """dsmoe's MLP experts with vLLM's kernels: a layer that runs every expert multiplies through vLLM's GEMM (``up``,
-    ``down``); a sparse one on a GPU with SwiGLU experts through vLLM's fused-MoE kernel (``sparse``), otherwise
-    through dsmoe's kernels, which read only the selected experts' rows."""
+    """dsmoe's MLP experts with vLLM's kernels (``expert_kernel``): a layer that runs every expert multiplies through
+    vLLM's GEMM (``up``, ``down``); a sparse one with SwiGLU experts through vLLM's fused MoE (``sparse``: the Triton
+    kernel on a GPU, the C++ one on a CPU), otherwise through dsmoe's kernels."""
 
     up_proj: Projection | None
     down_proj: Projection | None
     w_out_EDF: torch.Tensor | None
+    packed_w13: torch.Tensor | None  # vLLM's CPU fused MoE: the input and output weights in its packed layout
+    packed_w2: torch.Tensor | None
 
     @classmethod
-    def convert(cls, module: MLPExperts, dense: bool, fused: bool) -> None:
+    def convert(cls, module: MLPExperts, kernel: str) -> None:
         module.__class__ = cls
         experts = cast(VLLMExperts, module)
         experts.up_proj, experts.down_proj, experts.w_out_EDF = None, None, None
-        if dense:
+        experts.packed_w13, experts.packed_w2 = None, None
+        if kernel == "dense":
             experts.up_proj = Projection(experts.w_in.flatten(0, 1))
             experts.down_proj = Projection(experts.w_out.flatten(0, 1).t())
             _free(experts.w_in)
             _free(experts.w_out)
-        elif fused:
+        elif kernel == "fused":
             # the fused kernel reads the output projection as [E, D, F] (contiguous); one copy of the weights is
             # kept, w_out a transposed view of it, so that dsmoe's own kernels still see [E, F, D]
             w_out_EDF = experts.w_out.data.transpose(1, 2).contiguous()
             experts.w_out.data = w_out_EDF.transpose(1, 2)
             experts.w_out_EDF = w_out_EDF
+        elif kernel == "cpu-fused":
+            # w_in [E, 2F, D] is already the kernel's gate-then-up layout; the output projection goes in as [E, D, F]
+            experts.packed_w13 = cpu_prepack_moe_weight(experts.w_in.data.contiguous(), CPU_FUSED_ISA)
+            experts.packed_w2 = cpu_prepack_moe_weight(
+                experts.w_out.data.transpose(1, 2).contiguous(), CPU_FUSED_ISA
+            )
+            _free(experts.w_in)
+            _free(experts.w_out)
 
     def up(self, x_TD: torch.Tensor) -> torch.Tensor:
         return super().up(x_TD) if self.up_proj is None else self.up_proj(x_TD)
@@ -227,9 +264,16 @@ class VLLMExperts(MLPExperts):
         return super().down(h_TK) if self.down_proj is None else self.down_proj(h_TK)
 
     def sparse(self, x_TD: torch.Tensor, routing: Routing, kernels: Kernels = AUTO_KERNELS) -> torch.Tensor:
+        weights = (routing.weights * routing.mask).float()
+        if self.packed_w13 is not None:
+            out_TD = torch.empty_like(x_TD)
+            cpu_fused_moe(
+                out_TD, x_TD.contiguous(), self.packed_w13, self.packed_w2, None, None,
+                weights, routing.indices.to(torch.int32), "silu", CPU_FUSED_ISA,
+            )  # fmt: skip
+            return out_TD
         if self.w_out_EDF is None:
             return super().sparse(x_TD, routing, kernels)
-        weights = (routing.weights * routing.mask).float()
         return fused_experts(x_TD, self.w_in, self.w_out_EDF, weights, routing.indices.to(torch.int32))
 
 

@@ -43,6 +43,8 @@ def checkpoint_for(tmp_path_factory, regime: str) -> Path:
             norm="layernorm" if regime == "smoe" else "rmsnorm",
             max_seq_len=MAX_LEN,
             init_std=0.1,
+            # DS-MoE's SwiGLU experts 32 wide: under top-k they run through vLLM's CPU fused MoE
+            **({"d_expert": 32} if regime == "dsmoe" else {}),
         )
         _checkpoints[regime] = write_checkpoint(
             root / "checkpoint", Transformer(cfg).state_dict(), cfg, tokenizer_file=tokenizer

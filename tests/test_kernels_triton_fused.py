@@ -31,12 +31,23 @@ interpreted = pytest.mark.skipif(
 on_gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+class PoisonedAllocations(TorchDispatchMode):
+    """Every new uninitialised buffer filled with garbage (NaN, or -7 in integer buffers), so that a kernel that
+    reads an element no kernel wrote (a masked slot's row, a padding row) gives a wrong result rather than the zero
+    that a fresh allocation often happens to hold."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if str(func) in ("aten.empty.memory_format", "aten.new_empty.default"):
+            out.fill_(float("nan") if out.is_floating_point() else -7)
+        return out
+
+
 def fused_and_reference(n_tokens, n_experts, d_model, width, activation, dtype, routing):
     x, w_in, w_out = mlp_inputs(n_tokens, n_experts, d_model, width, activation, dtype)
-    return (
-        expert_mlp_fused(x, w_in, w_out, routing, activation),
-        expert_mlp_reference(x, w_in, w_out, routing, activation),
-    )
+    with PoisonedAllocations():
+        fused = expert_mlp_fused(x, w_in, w_out, routing, activation)
+    return fused, expert_mlp_reference(x, w_in, w_out, routing, activation)
 
 
 def routing_with_experts(experts_TK: list[list[int]], n_experts: int, mask_TK=None) -> Routing:
@@ -261,6 +272,24 @@ def test_expert_mlp_dispatches_fused(compiled):
     out = kernels.expert_mlp(x, w_in, w_out, routing, "gelu", Kernels("fused", compiled=compiled))
     torch.testing.assert_close(
         out, expert_mlp_reference(x, w_in, w_out, routing, "gelu"), rtol=1e-4, atol=1e-5
+    )
+
+
+@interpreted
+def test_fused_compiles_into_one_graph_through_the_custom_op():
+    """torch.compile(fullgraph=True) traces the fused path as the custom op (its fake gives the shape): no graph
+    break, as a captured decode step needs."""
+    x, w_in, w_out = mlp_inputs(3, 4, 16, 8, "swiglu", torch.float32)
+    routing = make_routing(3, 4, SparseSetting("threshold", threshold=1.0))
+
+    def layer(x, indices, weights, mask):
+        r = Routing(indices, weights, mask, 4, all_valid=False)
+        return kernels.expert_mlp(x * 2, w_in, w_out, r, "swiglu", Kernels("fused", compiled=True))
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    out = compiled(x, routing.indices, routing.weights, routing.mask)
+    torch.testing.assert_close(
+        out, expert_mlp_reference(x * 2, w_in, w_out, routing, "swiglu"), rtol=1e-4, atol=1e-5
     )
 
 

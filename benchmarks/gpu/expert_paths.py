@@ -5,8 +5,9 @@ the same total width, in one process. Also counts each path's host syncs and ker
 
 Shape: `dsmoe bench --shape llama --d-model 1024`'s DS-MoE layer (32 SwiGLU experts of 88, top-4, D 1024), bf16.
 Paths: dense (the Llama MLP over all 2,816 units: gate, up, down), reference (a loop over experts), sorted
-(sorted dispatch with torch's grouped_mm), triton (scatter-to-scatter, default blocks) and triton at each launch
-shape of a small grid.
+(sorted dispatch with torch's grouped_mm), triton (scatter-to-scatter, default blocks), fused (the expert MLP in 4-6
+Triton launches, dsmoe/kernels/triton_fused.py; its launch count at decode sizes should read 4) and triton at each
+launch shape of a small grid.
 Times are CUDA-event medians of 20 calls after 3 warm-ups; the grid stops at --budget-s and says how far it got.
 """
 
@@ -107,7 +108,7 @@ def main() -> None:
             torch.softmax(torch.randn(tokens, n, device=dev), -1), SparseSetting("topk", k=args.k)
         )
         paths = {"dense": lambda x=x: dense(x)}
-        for name in ("reference", "sorted", "triton"):
+        for name in ("reference", "sorted", "triton", "fused"):
             paths[name] = lambda x=x, r=routing, fn=_EXPERT_MLP[name]: fn(x, w_in, w_out, r, "swiglu")
         row: dict = {"pairs_per_expert": tokens * args.k / n, "ms": {}, "counts": {}}
         row["default_blocks_up_down"] = [

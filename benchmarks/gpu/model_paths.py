@@ -1,5 +1,5 @@
-"""DS-MoE on a CUDA GPU with each sparse path (Triton kernels, sorted dispatch with torch's grouped_mm), beside Dense,
-in one process: prefill tokens/s and eager decode tokens/s at batch 1 and 16.
+"""DS-MoE on a CUDA GPU with each sparse path (Triton kernels, sorted dispatch with torch's grouped_mm, the fused
+Triton expert MLP), beside Dense, in one process: prefill tokens/s and eager decode tokens/s at batch 1 and 16.
 
     PYTHONPATH=. python benchmarks/gpu/model_paths.py [--out model_paths.json]
 
@@ -55,6 +55,7 @@ def main() -> None:
         "dense": ("dense", None),
         "ds-moe/triton": ("ds-moe", "triton"),
         "ds-moe/sorted": ("ds-moe", "sorted"),
+        "ds-moe/fused": ("ds-moe", "fused"),
     }
     x = torch.randint(0, 4096, (64, 256), device="cuda")
     best: dict[str, dict[str, float]] = {}

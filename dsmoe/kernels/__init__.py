@@ -9,6 +9,9 @@ One table, ``implementation``, maps (the choice, the inputs' device, whether a g
 * inference, ``impl='auto'``: CPU -> ``cpu`` (the path that suits the token count, ``cpu.py``); CUDA -> ``sorted``
   (torch's grouped products: 1.7-1.9x the Triton scatter-to-scatter kernels' tokens/s on an H200,
   benchmarks/gpu/README.md); anything else -> the reference. Any path can be named instead (``Kernels("triton")``).
+  ``Kernels("fused")``: the expert MLP in 4-6 Triton launches (``triton_fused.py``; not yet measured on a GPU, so
+  not the default), MoA through the sorted path's grouped products, in their static-shape form on CUDA for a
+  variable-K routing (no host sync, as under a CUDA graph).
 
 A compiled forward (``Kernels(compiled=True)``) on the CPU decodes top-k routings (no more (token, slot) pairs than
 experts) through ``expert_mlp_gathered`` and ``moa_gathered``, traced into the graph, where inductor fuses the
@@ -38,6 +41,7 @@ from dsmoe.kernels.cpu import (
 from dsmoe.kernels.onednn import OP_NAMESPACE
 from dsmoe.kernels.reference import AttentionContext, expert_mlp_reference, moa_reference
 from dsmoe.kernels.static import expert_mlp_static, moa_static
+from dsmoe.kernels.triton_fused import expert_mlp_fused
 from dsmoe.kernels.triton_kernels import expert_mlp_triton, moa_triton
 from dsmoe.model.routing import Routing
 from dsmoe.model.settings import AUTO_KERNELS, Kernels
@@ -54,8 +58,8 @@ def kernels_for(device: torch.device, impl: str = "auto") -> Kernels:
 
 
 def implementation(kernels: Kernels, x: torch.Tensor, needs_grad: bool = False) -> str:
-    """The path that computes sparse experts for inputs like ``x``: 'reference', 'cpu', 'sorted', 'triton', or
-    (with a gradient) 'grouped', the differentiable sorted path on the CPU."""
+    """The path that computes sparse experts for inputs like ``x``: 'reference', 'cpu', 'sorted', 'triton', 'fused',
+    or (with a gradient) 'grouped', the differentiable sorted path on the CPU."""
     if needs_grad:
         return "grouped" if x.device.type == "cpu" and kernels.impl != "reference" else "reference"
     if kernels.impl != "auto":
@@ -70,7 +74,20 @@ _EXPERT_MLP: dict[str, Callable[..., torch.Tensor]] = {
     "sorted": partial(expert_mlp_sorted, project=project_sorted),
     "grouped": partial(expert_mlp_sorted, project=project_sorted),
     "sorted_static": expert_mlp_static,
+    "fused": expert_mlp_fused,
 }
+
+
+def _moa_beside_fused(
+    x_TD: torch.Tensor, wq_NED: torch.Tensor, wo_NED: torch.Tensor, routing: Routing, ctx: AttentionContext
+) -> torch.Tensor:
+    """MoA under Kernels('fused'), whose fused kernels are the MLP's alone: the sorted path, in its static-shape
+    form where a variable-K routing on CUDA would otherwise cost a host sync."""
+    if x_TD.device.type == "cuda" and not routing.all_valid:
+        return moa_static(x_TD, wq_NED, wo_NED, routing, ctx)
+    return moa_sorted(x_TD, wq_NED, wo_NED, routing, ctx)
+
+
 _MOA: dict[str, Callable[..., torch.Tensor]] = {
     "reference": moa_reference,
     "cpu": moa_cpu,
@@ -78,6 +95,7 @@ _MOA: dict[str, Callable[..., torch.Tensor]] = {
     "sorted": moa_sorted,
     "grouped": moa_sorted,
     "sorted_static": moa_static,
+    "fused": _moa_beside_fused,
 }
 
 

@@ -69,7 +69,7 @@ def describe_setting(setting: SparseSetting | Sequence[SparseSetting | None] | N
     return "per-layer[" + ", ".join(describe_setting(s) for s in setting) + "]"
 
 
-KERNEL_IMPLS = ("auto", "reference", "cpu", "sorted", "triton")
+KERNEL_IMPLS = ("auto", "reference", "cpu", "sorted", "triton", "fused")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,8 @@ class Kernels:
     into the function that runs.
 
     impl: 'auto' picks by device (CPU: 'cpu', the path that suits the token count; CUDA: 'sorted', grouped
-    products; anything else: 'reference'), or names one of them ('triton': the scatter-to-scatter kernels).
+    products; anything else: 'reference'), or names one of them ('triton': the scatter-to-scatter kernels;
+    'fused': the expert MLP in 4-6 Triton launches, not yet measured on a GPU).
     compiled: the forward is traced by torch.compile, so inference goes through the kernels' custom ops (a graph
     without breaks); eager, the implementation is called directly (an op's dispatch costs tens of microseconds).
     """

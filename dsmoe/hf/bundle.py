@@ -25,6 +25,7 @@ BUNDLED_MODULES = (
     "dsmoe.kernels.cpu",
     "dsmoe.kernels.static",
     "dsmoe.kernels.triton_kernels",
+    "dsmoe.kernels.triton_fused",
     "dsmoe.kernels",
     "dsmoe.model.router",
     "dsmoe.model.losses",

@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import torch
 
+from dsmoe.config import ACTIVATIONS
 from dsmoe.kernels.triton_kernels import TRITON_AVAILABLE, Blocks, _pow2, _require_triton, choose_blocks
 from dsmoe.model.routing import Routing
 
@@ -46,7 +47,6 @@ try:
 except ImportError:  # optional, as in triton_kernels.py
     triton = None
 
-ACTIVATIONS = ("gelu", "swiglu")
 # The alignment's one-hot tile is [chunk, experts]: about this many elements, so that it stays in registers.
 ALIGN_TILE_ELEMENTS = 16384
 ALIGN_WARPS = 8  # 64 of the tile's elements per thread
@@ -414,7 +414,7 @@ def expert_mlp_fused(
     fp32_dot = x_TD.dtype == torch.float32 or x_TD.device.type == "cpu"
     h = _up_projection(x_TD, w_in, aligned, n_pairs, k_slots, width, activation, blocks.up, fp32_dot)
     y = _down_projection(h, w_out, routing.weights, aligned, n_pairs, k_slots, blocks.down, fp32_dot)
-    return _combine(y, routing, n_tokens)
+    return _combine_slots(y, routing, n_tokens)
 
 
 def _up_projection(
@@ -446,7 +446,7 @@ def _down_projection(h, w_out, weights, aligned: AlignedPairs, n_pairs, k_slots,
     return y
 
 
-def _combine(y: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
+def _combine_slots(y: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor:
     """[T, D]: each token's unmasked slots' rows of y added up."""
     d_model = y.shape[1]
     out = y.new_empty(n_tokens, d_model)

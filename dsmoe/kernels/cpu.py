@@ -313,9 +313,9 @@ def moa_sorted(
 
 # From this many (token, expert) pairs per attention expert on average (prefill of a few hundred tokens and more at
 # top-8 of 16), multiplying each expert's query and output rows by its own tokens (``moa_per_expert``) beats computing
-# every head of every token (``moa_all_heads``): at the DS-MoE-1B shape, prefill of 1,024 tokens (512 pairs per
-# expert) runs 1.11x the all-heads model's tokens/s, while decode batches of 16 and 64 (8 and 32 pairs per expert,
-# every expert's rows read either way) run 0.83x and 0.89x (benchmarks/throughput.md).
+# every head of every token (``moa_all_heads``). At the DS-MoE-1B shape, prepacked, one layer: 1.05x / 1.22x / 1.29x
+# as fast at 128 / 256 / 512 pairs per expert (prefill of 4 x 64 to 4 x 256 tokens), but 0.58x / 0.80x at 8 / 32
+# (decode batches of 16 / 64, which read every expert's rows either way) (benchmarks/cpu_attention_paths.py).
 ATTENTION_LOOP_PAIRS_PER_EXPERT = 128
 
 
@@ -347,13 +347,6 @@ def loops_experts(routing: Routing) -> bool:
     return routing.indices.numel() >= loop_pairs and int(routing.mask.sum()) >= loop_pairs
 
 
-def routing_weights(routing: Routing, dtype: torch.dtype) -> torch.Tensor:
-    """Each token's weight for every expert [T, N]: its router weight where selected, else zero."""
-    t, n = routing.indices.shape[0], routing.n_experts
-    kept = torch.where(routing.mask, routing.weights, 0).to(dtype)
-    return torch.zeros(t, n, dtype=dtype, device=kept.device).scatter_add_(1, routing.indices, kept)
-
-
 def moa_all_heads(x_TD: torch.Tensor, routing: Routing, ctx: AttentionContext, query, output) -> torch.Tensor:
     """Sparse attention as dense products: every expert's query heads for every token (``query``: [T, D] ->
     [T, N * E]), one attention call, and one output product (``output``: [T, N * E] -> [T, D]) over every head
@@ -363,7 +356,7 @@ def moa_all_heads(x_TD: torch.Tensor, routing: Routing, ctx: AttentionContext, q
     the selected ones: ``moa_gathered``)."""
     t, n = x_TD.shape[0], routing.n_experts
     o_TNE = _attend_all_heads(query(x_TD).view(t, n, -1), ctx)
-    return output((o_TNE * routing_weights(routing, o_TNE.dtype)[..., None]).flatten(1))
+    return output((o_TNE * routing.dense_weights().to(o_TNE.dtype)[..., None]).flatten(1))
 
 
 def moa_per_expert(

@@ -27,6 +27,11 @@ class Routing:
     def counts_per_token(self) -> torch.Tensor:
         return self.mask.sum(dim=-1)
 
+    def dense_weights(self) -> torch.Tensor:
+        """[T, N]: each expert's weight for each token, zero for the experts it did not select (or dropped)."""
+        dense = self.weights.new_zeros(self.indices.shape[0], self.n_experts)
+        return dense.scatter_(1, self.indices, self.weights * self.mask)
+
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The valid (token, expert, weight) pairs sorted by expert, and tokens per expert [N]."""
         tokens = torch.arange(self.indices.shape[0], device=self.indices.device)[:, None].expand_as(
@@ -89,8 +94,7 @@ def mixing_weights(
     mixing with these weights gives exactly the sparse result (vLLM's MoA does, around its paged attention)."""
     if setting.strategy == "dense":
         return probs_TN
-    routing = route(probs_TN, setting, mask_T)
-    return torch.zeros_like(probs_TN).scatter_(1, routing.indices, routing.weights * routing.mask)
+    return route(probs_TN, setting, mask_T).dense_weights()
 
 
 @dataclass

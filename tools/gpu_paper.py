@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_check import gpu_present  # this folder, on the path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 # seconds per part on the GPU; together 470 s, under the 8 minutes of the issue. The inference parts' budget goes
 # mostly to compiling the decode step (one graph per model and batch size) at full depth.
@@ -87,18 +89,6 @@ def run_part(name: str, out_json: Path, dry_run: bool) -> int:
 
 
 # ---- the driver: standard library only ------------------------------------------------------------------------
-
-
-def gpu_present() -> str | None:
-    """The GPU's name and memory from nvidia-smi, or None."""
-    if shutil.which("nvidia-smi") is None:
-        return None
-    proc = subprocess.run(
-        ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-        capture_output=True,
-        text=True,
-    )
-    return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
 
 
 def versions(python: str, env: dict[str, str]) -> str:

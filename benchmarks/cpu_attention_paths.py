@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
+from cpu_mlp_paths import best_time  # this folder, on the path when run as a script
 
 from dsmoe.bench.models import bench_models
 from dsmoe.bench.throughput import machine
@@ -33,17 +33,6 @@ from dsmoe.model.settings import SparseSetting
 from dsmoe.model.transformer import Transformer
 
 CASES = [(1, 1, 64), (16, 1, 64), (64, 1, 64), (4, 16, 0), (4, 32, 0), (4, 64, 0), (4, 128, 0), (4, 256, 0)]
-
-
-def best_time(jobs: dict, repeats: int, inner: int) -> dict[str, float]:
-    best = {name: float("inf") for name in jobs}
-    for _ in range(repeats):
-        for name, job in jobs.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                job()
-            best[name] = min(best[name], (time.perf_counter() - start) / inner)
-    return best
 
 
 def paths(att, x: torch.Tensor, routing, ctx: AttentionContext, prepack: bool) -> dict:
